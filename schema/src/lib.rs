@@ -1,0 +1,124 @@
+//! Sluice wire protocol: the flatbuffers schema (`fbs/sluice.fbs`), the Rust code
+//! `flatc` generates from it (committed; `tools/gen-schema.sh` regenerates it and CI
+//! fails on drift), and the wire constants both ends share.
+//!
+//! This crate has no logic. The framing and the record-batch layout are described
+//! byte by byte in `docs/protocol.md` and `docs/storage.md`; the constants below are
+//! the single source of truth for the numbers in those documents.
+
+#![deny(missing_docs)]
+
+#[allow(
+    missing_docs,
+    unused_imports,
+    dead_code,
+    clippy::all,
+    clippy::unwrap_used,
+    non_camel_case_types,
+    unsafe_op_in_unsafe_fn,
+    mismatched_lifetime_syntaxes
+)]
+#[rustfmt::skip]
+mod generated;
+
+/// Generated flatbuffers types (`sluice.wire` namespace).
+pub use generated::sluice_generated::sluice::wire;
+
+/// The protocol versions this build speaks (negotiated by the Handshake request).
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+/// See [`PROTOCOL_VERSION_MIN`].
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// Default client port of a broker.
+pub const DEFAULT_PORT: u16 = 9440;
+
+/// Bytes of the frame length prefix (`u32` little-endian, counting what follows it).
+pub const FRAME_PREFIX_BYTES: usize = 4;
+/// Bytes of the envelope length field that follows the frame prefix.
+pub const ENVELOPE_LENGTH_BYTES: usize = 4;
+/// Largest frame (prefix included) a broker accepts by default and a client sends.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Largest flatbuffers envelope in a frame.
+pub const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;
+
+/// Record-batch frame layout (identical on the wire and in the broker's WAL).
+///
+/// ```text
+/// offset size field              written by
+///   0     4  magic               client   BATCH_MAGIC
+///   4     4  header_crc          broker   crc32(bytes[8..80]) after stamping
+///   8     8  base_offset         broker   offset of the first record
+///  16     4  log_id              broker   broker-internal partition log id
+///  20     4  leader_epoch        broker
+///  24     4  payload_crc         client   crc32(bytes[28..frame_bytes])
+///  28     4  frame_bytes         client   header + records
+///  32     2  format_version      client   BATCH_FORMAT_VERSION
+///  34     2  attributes          client   bits 0-2 compression (0 = none), bit 4 control
+///  36     4  record_count        client
+///  40     4  last_offset_delta   client   record_count - 1
+///  44     4  reserved            client   0
+///  48     8  first_timestamp_ms  client
+///  56     8  max_timestamp_ms    client
+///  64     8  producer_id         client   -1 when not idempotent
+///  72     2  producer_epoch      client   -1
+///  74     2  reserved            client   0
+///  76     4  base_sequence       client   -1
+///  80     .  records             client   varint-framed records
+/// ```
+///
+/// All integers are little-endian. CRCs are CRC-32 (IEEE, as `crc32fast`).
+pub mod batch {
+    /// `b"SLB1"` read as a little-endian `u32`.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"SLB1");
+    /// Version of the batch layout above.
+    pub const FORMAT_VERSION: u16 = 1;
+    /// Bytes of the fixed header.
+    pub const HEADER_BYTES: usize = 80;
+    /// Offset of `header_crc`.
+    pub const HEADER_CRC_OFFSET: usize = 4;
+    /// The header CRC covers `[HEADER_CRC_START, HEADER_BYTES)`.
+    pub const HEADER_CRC_START: usize = 8;
+    /// Offset of `base_offset`.
+    pub const BASE_OFFSET_OFFSET: usize = 8;
+    /// Offset of `log_id`.
+    pub const LOG_ID_OFFSET: usize = 16;
+    /// Offset of `leader_epoch`.
+    pub const LEADER_EPOCH_OFFSET: usize = 20;
+    /// Offset of `payload_crc`.
+    pub const PAYLOAD_CRC_OFFSET: usize = 24;
+    /// The payload CRC covers `[PAYLOAD_CRC_START, frame_bytes)`.
+    pub const PAYLOAD_CRC_START: usize = 28;
+    /// Offset of `frame_bytes`.
+    pub const FRAME_BYTES_OFFSET: usize = 28;
+    /// Offset of `format_version`.
+    pub const FORMAT_VERSION_OFFSET: usize = 32;
+    /// Offset of `attributes`.
+    pub const ATTRIBUTES_OFFSET: usize = 34;
+    /// Offset of `record_count`.
+    pub const RECORD_COUNT_OFFSET: usize = 36;
+    /// Offset of `last_offset_delta`.
+    pub const LAST_OFFSET_DELTA_OFFSET: usize = 40;
+    /// Offset of `first_timestamp_ms`.
+    pub const FIRST_TIMESTAMP_OFFSET: usize = 48;
+    /// Offset of `max_timestamp_ms`.
+    pub const MAX_TIMESTAMP_OFFSET: usize = 56;
+    /// Offset of `producer_id`.
+    pub const PRODUCER_ID_OFFSET: usize = 64;
+    /// Offset of `producer_epoch`.
+    pub const PRODUCER_EPOCH_OFFSET: usize = 72;
+    /// Offset of `base_sequence`.
+    pub const BASE_SEQUENCE_OFFSET: usize = 76;
+    /// Attribute bits holding the compression codec (only 0 = none is defined).
+    pub const ATTRIBUTE_COMPRESSION_MASK: u16 = 0b111;
+    /// Attribute bit marking a control batch.
+    pub const ATTRIBUTE_CONTROL: u16 = 1 << 4;
+    /// Records in one batch, at most.
+    pub const RECORDS_MAX: u32 = 1 << 20;
+}
+
+/// Largest batch frame a broker accepts (topics may set a lower `max.message.bytes`).
+pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+const _: () = assert!(BATCH_BYTES_MAX + ENVELOPE_BYTES_MAX < FRAME_BYTES_MAX);
+const _: () = assert!(batch::HEADER_BYTES % 8 == 0);
+const _: () = assert!(batch::BASE_SEQUENCE_OFFSET + 4 == batch::HEADER_BYTES);
