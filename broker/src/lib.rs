@@ -1,1 +1,13 @@
-//! placeholder
+//! `sluice-broker`: one Sluice node.
+//!
+//! Layers, bottom up (a module uses only the layers below it):
+//! `limits`/`types` → `storage` → `partition` → `protocol`/`api` → `mesh` → `net` →
+//! `runtime`. See `../shared/DESIGN.md` in the project's planning documents and
+//! `docs/storage.md`.
+
+#![deny(missing_docs)]
+
+pub mod limits;
+pub mod storage;
+pub mod sync;
+pub mod types;

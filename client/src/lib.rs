@@ -1,1 +1,49 @@
-//! placeholder
+//! # sluice-client
+//!
+//! A client for the Sluice broker, in two layers:
+//!
+//! * a **sans-I/O protocol core** with no runtime dependency: [`frame`] (length
+//!   prefixed frames), [`request`] / [`response`] (the flatbuffers envelopes as
+//!   owned Rust types), [`batch`] (record batch encoding and verified decoding),
+//!   [`partitioner`] (Kafka-compatible murmur2) and [`error`];
+//! * an **async client on tokio**: [`Client`] (connections, shard routing, admin
+//!   requests), [`Producer`] (batching, pipelining, retries, backpressure) and
+//!   [`Consumer`] (assigned partitions, long-poll prefetching, a `Stream` of
+//!   records).
+//!
+//! ```no_run
+//! # async fn demo() -> sluice_client::Result<()> {
+//! use sluice_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:9440"])).await?;
+//! client.create_topic("events", 3, vec![]).await?;
+//! let producer = Producer::new(client.clone(), ProducerConfig::default());
+//! let delivery = producer.send(ProducerRecord::new("events", "hello")).await?;
+//! let metadata = delivery.await?;
+//! println!("stored at {}/{:?}", metadata.partition, metadata.offset);
+//! producer.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Wire format: `docs/protocol.md`.
+
+#![deny(missing_docs)]
+
+pub mod batch;
+pub mod error;
+pub mod frame;
+pub mod partitioner;
+pub mod request;
+pub mod response;
+pub mod varint;
+
+mod client;
+mod connection;
+mod consumer;
+mod producer;
+
+pub use client::{Client, ClientConfig, ListedOffset, TopicRoute};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
+pub use error::{Code, Error, Result};
+pub use partitioner::NullKeyPolicy;
+pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use request::OffsetQuery;

@@ -1,0 +1,212 @@
+//! Checkpoints: the per-log index as of a durable WAL position, so that a restart
+//! scans only what was written after it.
+//!
+//! File `<wal-dir>/checkpoint`, replaced atomically (write `checkpoint.tmp`,
+//! fdatasync, rename, fsync the directory). Layout (little-endian):
+//!
+//! ```text
+//! u64 magic "SLWALCKP" | u32 version | u32 crc32(body) | u64 body_bytes | body
+//! body: u16 shard | u64 scan_from (WalPosition) | u32 log_count | logs...
+//! log:  u32 log_id | u64 log_start | u64 next_offset | i64 max_timestamp_ms | u32 run_count | runs...
+//! run:  u64 base_offset | u64 last_offset | u64 position | u32 bytes | i64 max_timestamp_ms
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+
+use super::error::{Result, StorageError};
+use super::index::{LogState, Run, WalPosition};
+use super::wal::{Wal, WalConfig};
+use crate::types::{LogId, ShardId};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SLWALCKP");
+const VERSION: u32 = 1;
+const PREFIX_BYTES: usize = 24;
+/// File name inside the WAL directory.
+pub const FILE_NAME: &str = "checkpoint";
+
+/// The durable part of a WAL's index, as of `scan_from`.
+pub struct Snapshot {
+    /// The shard.
+    pub shard: ShardId,
+    /// Recovery scans from here.
+    pub scan_from: WalPosition,
+    /// Per-log state; `next_offset == high_watermark` (only durable data).
+    pub logs: HashMap<LogId, LogState>,
+}
+
+impl Snapshot {
+    /// Takes a snapshot of what is durable. Only valid to call when every write is
+    /// durable (after a drain), with `scan_from` the active write position.
+    pub(super) fn take(wal: &Wal) -> Snapshot {
+        let state = wal.state.borrow();
+        let scan_from = WalPosition::new(state.active, state.write_byte);
+        let logs = state
+            .logs
+            .iter()
+            .map(|(log, entry)| {
+                let high_watermark = entry.high_watermark;
+                let runs: VecDeque<Run> = entry.runs.iter().filter(|r| r.last_offset < high_watermark).copied().collect();
+                let stored_bytes = runs.iter().map(|r| u64::from(r.bytes)).sum();
+                let snapshot = LogState {
+                    log_start: entry.log_start,
+                    next_offset: high_watermark,
+                    high_watermark,
+                    runs,
+                    stored_bytes,
+                    max_timestamp_ms: entry.max_timestamp_ms,
+                };
+                (*log, snapshot)
+            })
+            .collect();
+        Snapshot {
+            shard: wal.config().shard,
+            scan_from,
+            logs,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&self.shard.0.to_le_bytes());
+        body.extend_from_slice(&self.scan_from.0.to_le_bytes());
+        body.extend_from_slice(&(self.logs.len() as u32).to_le_bytes());
+        let mut logs: Vec<_> = self.logs.iter().collect();
+        logs.sort_by_key(|(log, _)| **log);
+        for (log, entry) in logs {
+            body.extend_from_slice(&log.0.to_le_bytes());
+            body.extend_from_slice(&entry.log_start.to_le_bytes());
+            body.extend_from_slice(&entry.next_offset.to_le_bytes());
+            body.extend_from_slice(&entry.max_timestamp_ms.to_le_bytes());
+            body.extend_from_slice(&(entry.runs.len() as u32).to_le_bytes());
+            for run in &entry.runs {
+                body.extend_from_slice(&run.base_offset.to_le_bytes());
+                body.extend_from_slice(&run.last_offset.to_le_bytes());
+                body.extend_from_slice(&run.position.0.to_le_bytes());
+                body.extend_from_slice(&run.bytes.to_le_bytes());
+                body.extend_from_slice(&run.max_timestamp_ms.to_le_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(PREFIX_BYTES + body.len());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Parses a checkpoint file's bytes.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
+        let mut reader = Reader { bytes, at: 0 };
+        if reader.u64()? != MAGIC {
+            return Err("not a WAL checkpoint (bad magic)".into());
+        }
+        let version = reader.u32()?;
+        if version != VERSION {
+            return Err(format!("checkpoint version {version}, this build reads {VERSION}"));
+        }
+        let crc = reader.u32()?;
+        let body_bytes = reader.u64()? as usize;
+        let body = bytes.get(PREFIX_BYTES..PREFIX_BYTES.saturating_add(body_bytes)).ok_or("checkpoint truncated")?;
+        if crc32fast::hash(body) != crc {
+            return Err("checkpoint CRC mismatch".into());
+        }
+        let mut reader = Reader { bytes: body, at: 0 };
+        let shard = ShardId(reader.u16()?);
+        let scan_from = WalPosition(reader.u64()?);
+        let log_count = reader.u32()? as usize;
+        let mut logs = HashMap::with_capacity(log_count.min(1 << 20));
+        for _ in 0..log_count {
+            let log = LogId(reader.u32()?);
+            let log_start = reader.u64()?;
+            let next_offset = reader.u64()?;
+            let max_timestamp_ms = reader.u64()? as i64;
+            let run_count = reader.u32()? as usize;
+            let mut runs = VecDeque::with_capacity(run_count.min(1 << 20));
+            let mut stored_bytes = 0;
+            for _ in 0..run_count {
+                let run = Run {
+                    base_offset: reader.u64()?,
+                    last_offset: reader.u64()?,
+                    position: WalPosition(reader.u64()?),
+                    bytes: reader.u32()?,
+                    max_timestamp_ms: reader.u64()? as i64,
+                };
+                stored_bytes += u64::from(run.bytes);
+                runs.push_back(run);
+            }
+            let entry = LogState {
+                log_start,
+                next_offset,
+                high_watermark: next_offset,
+                runs,
+                stored_bytes,
+                max_timestamp_ms,
+            };
+            logs.insert(log, entry);
+        }
+        Ok(Snapshot { shard, scan_from, logs })
+    }
+
+    /// Writes the checkpoint atomically.
+    pub async fn write(&self, config: &WalConfig) -> Result<()> {
+        let bytes = self.encode();
+        let dir = config.dir.clone();
+        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+        let target = dir.join(FILE_NAME);
+        let io = |op: &'static str, path: &Path, e: std::io::Error| StorageError::std(op, path, e);
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp).map_err(|e| io("create checkpoint", &tmp, e))?;
+            file.write_all(&bytes).map_err(|e| io("write checkpoint", &tmp, e))?;
+            file.sync_data().map_err(|e| io("sync checkpoint", &tmp, e))?;
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| io("rename checkpoint", &target, e))?;
+        super::segment::sync_directory(&dir).await
+    }
+
+    /// Reads `<wal-dir>/checkpoint`, if present. A damaged checkpoint is not fatal:
+    /// recovery then scans the whole WAL.
+    pub fn read(dir: &Path) -> Option<std::result::Result<Snapshot, String>> {
+        let path = dir.join(FILE_NAME);
+        match std::fs::read(&path) {
+            Ok(bytes) => Some(Snapshot::decode(&bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => Some(Err(error.to_string())),
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
+        let slice = self.bytes.get(self.at..self.at + N).ok_or("checkpoint truncated")?;
+        self.at += N;
+        let mut out = [0; N];
+        out.copy_from_slice(slice);
+        Ok(out)
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        self.take().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        self.take().map(u64::from_le_bytes)
+    }
+}
+
+impl Wal {
+    /// Writes a checkpoint of everything durable. Call when idle (after close, or
+    /// when `is_idle`); otherwise it captures nothing newer than the last drain.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.drain().await?;
+        Snapshot::take(self).write(self.config()).await
+    }
+}

@@ -1,0 +1,222 @@
+//! One WAL segment file: the storage I/O backend (the only storage code that names
+//! glommio).
+//!
+//! Segments are created at their full size and zero-filled with direct writes
+//! before use. Writing into already-allocated, already-written blocks means an
+//! `fdatasync` flushes data only, with no extent conversion or size update to
+//! journal: measured on this project's reference machine, fio's 4 KiB
+//! write+fdatasync rate was 10.2k/s into a zero-filled file against 4.9k/s into a
+//! fallocated one (PostgreSQL zero-fills its WAL segments for the same reason).
+//! Zero-filling also gives recovery a clean end-of-log marker: a header of zeros.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{Directory, DmaFile, OpenOptions};
+use zerocopy::IntoBytes;
+
+use super::error::{Result, StorageError};
+use super::format::SegmentHeader;
+use crate::limits::{SECTOR_BYTES, SEGMENT_HEADER_BYTES};
+use crate::types::{SegmentId, ShardId};
+
+/// Zero-fill writes use buffers of this size, this many in flight.
+const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+const ZERO_FILL_DEPTH: usize = 8;
+
+/// The file name of a segment.
+pub fn file_name(id: SegmentId) -> String {
+    format!("{:010}.wal", id.0)
+}
+
+/// Parses a segment file name.
+pub fn parse_file_name(name: &str) -> Option<SegmentId> {
+    let stem = name.strip_suffix(".wal")?;
+    if stem.len() != 10 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok().map(SegmentId)
+}
+
+/// An open segment.
+pub struct SegmentFile {
+    /// Sequence number.
+    pub id: SegmentId,
+    /// Path of the file.
+    pub path: PathBuf,
+    /// The file, opened with O_DIRECT.
+    pub file: Rc<DmaFile>,
+    /// Size it was pre-allocated to.
+    pub capacity: u64,
+}
+
+fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
+    let alignment = file.alignment();
+    if alignment > SECTOR_BYTES || SECTOR_BYTES % alignment != 0 {
+        return Err(StorageError::Incompatible {
+            path: path.to_path_buf(),
+            reason: format!(
+                "device needs {alignment}-byte aligned direct I/O; Sluice writes {SECTOR_BYTES}-byte blocks"
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl SegmentFile {
+    /// Creates, zero-fills and syncs a new segment with its header block, then syncs
+    /// the directory so the file's name is durable too.
+    pub async fn create(dir: &Path, shard: ShardId, id: SegmentId, capacity: u64, now_ms: i64) -> Result<SegmentFile> {
+        debug_assert!(capacity % SECTOR_BYTES == 0);
+        let path = dir.join(file_name(id));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| StorageError::glommio("create segment", &path, e))?;
+        check_alignment(&file, &path)?;
+        let segment = SegmentFile {
+            id,
+            path: path.clone(),
+            file: Rc::new(file),
+            capacity,
+        };
+        if let Err(error) = segment.initialize(shard, now_ms).await {
+            // Leave no half-made segment behind: recovery would refuse it.
+            let _ = std::fs::remove_file(&path);
+            return Err(error);
+        }
+        sync_directory(dir).await?;
+        Ok(segment)
+    }
+
+    async fn initialize(&self, shard: ShardId, now_ms: i64) -> Result<()> {
+        self.zero_fill(SEGMENT_HEADER_BYTES, self.capacity).await?;
+        let mut block = self.file.alloc_dma_buffer(SEGMENT_HEADER_BYTES as usize);
+        block.as_bytes_mut().fill(0);
+        let header = SegmentHeader::new(shard, self.id, self.capacity, now_ms);
+        block.as_bytes_mut()[..std::mem::size_of::<SegmentHeader>()].copy_from_slice(header.as_bytes());
+        self.write(block, 0).await?;
+        self.sync().await
+    }
+
+    /// Writes zeros over `[from, to)` (both sector-aligned) with several writes in flight.
+    pub async fn zero_fill(&self, from: u64, to: u64) -> Result<()> {
+        debug_assert!(from % SECTOR_BYTES == 0 && to % SECTOR_BYTES == 0);
+        let mut position = from;
+        while position < to {
+            let mut writes = Vec::with_capacity(ZERO_FILL_DEPTH);
+            for _ in 0..ZERO_FILL_DEPTH {
+                if position >= to {
+                    break;
+                }
+                let bytes = (to - position).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
+                let mut buffer = self.file.alloc_dma_buffer(bytes);
+                buffer.as_bytes_mut().fill(0);
+                writes.push(self.write(buffer, position));
+                position += bytes as u64;
+            }
+            for result in futures::future::join_all(writes).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens an existing segment and checks its header.
+    pub async fn open(dir: &Path, shard: ShardId, id: SegmentId) -> Result<(SegmentFile, SegmentHeader)> {
+        let path = dir.join(file_name(id));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| StorageError::glommio("open segment", &path, e))?;
+        check_alignment(&file, &path)?;
+        let size = file.file_size().await.map_err(|e| StorageError::glommio("stat segment", &path, e))?;
+        let block = file
+            .read_at_aligned(0, SEGMENT_HEADER_BYTES as usize)
+            .await
+            .map_err(|e| StorageError::glommio("read segment header", &path, e))?;
+        let header = SegmentHeader::parse(&block).map_err(|reason| StorageError::Corrupt {
+            path: path.clone(),
+            position: 0,
+            reason,
+        })?;
+        if header.shard.get() != shard.0 || header.segment_id.get() != id.0 {
+            return Err(StorageError::Incompatible {
+                path,
+                reason: format!(
+                    "segment header says shard {} segment {}, expected shard {} segment {}",
+                    header.shard.get(),
+                    header.segment_id.get(),
+                    shard.0,
+                    id.0
+                ),
+            });
+        }
+        let capacity = header.segment_bytes.get().min(size) / SECTOR_BYTES * SECTOR_BYTES;
+        Ok((
+            SegmentFile {
+                id,
+                path,
+                file: Rc::new(file),
+                capacity,
+            },
+            header,
+        ))
+    }
+
+    /// One aligned write of a whole buffer.
+    pub async fn write(&self, buffer: glommio::io::DmaBuffer, position: u64) -> Result<()> {
+        let bytes = buffer.len();
+        debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
+        debug_assert!(position + bytes as u64 <= self.capacity.max(SEGMENT_HEADER_BYTES));
+        let written = self
+            .file
+            .write_at(buffer, position)
+            .await
+            .map_err(|e| StorageError::glommio("write segment", &self.path, e))?;
+        if written != bytes {
+            return Err(StorageError::Io {
+                op: "write segment",
+                path: self.path.clone(),
+                message: format!("short write: {written} of {bytes} bytes at {position}"),
+                errno: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub async fn sync(&self) -> Result<()> {
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|e| StorageError::glommio("fdatasync segment", &self.path, e))
+    }
+
+    /// Aligned read of `[position, position + bytes)`; may return fewer bytes at EOF.
+    pub async fn read(&self, position: u64, bytes: usize) -> Result<glommio::io::ReadResult> {
+        debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
+        self.file
+            .read_at_aligned(position, bytes)
+            .await
+            .map_err(|e| StorageError::glommio("read segment", &self.path, e))
+    }
+}
+
+/// fsyncs a directory so that created, renamed or removed names in it are durable.
+pub async fn sync_directory(dir: &Path) -> Result<()> {
+    let directory = Directory::open(dir)
+        .await
+        .map_err(|e| StorageError::glommio("open directory", dir, e))?;
+    directory
+        .sync()
+        .await
+        .map_err(|e| StorageError::glommio("fsync directory", dir, e))?;
+    let _ = directory.close().await;
+    Ok(())
+}

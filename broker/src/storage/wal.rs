@@ -1,0 +1,644 @@
+//! The shard's write-ahead log: appends with group commit, reads, retention.
+//!
+//! # Write path
+//!
+//! `append` assigns offsets, stamps the batch and queues it, then waits for
+//! durability. One *writer* task drains the queue: it lays every queued frame into
+//! one aligned buffer (starting with the partial last block, whose earlier bytes are
+//! rewritten unchanged) and issues one write. One *syncer* task runs `fdatasync`
+//! whenever the writer is ahead of it; everything written while an `fdatasync` was
+//! in flight is covered by the next one. So under load, each `fdatasync` commits
+//! every append that arrived during the previous one: group commit.
+//!
+//! Durability order: an append completes only after an `fdatasync` that started
+//! after its write completed has returned. The writer never has two writes in
+//! flight (a write rewrites the previous write's last block, so two in flight could
+//! land in either order); the syncer's `fdatasync` overlaps the next write.
+//!
+//! Rewriting the partial last block is safe for acknowledged bytes: the rewrite
+//! carries the same bytes for them, and devices write a sector atomically, so a torn
+//! rewrite leaves each sector either old or new — identical where acknowledged data
+//! lives. A torn write can only damage bytes that were never acknowledged.
+//!
+//! Before a write goes to a new segment, everything in the old one is durable, so
+//! only the last segment can ever hold a torn write.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use glommio::task::JoinHandle;
+
+use super::cache::TailCache;
+use super::error::{Result, StorageError};
+use super::format::{self, BatchInfo};
+use super::index::{LogState, WalPosition};
+use super::segment::SegmentFile;
+use crate::limits::{INFLIGHT_BYTES_MAX, SECTOR_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BYTES_MAX};
+use crate::sync::{Completion, Notify};
+use crate::types::{Epoch, LogId, Offset, SegmentId, ShardId};
+
+/// How a shard's WAL is laid out and sized.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    /// `<data-dir>/shard-<k>/wal`.
+    pub dir: PathBuf,
+    /// The owning shard.
+    pub shard: ShardId,
+    /// Segment size (pre-allocated); a multiple of 4 KiB.
+    pub segment_bytes: u64,
+    /// Bytes of recent frames kept in memory for reads.
+    pub tail_cache_bytes: usize,
+}
+
+impl WalConfig {
+    /// Checks the sizes.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) || self.segment_bytes % SECTOR_BYTES != 0 {
+            return Err(format!(
+                "segment size {} must be a multiple of {SECTOR_BYTES} in [{SEGMENT_BYTES_MIN}, {SEGMENT_BYTES_MAX}]",
+                self.segment_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Result of a durable append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record of the first batch.
+    pub base_offset: Offset,
+    /// Offset of the last record of the last batch.
+    pub last_offset: Offset,
+    /// The log's start offset when the append was queued.
+    pub log_start: Offset,
+}
+
+/// A frame queued for the writer.
+struct Pending {
+    log: LogId,
+    frame: Bytes,
+    base_offset: Offset,
+    last_offset: Offset,
+    max_timestamp_ms: i64,
+    seq: u64,
+    /// Set on the last frame of an append call.
+    completion: Option<Rc<Completion<Result<()>>>>,
+}
+
+/// A completed write waiting for the `fdatasync` that covers it.
+struct Written {
+    seq_end: u64,
+    bytes: usize,
+    /// (log, new high watermark) to publish once durable.
+    high_watermarks: Vec<(LogId, Offset)>,
+    completions: Vec<Rc<Completion<Result<()>>>>,
+}
+
+/// A segment and what it holds.
+pub(super) struct Segment {
+    pub file: Rc<SegmentFile>,
+    /// End of valid frames.
+    pub end: u64,
+    /// Last offset of each log stored in this segment (decides deletion).
+    pub logs: HashMap<LogId, Offset>,
+}
+
+/// Counters, for metrics and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalStats {
+    /// Batches appended.
+    pub appends: u64,
+    /// Bytes appended (frames).
+    pub append_bytes: u64,
+    /// Writes issued.
+    pub writes: u64,
+    /// `fdatasync` calls.
+    pub syncs: u64,
+    /// Total time in `fdatasync`, microseconds.
+    pub sync_us_total: u64,
+    /// Segments rolled.
+    pub rolls: u64,
+    /// Reads served from the tail cache.
+    pub cache_hits: u64,
+    /// Reads that went to disk.
+    pub cache_misses: u64,
+    /// Bytes in the tail cache.
+    pub cache_bytes: u64,
+}
+
+pub(super) struct State {
+    pub segments: BTreeMap<SegmentId, Segment>,
+    pub active: SegmentId,
+    /// Next frame byte in the active segment.
+    pub write_byte: u64,
+    /// Bytes of the active segment from `align_down(write_byte)` to `write_byte`.
+    pub tail_block: Vec<u8>,
+    pending: VecDeque<Pending>,
+    unsynced: VecDeque<Written>,
+    pub inflight_bytes: usize,
+    next_seq: u64,
+    written_seq: u64,
+    durable_seq: u64,
+    pub logs: HashMap<LogId, LogState>,
+    /// Logs found corrupt at recovery: offsets at and above this are not served.
+    pub corrupt: HashMap<LogId, (Offset, StorageError)>,
+    pub cache: TailCache,
+    failed: Option<StorageError>,
+    closing: bool,
+    /// A zero-filled segment made ahead of need.
+    spare: Option<SegmentFile>,
+    preparing_spare: bool,
+    pub stats: WalStats,
+}
+
+/// One shard's write-ahead log.
+pub struct Wal {
+    pub(super) config: WalConfig,
+    pub(super) state: RefCell<State>,
+    writer_wake: Notify,
+    syncer_wake: Notify,
+    space_freed: Notify,
+    durable_advanced: Notify,
+    tasks: RefCell<Vec<JoinHandle<()>>>,
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Wal {
+    pub(super) fn from_recovered(
+        config: WalConfig,
+        segments: BTreeMap<SegmentId, Segment>,
+        write_byte: u64,
+        tail_block: Vec<u8>,
+        logs: HashMap<LogId, LogState>,
+        corrupt: HashMap<LogId, (Offset, StorageError)>,
+    ) -> Rc<Wal> {
+        let active = *segments.keys().next_back().expect("recovery always leaves an active segment");
+        let cache = TailCache::new(config.tail_cache_bytes);
+        let wal = Rc::new(Wal {
+            config,
+            state: RefCell::new(State {
+                segments,
+                active,
+                write_byte,
+                tail_block,
+                pending: VecDeque::new(),
+                unsynced: VecDeque::new(),
+                inflight_bytes: 0,
+                next_seq: 1,
+                written_seq: 0,
+                durable_seq: 0,
+                logs,
+                corrupt,
+                cache,
+                failed: None,
+                closing: false,
+                spare: None,
+                preparing_spare: false,
+                stats: WalStats::default(),
+            }),
+            writer_wake: Notify::default(),
+            syncer_wake: Notify::default(),
+            space_freed: Notify::default(),
+            durable_advanced: Notify::default(),
+            tasks: RefCell::new(Vec::new()),
+        });
+        let writer = glommio::spawn_local(writer_loop(wal.clone())).detach();
+        let syncer = glommio::spawn_local(syncer_loop(wal.clone())).detach();
+        wal.tasks.borrow_mut().extend([writer, syncer]);
+        wal
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &WalConfig {
+        &self.config
+    }
+
+    /// Registers a new, empty log. Idempotent.
+    pub fn create_log(&self, log: LogId) {
+        self.state.borrow_mut().logs.entry(log).or_default();
+    }
+
+    /// Forgets a log; its batches become dead and their segments reclaimable.
+    pub fn delete_log(&self, log: LogId) {
+        let mut state = self.state.borrow_mut();
+        state.logs.remove(&log);
+        state.corrupt.remove(&log);
+    }
+
+    /// Logs this WAL knows.
+    pub fn log_ids(&self) -> Vec<LogId> {
+        self.state.borrow().logs.keys().copied().collect()
+    }
+
+    /// A copy of a log's offsets: (log start, high watermark, stored bytes).
+    pub fn log_offsets(&self, log: LogId) -> Result<(Offset, Offset, u64)> {
+        let state = self.state.borrow();
+        let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
+        Ok((entry.log_start, entry.high_watermark, entry.stored_bytes))
+    }
+
+    /// First offset at or after `timestamp_ms` (by batch max timestamp), with that
+    /// batch's max timestamp; `None` when no stored batch is that recent.
+    pub fn offset_for_timestamp(&self, log: LogId, timestamp_ms: i64) -> Result<Option<(Offset, i64)>> {
+        let state = self.state.borrow();
+        let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
+        Ok(entry.offset_for_timestamp(timestamp_ms))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WalStats {
+        let state = self.state.borrow();
+        let mut stats = state.stats;
+        stats.cache_hits = state.cache.hits;
+        stats.cache_misses = state.cache.misses;
+        stats.cache_bytes = state.cache.bytes() as u64;
+        stats
+    }
+
+    /// Completes when some log's high watermark may have advanced (long-poll).
+    pub async fn durable_advanced(&self) {
+        self.durable_advanced.wait().await
+    }
+
+    /// Appends verified client batches (see [`format::verify_client_batch`]) to one
+    /// log, as one unit: consecutive offsets, in order. Completes once durable.
+    pub async fn append(&self, log: LogId, epoch: Epoch, batches: &[(Bytes, BatchInfo)]) -> Result<Appended> {
+        let bytes: usize = batches.iter().map(|(frame, _)| frame.len()).sum();
+        let frame_limit = (self.config.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        if let Some((frame, _)) = batches.iter().find(|(frame, _)| frame.len() > frame_limit) {
+            return Err(StorageError::BatchTooLarge {
+                bytes: frame.len(),
+                limit: frame_limit,
+            });
+        }
+        self.reserve(bytes).await?;
+        let (completion, appended) = self.enqueue(log, epoch, batches, bytes)?;
+        self.writer_wake.notify_all();
+        completion.wait().await?;
+        Ok(appended)
+    }
+
+    /// Waits until `bytes` more fit under `INFLIGHT_BYTES_MAX` (backpressure).
+    async fn reserve(&self, bytes: usize) -> Result<()> {
+        loop {
+            {
+                let state = self.state.borrow();
+                if let Some(error) = &state.failed {
+                    return Err(StorageError::Failed(error.to_string()));
+                }
+                if state.closing {
+                    return Err(StorageError::ShuttingDown);
+                }
+                if state.inflight_bytes == 0 || state.inflight_bytes + bytes <= INFLIGHT_BYTES_MAX {
+                    return Ok(());
+                }
+            }
+            self.space_freed.wait().await;
+        }
+    }
+
+    fn enqueue(&self, log: LogId, epoch: Epoch, batches: &[(Bytes, BatchInfo)], bytes: usize) -> Result<(Rc<Completion<Result<()>>>, Appended)> {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        if let Some((offset, error)) = state.corrupt.get(&log) {
+            return Err(StorageError::Corrupt {
+                path: self.config.dir.clone(),
+                position: *offset,
+                reason: format!("log {log} is corrupt at offset {offset} and refuses appends: {error}"),
+            });
+        }
+        let entry = state.logs.get_mut(&log).ok_or(StorageError::UnknownLog(log))?;
+        let completion = Completion::new();
+        let base_offset = entry.next_offset;
+        for (index, (frame, info)) in batches.iter().enumerate() {
+            let first = entry.next_offset;
+            let last = first + u64::from(info.record_count) - 1;
+            entry.next_offset = last + 1;
+            let mut stamped = BytesMut::from(&frame[..]);
+            format::stamp(&mut stamped, first, log, epoch);
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.pending.push_back(Pending {
+                log,
+                frame: stamped.freeze(),
+                base_offset: first,
+                last_offset: last,
+                max_timestamp_ms: info.max_timestamp_ms,
+                seq,
+                completion: (index + 1 == batches.len()).then(|| completion.clone()),
+            });
+        }
+        state.inflight_bytes += bytes;
+        state.stats.appends += batches.len() as u64;
+        state.stats.append_bytes += bytes as u64;
+        let appended = Appended {
+            base_offset,
+            last_offset: entry.next_offset - 1,
+            log_start: entry.log_start,
+        };
+        Ok((completion, appended))
+    }
+
+    /// Stops accepting appends, writes and syncs what is queued, and stops the tasks.
+    pub async fn close(&self) {
+        self.state.borrow_mut().closing = true;
+        self.writer_wake.notify_all();
+        self.syncer_wake.notify_all();
+        let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
+        for task in tasks {
+            let _ = task.await;
+        }
+        let spare = self.state.borrow_mut().spare.take();
+        if let Some(spare) = spare {
+            // Keep the zero-filled spare: it is reused at next start.
+            drop(spare);
+        }
+    }
+
+    /// True when nothing is queued or unsynced.
+    pub fn is_idle(&self) -> bool {
+        let state = self.state.borrow();
+        state.pending.is_empty() && state.unsynced.is_empty()
+    }
+
+    /// Fails everything queued and rolls offsets back; `sticky` keeps the WAL failed.
+    fn fail_pending(&self, state: &mut State, error: &StorageError) {
+        let mut rollback: HashMap<LogId, Offset> = HashMap::new();
+        for pending in state.pending.drain(..) {
+            state.inflight_bytes -= pending.frame.len();
+            let first = rollback.entry(pending.log).or_insert(pending.base_offset);
+            *first = (*first).min(pending.base_offset);
+            if let Some(completion) = pending.completion {
+                completion.complete(Err(error.clone()));
+            }
+        }
+        for (log, offset) in rollback {
+            if let Some(entry) = state.logs.get_mut(&log) {
+                entry.truncate_from(offset);
+            }
+        }
+        self.space_freed.notify_all();
+    }
+}
+
+/// Takes queued frames for one write: those that fit in the active segment and in
+/// `WRITE_BYTES_MAX` (at least one frame, which always fits a fresh segment).
+fn take_batch(state: &mut State) -> Vec<Pending> {
+    let capacity = state.segments[&state.active].file.capacity;
+    let block_start = state.write_byte / SECTOR_BYTES * SECTOR_BYTES;
+    let mut end = state.write_byte;
+    let mut taken = Vec::new();
+    while let Some(next) = state.pending.front() {
+        let next_end = end + next.frame.len() as u64;
+        let fits_write = next_end - block_start <= WRITE_BYTES_MAX as u64 || taken.is_empty();
+        if next_end > capacity || !fits_write {
+            break;
+        }
+        end = next_end;
+        taken.extend(state.pending.pop_front());
+    }
+    taken
+}
+
+async fn writer_loop(wal: Rc<Wal>) {
+    loop {
+        let wake = wal.writer_wake.wait();
+        let action = {
+            let state = wal.state.borrow();
+            if state.failed.is_some() && !state.pending.is_empty() {
+                Some(false)
+            } else if state.pending.is_empty() {
+                if state.closing {
+                    break;
+                }
+                None
+            } else {
+                Some(true)
+            }
+        };
+        match action {
+            None => wake.await,
+            Some(false) => {
+                let mut state = wal.state.borrow_mut();
+                let error = state.failed.clone().unwrap_or(StorageError::ShuttingDown);
+                wal.fail_pending(&mut state, &StorageError::Failed(error.to_string()));
+            }
+            Some(true) => write_once(&wal).await,
+        }
+    }
+    wal.syncer_wake.notify_all();
+}
+
+/// One write: roll if the next frame does not fit, then lay out and write a batch.
+async fn write_once(wal: &Rc<Wal>) {
+    let needs_roll = {
+        let state = wal.state.borrow();
+        let capacity = state.segments[&state.active].file.capacity;
+        state.pending.front().is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity)
+    };
+    if needs_roll {
+        if let Err(error) = super::roll::roll(wal).await {
+            tracing::error!(shard = %wal.config.shard, %error, "cannot roll WAL segment");
+            let mut state = wal.state.borrow_mut();
+            if !matches!(error, StorageError::DiskFull { .. }) {
+                state.failed = Some(error.clone());
+            }
+            wal.fail_pending(&mut state, &error);
+            return;
+        }
+    }
+    let (taken, file, block_start, buffer, end, new_tail) = {
+        let mut state = wal.state.borrow_mut();
+        let taken = take_batch(&mut state);
+        if taken.is_empty() {
+            return;
+        }
+        let segment = &state.segments[&state.active];
+        let file = segment.file.clone();
+        let block_start = state.write_byte / SECTOR_BYTES * SECTOR_BYTES;
+        let frames_bytes: usize = taken.iter().map(|p| p.frame.len()).sum();
+        let end = state.write_byte + frames_bytes as u64;
+        let buffer_bytes = (end - block_start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        let mut buffer = file.file.alloc_dma_buffer(buffer_bytes as usize);
+        let out = buffer.as_bytes_mut();
+        let mut at = state.tail_block.len();
+        out[..at].copy_from_slice(&state.tail_block);
+        for pending in &taken {
+            out[at..at + pending.frame.len()].copy_from_slice(&pending.frame);
+            at += pending.frame.len();
+        }
+        out[at..].fill(0);
+        // The new partial last block, which the next write rewrites.
+        let new_tail_from = (end / SECTOR_BYTES * SECTOR_BYTES - block_start) as usize;
+        let new_tail = out[new_tail_from..at].to_vec();
+        (taken, file, block_start, buffer, end, new_tail)
+    };
+    let result = file.write(buffer, block_start).await;
+    let mut state = wal.state.borrow_mut();
+    match result {
+        Ok(()) => record_write(wal, &mut state, taken, end, new_tail),
+        Err(error) => {
+            tracing::error!(shard = %wal.config.shard, %error, "WAL write failed");
+            // Put the taken frames back in front so they fail (and roll back) together.
+            for pending in taken.into_iter().rev() {
+                state.pending.push_front(pending);
+            }
+            if !matches!(error, StorageError::DiskFull { .. }) {
+                state.failed = Some(error.clone());
+            }
+            wal.fail_pending(&mut state, &error);
+        }
+    }
+}
+
+/// Publishes a completed write: index, cache, segment contents, tail block.
+fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new_tail: Vec<u8>) {
+    let active = state.active;
+    let mut position = state.write_byte;
+    let mut previous_log = None;
+    let mut high_watermarks: Vec<(LogId, Offset)> = Vec::new();
+    let mut completions = Vec::new();
+    let mut bytes = 0;
+    let mut seq_end = state.written_seq;
+    for pending in taken {
+        let frame_bytes = pending.frame.len() as u32;
+        let at = WalPosition::new(active, position);
+        if let Some(log) = state.logs.get_mut(&pending.log) {
+            let same_write = previous_log == Some(pending.log);
+            log.push(pending.base_offset, pending.last_offset, at, frame_bytes, pending.max_timestamp_ms, same_write);
+        }
+        if let Some(segment) = state.segments.get_mut(&active) {
+            segment.logs.insert(pending.log, pending.last_offset);
+        }
+        match high_watermarks.iter_mut().find(|(log, _)| *log == pending.log) {
+            Some(entry) => entry.1 = pending.last_offset + 1,
+            None => high_watermarks.push((pending.log, pending.last_offset + 1)),
+        }
+        previous_log = Some(pending.log);
+        position += u64::from(frame_bytes);
+        bytes += frame_bytes as usize;
+        seq_end = pending.seq;
+        state.cache.insert(at, pending.frame);
+        completions.extend(pending.completion);
+    }
+    debug_assert_eq!(position, end);
+    debug_assert_eq!(new_tail.len() as u64, end % SECTOR_BYTES);
+    state.tail_block = new_tail;
+    state.write_byte = end;
+    if let Some(segment) = state.segments.get_mut(&active) {
+        segment.end = end;
+    }
+    state.written_seq = seq_end;
+    state.stats.writes += 1;
+    state.unsynced.push_back(Written {
+        seq_end,
+        bytes,
+        high_watermarks,
+        completions,
+    });
+    wal.syncer_wake.notify_all();
+}
+
+async fn syncer_loop(wal: Rc<Wal>) {
+    loop {
+        let wake = wal.syncer_wake.wait();
+        let (target, file) = {
+            let state = wal.state.borrow();
+            if state.durable_seq == state.written_seq {
+                let writer_done = state.closing && state.pending.is_empty();
+                if writer_done || state.failed.is_some() && state.unsynced.is_empty() && state.closing {
+                    break;
+                }
+                drop(state);
+                wake.await;
+                continue;
+            }
+            (state.written_seq, state.segments[&state.active].file.clone())
+        };
+        let started = std::time::Instant::now();
+        let result = file.sync().await;
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        let mut state = wal.state.borrow_mut();
+        state.stats.syncs += 1;
+        state.stats.sync_us_total += elapsed_us;
+        match result {
+            Ok(()) => publish_durable(&wal, &mut state, target),
+            Err(error) => {
+                // After a failed fdatasync the state of the written pages is unknown
+                // (fsyncgate): fail everything and refuse appends until restart.
+                tracing::error!(shard = %wal.config.shard, %error, "fdatasync failed; WAL stops accepting appends");
+                state.failed = Some(error.clone());
+                for written in state.unsynced.drain(..) {
+                    for completion in written.completions {
+                        completion.complete(Err(error.clone()));
+                    }
+                }
+                state.durable_seq = state.written_seq;
+                wal.fail_pending(&mut state, &error);
+            }
+        }
+    }
+}
+
+fn publish_durable(wal: &Wal, state: &mut State, target: u64) {
+    state.durable_seq = target;
+    while state.unsynced.front().is_some_and(|w| w.seq_end <= target) {
+        let Some(written) = state.unsynced.pop_front() else { break };
+        state.inflight_bytes -= written.bytes;
+        for (log, high_watermark) in written.high_watermarks {
+            if let Some(entry) = state.logs.get_mut(&log) {
+                entry.high_watermark = entry.high_watermark.max(high_watermark);
+            }
+        }
+        for completion in written.completions {
+            completion.complete(Ok(()));
+        }
+    }
+    wal.space_freed.notify_all();
+    wal.durable_advanced.notify_all();
+}
+
+impl Wal {
+    /// Waits until every write issued so far is durable.
+    pub(super) async fn drain(&self) -> Result<()> {
+        loop {
+            {
+                let state = self.state.borrow();
+                if let Some(error) = &state.failed {
+                    return Err(error.clone());
+                }
+                if state.durable_seq == state.written_seq {
+                    return Ok(());
+                }
+            }
+            self.durable_advanced.wait().await;
+        }
+    }
+
+    pub(super) fn take_spare(&self) -> Option<SegmentFile> {
+        self.state.borrow_mut().spare.take()
+    }
+
+    pub(super) fn set_spare(&self, spare: SegmentFile) {
+        self.state.borrow_mut().spare = Some(spare);
+    }
+
+    pub(super) fn set_preparing_spare(&self, preparing: bool) -> bool {
+        let mut state = self.state.borrow_mut();
+        let was = state.preparing_spare;
+        state.preparing_spare = preparing;
+        was
+    }
+
+    pub(super) fn is_closing(&self) -> bool {
+        self.state.borrow().closing
+    }
+}

@@ -1,0 +1,348 @@
+//! One error type for the whole client, and the broker's error codes.
+//!
+//! Every [`wire::ErrorCode`] maps to a [`Code`]; a broker-reported failure becomes
+//! [`Error::Broker`] (or a more specific variant when the response carries extra
+//! data, like [`Error::OffsetOutOfRange`]). [`Error::is_retriable`] tells the
+//! producer and consumer whether trying again can help.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_schema::wire;
+
+/// Result alias used throughout the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A broker error code (`wire::ErrorCode`), as a Rust enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    /// Success.
+    None,
+    /// Unexpected broker-side failure. Retriable.
+    Internal,
+    /// The envelope failed verification.
+    MalformedRequest,
+    /// The request kind's version is not supported.
+    UnsupportedVersion,
+    /// The request kind is unknown to the broker.
+    UnknownRequestKind,
+    /// The topic does not exist.
+    UnknownTopic,
+    /// The topic has no such partition.
+    UnknownPartition,
+    /// The topic already exists.
+    TopicAlreadyExists,
+    /// The topic name is invalid.
+    InvalidTopicName,
+    /// A config key or value is invalid.
+    InvalidConfig,
+    /// The partition count is out of range.
+    InvalidPartitionCount,
+    /// A batch failed its CRC check (corrupted in transit). Retriable.
+    CorruptBatch,
+    /// A batch is malformed.
+    InvalidBatch,
+    /// A batch exceeds the topic's `max.message.bytes`.
+    RecordTooLarge,
+    /// The requested offset is outside the log.
+    OffsetOutOfRange,
+    /// The broker timed the request out. Retriable.
+    RequestTimedOut,
+    /// Storage I/O failed. Retriable.
+    StorageError,
+    /// The broker's disk is full. Retriable.
+    DiskFull,
+    /// The broker is shutting down. Retriable.
+    ShuttingDown,
+    /// The request is semantically invalid.
+    InvalidRequest,
+    /// The first request on a connection must be a handshake.
+    HandshakeRequired,
+    /// The partition log is corrupt before its tail.
+    CorruptLog,
+    /// The broker is at its connection limit. Retriable.
+    TooManyConnections,
+    /// The topic is being created or deleted. Retriable.
+    TopicBusy,
+    /// A code this client does not know (a newer broker).
+    Unknown(u16),
+}
+
+impl Code {
+    /// Maps a wire code to [`Code`].
+    pub fn from_wire(code: wire::ErrorCode) -> Code {
+        const TABLE: [Code; 24] = [
+            Code::None,
+            Code::Internal,
+            Code::MalformedRequest,
+            Code::UnsupportedVersion,
+            Code::UnknownRequestKind,
+            Code::UnknownTopic,
+            Code::UnknownPartition,
+            Code::TopicAlreadyExists,
+            Code::InvalidTopicName,
+            Code::InvalidConfig,
+            Code::InvalidPartitionCount,
+            Code::CorruptBatch,
+            Code::InvalidBatch,
+            Code::RecordTooLarge,
+            Code::OffsetOutOfRange,
+            Code::RequestTimedOut,
+            Code::StorageError,
+            Code::DiskFull,
+            Code::ShuttingDown,
+            Code::InvalidRequest,
+            Code::HandshakeRequired,
+            Code::CorruptLog,
+            Code::TooManyConnections,
+            Code::TopicBusy,
+        ];
+        TABLE
+            .get(usize::from(code.0))
+            .copied()
+            .unwrap_or(Code::Unknown(code.0))
+    }
+
+    /// The wire value of this code.
+    pub fn to_wire(self) -> wire::ErrorCode {
+        let all = wire::ErrorCode::ENUM_VALUES;
+        match self {
+            Code::Unknown(value) => wire::ErrorCode(value),
+            known => all
+                .iter()
+                .copied()
+                .find(|candidate| Code::from_wire(*candidate) == known)
+                .unwrap_or(wire::ErrorCode::Internal),
+        }
+    }
+
+    /// Whether a request that failed with this code may succeed if sent again.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            Code::Internal
+                | Code::CorruptBatch
+                | Code::RequestTimedOut
+                | Code::StorageError
+                | Code::DiskFull
+                | Code::ShuttingDown
+                | Code::TooManyConnections
+                | Code::TopicBusy
+        )
+    }
+
+    /// `true` for [`Code::None`].
+    pub fn is_ok(self) -> bool {
+        self == Code::None
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Code::Unknown(value) => write!(f, "unknown error code {value}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// Everything that can go wrong in the client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker answered with an error code.
+    #[error("broker error {code}{}", message_suffix(.message))]
+    Broker {
+        /// The code.
+        code: Code,
+        /// The broker's explanation, if any.
+        message: Option<String>,
+    },
+    /// A fetch or list-offsets position is outside the partition's log.
+    #[error(
+        "offset {offset} is out of range for {topic}/{partition}: valid offsets are \
+         [{log_start_offset}, {high_watermark})"
+    )]
+    OffsetOutOfRange {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The offset asked for.
+        offset: u64,
+        /// First offset still in the log.
+        log_start_offset: u64,
+        /// Offset the next appended record will get.
+        high_watermark: u64,
+    },
+    /// The topic does not exist.
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    /// The topic exists but has no such partition.
+    #[error("topic {topic:?} has no partition {partition}")]
+    UnknownPartition {
+        /// Topic.
+        topic: String,
+        /// Partition asked for.
+        partition: u32,
+    },
+    /// A socket operation failed.
+    #[error("i/o error talking to {addr}: {source}")]
+    Io {
+        /// Broker address.
+        addr: String,
+        /// The underlying error.
+        source: Arc<std::io::Error>,
+    },
+    /// Could not connect to any broker.
+    #[error("could not connect to {addr}: {reason}")]
+    Connect {
+        /// Address(es) tried.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection closed while requests were outstanding.
+    #[error("connection to {addr} closed: {reason}")]
+    ConnectionClosed {
+        /// Broker address.
+        addr: String,
+        /// Why it closed.
+        reason: String,
+    },
+    /// No response arrived within the request timeout.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// A frame's length is over the limit.
+    #[error("frame of {bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    FrameTooLarge {
+        /// Frame length (prefix included).
+        bytes: usize,
+        /// Limit.
+        bytes_max: usize,
+    },
+    /// The byte stream is not valid framing.
+    #[error("malformed frame: {0}")]
+    MalformedFrame(String),
+    /// A response envelope failed verification or misses a required part.
+    #[error("malformed response: {0}")]
+    MalformedResponse(String),
+    /// A fetched batch failed its CRC check.
+    #[error("corrupt batch: {0}")]
+    CorruptBatch(String),
+    /// A fetched batch or record is malformed.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(String),
+    /// A record (or batch) is too large to send.
+    #[error("record of {bytes} bytes is too large (limit {bytes_max})")]
+    RecordTooLarge {
+        /// Encoded size.
+        bytes: usize,
+        /// Limit.
+        bytes_max: usize,
+    },
+    /// The broker and this client share no protocol version.
+    #[error("broker speaks protocol versions this client does not: {0}")]
+    UnsupportedVersion(String),
+    /// The producer was closed.
+    #[error("producer is closed")]
+    ProducerClosed,
+    /// A record could not be delivered within the delivery timeout.
+    #[error("delivery timed out after {elapsed:?}; last error: {last}")]
+    DeliveryTimeout {
+        /// Time since the record was sent.
+        elapsed: Duration,
+        /// The last retriable error seen.
+        last: Box<Error>,
+    },
+    /// A configuration value or argument is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The partition is not assigned to this consumer.
+    #[error("{topic}/{partition} is not assigned to this consumer")]
+    NotAssigned {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+    },
+}
+
+fn message_suffix(message: &Option<String>) -> String {
+    match message {
+        Some(text) if !text.is_empty() => format!(": {text}"),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    /// Whether the operation may succeed if tried again (possibly after a backoff
+    /// or a reconnect).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Broker { code, .. } => code.is_retriable(),
+            Error::Io { .. } | Error::ConnectionClosed { .. } | Error::Timeout(_) => true,
+            Error::Connect { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The broker error code, if this error came from the broker.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Broker { code, .. } => Some(*code),
+            Error::OffsetOutOfRange { .. } => Some(Code::OffsetOutOfRange),
+            Error::UnknownTopic(_) => Some(Code::UnknownTopic),
+            Error::UnknownPartition { .. } => Some(Code::UnknownPartition),
+            _ => None,
+        }
+    }
+
+    /// Builds the error for a non-zero broker code.
+    pub fn from_code(code: Code, message: Option<&str>) -> Error {
+        Error::Broker {
+            code,
+            message: message.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn io(addr: &str, source: std::io::Error) -> Error {
+        Error::Io {
+            addr: addr.to_owned(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// Turns a broker code (+ message) into `Ok(())` or the matching error.
+pub fn check_code(code: Code, message: Option<&str>) -> Result<()> {
+    if code.is_ok() {
+        Ok(())
+    } else {
+        Err(Error::from_code(code, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_code_maps_and_roundtrips() {
+        for wire_code in wire::ErrorCode::ENUM_VALUES {
+            let code = Code::from_wire(*wire_code);
+            assert!(!matches!(code, Code::Unknown(_)), "{wire_code:?} unmapped");
+            assert_eq!(code.to_wire(), *wire_code);
+            assert_eq!(format!("{code:?}"), wire_code.variant_name().unwrap_or(""));
+        }
+        assert_eq!(Code::from_wire(wire::ErrorCode(999)), Code::Unknown(999));
+    }
+
+    #[test]
+    fn retriable_codes() {
+        assert!(Code::StorageError.is_retriable());
+        assert!(!Code::UnknownTopic.is_retriable());
+        assert!(Error::Timeout(Duration::from_secs(1)).is_retriable());
+        assert!(!Error::ProducerClosed.is_retriable());
+    }
+}
