@@ -1,0 +1,633 @@
+//! [`Consumer`]: reads assigned partitions (no consumer groups yet).
+//!
+//! The consumer keeps at most one fetch in flight per broker shard, covering all
+//! assigned partitions that shard owns, sent on that shard's connection. Fetches
+//! long-poll (`max_wait`), and the next fetch for a shard starts as soon as the
+//! previous one returns, while fewer than `buffered_bytes_max` bytes wait to be
+//! consumed (prefetch). Fetched batches are kept as zero-copy slices of the
+//! response frame; records are decoded only when consumed.
+//!
+//! Positions are resolved lazily: a seek to `Beginning`, `End` or a timestamp
+//! becomes a ListOffsets lookup right before the partition's next fetch. A seek
+//! bumps the partition's epoch, so batches already fetched or in flight for the
+//! old position are discarded.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+use tokio::sync::mpsc;
+
+use crate::batch::{Batch, BatchIter, Header, RecordIter};
+use crate::client::{partition_error, unexpected, Client};
+use crate::error::{Code, Error, Result};
+use crate::request::{FetchPartitionSpec, OffsetQuery, RequestBody};
+use crate::response::{FetchPartitionResult, ResponseBody};
+
+/// Where to move a partition's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTo {
+    /// The log start offset.
+    Beginning,
+    /// The high watermark: only records produced from now on.
+    End,
+    /// An absolute offset.
+    Offset(u64),
+    /// The first record whose batch has a timestamp >= this (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConsumerConfig {
+    /// Long-poll wait of a fetch.
+    pub max_wait: Duration,
+    /// Bytes a fetch waits for.
+    pub min_bytes: u32,
+    /// Byte budget of one fetch response.
+    pub max_bytes: u32,
+    /// Byte budget per partition in a fetch.
+    pub partition_max_bytes: u32,
+    /// Where a newly assigned partition starts.
+    pub start: SeekTo,
+    /// No new fetch starts while this many fetched bytes wait to be consumed.
+    pub buffered_bytes_max: usize,
+    /// Pause after a retriable fetch failure.
+    pub retry_backoff: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_wait: Duration::from_millis(500),
+            min_bytes: 1,
+            max_bytes: 32 * 1024 * 1024,
+            partition_max_bytes: 4 * 1024 * 1024,
+            start: SeekTo::Beginning,
+            buffered_bytes_max: 64 * 1024 * 1024,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A consumed record. Key, value and header values are slices of the fetched
+/// response (no copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// Timestamp (ms since the epoch).
+    pub timestamp_ms: i64,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+}
+
+/// A whole fetched batch (verified), for callers that process batches directly.
+#[derive(Debug, Clone)]
+pub struct FetchedBatch {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// The batch; its frame is a slice of the fetch response.
+    pub batch: Batch,
+    /// Records below this offset were already consumed or precede the requested
+    /// position; [`FetchedBatch::records`] skips them.
+    pub first_offset: u64,
+    index: usize,
+    epoch: u64,
+}
+
+impl FetchedBatch {
+    /// Records at or after [`FetchedBatch::first_offset`].
+    pub fn records(&self) -> impl Iterator<Item = Result<crate::batch::Record>> + '_ {
+        let first = self.first_offset;
+        self.batch
+            .records()
+            .filter(move |record| record.as_ref().map_or(true, |record| record.offset >= first))
+    }
+
+    /// Records in the batch at or after `first_offset` (from the header, without
+    /// decoding).
+    pub fn record_count(&self) -> u64 {
+        let header = &self.batch.header;
+        header.next_offset().saturating_sub(self.first_offset.max(header.base_offset))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    Resolved(u64),
+    Pending(SeekTo),
+}
+
+struct PartState {
+    topic: Arc<str>,
+    partition: u32,
+    shard: u16,
+    fetch: Position,
+    consumed: Option<u64>,
+    epoch: u64,
+    in_flight: bool,
+    paused: bool,
+    high_watermark: Option<u64>,
+    log_start_offset: Option<u64>,
+}
+
+struct FetchItem {
+    index: usize,
+    epoch: u64,
+    topic: Arc<str>,
+    partition: u32,
+    position: Position,
+}
+
+struct ItemOutcome {
+    index: usize,
+    epoch: u64,
+    result: Result<(u64, FetchPartitionResult)>,
+}
+
+struct Outcome {
+    shard: u16,
+    items: Vec<ItemOutcome>,
+}
+
+struct Current {
+    batch: FetchedBatch,
+    records: RecordIter,
+}
+
+/// Reads assigned partitions; a [`Stream`] of [`ConsumerRecord`]s.
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    parts: Vec<PartState>,
+    index: HashMap<(Arc<str>, u32), usize>,
+    shards_busy: HashSet<u16>,
+    outcomes_tx: mpsc::UnboundedSender<Outcome>,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
+    buffer: VecDeque<FetchedBatch>,
+    buffered_bytes: usize,
+    current: Option<Current>,
+    errors: VecDeque<Error>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("assigned", &self.parts.len()).finish()
+    }
+}
+
+impl Consumer {
+    /// A consumer with nothing assigned.
+    pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
+        Consumer {
+            client,
+            config,
+            parts: Vec::new(),
+            index: HashMap::new(),
+            shards_busy: HashSet::new(),
+            outcomes_tx,
+            outcomes,
+            buffer: VecDeque::new(),
+            buffered_bytes: 0,
+            current: None,
+            errors: VecDeque::new(),
+        }
+    }
+
+    /// Adds partitions of `topic` (all of them if `partitions` is empty), starting
+    /// at [`ConsumerConfig::start`]. Already assigned partitions are unchanged.
+    pub async fn assign(&mut self, topic: &str, partitions: &[u32]) -> Result<()> {
+        let route = self.client.topic_route(topic, true).await?;
+        let all: Vec<u32> = (0..route.partition_count()).collect();
+        let wanted = if partitions.is_empty() { &all[..] } else { partitions };
+        for &partition in wanted {
+            let shard = route.shard(partition).ok_or_else(|| Error::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            })?;
+            let key = (route.name.clone(), partition);
+            if self.index.contains_key(&key) {
+                continue;
+            }
+            self.index.insert(key, self.parts.len());
+            self.parts.push(PartState {
+                topic: route.name.clone(),
+                partition,
+                shard,
+                fetch: Position::Pending(self.config.start),
+                consumed: None,
+                epoch: 0,
+                in_flight: false,
+                paused: false,
+                high_watermark: None,
+                log_start_offset: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Assigned `(topic, partition)` pairs.
+    pub fn assignment(&self) -> Vec<(Arc<str>, u32)> {
+        self.parts.iter().map(|part| (part.topic.clone(), part.partition)).collect()
+    }
+
+    fn part_index(&self, topic: &str, partition: u32) -> Result<usize> {
+        self.index.get(&(Arc::from(topic), partition)).copied().ok_or_else(|| Error::NotAssigned {
+            topic: topic.to_owned(),
+            partition,
+        })
+    }
+
+    /// Moves a partition's position; buffered records of the old position are
+    /// dropped. Also clears a partition paused by an error.
+    pub fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
+        let index = self.part_index(topic, partition)?;
+        let part = &mut self.parts[index];
+        part.epoch += 1;
+        part.paused = false;
+        part.fetch = match to {
+            SeekTo::Offset(offset) => Position::Resolved(offset),
+            other => Position::Pending(other),
+        };
+        part.consumed = match to {
+            SeekTo::Offset(offset) => Some(offset),
+            _ => None,
+        };
+        let mut freed = 0;
+        self.buffer.retain(|batch| {
+            let keep = batch.index != index;
+            if !keep {
+                freed += batch.batch.frame.len();
+            }
+            keep
+        });
+        self.buffered_bytes -= freed;
+        if self.current.as_ref().is_some_and(|current| current.batch.index == index) {
+            self.current = None;
+        }
+        Ok(())
+    }
+
+    /// Offset of the next record this consumer will return for the partition;
+    /// `None` until a pending seek (beginning/end/timestamp) is resolved.
+    pub fn position(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+        Ok(self.parts[self.part_index(topic, partition)?].consumed)
+    }
+
+    /// The high watermark seen in the latest fetch of the partition.
+    pub fn high_watermark(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+        Ok(self.parts[self.part_index(topic, partition)?].high_watermark)
+    }
+
+    /// The log start offset seen in the latest fetch of the partition.
+    pub fn log_start_offset(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
+        Ok(self.parts[self.part_index(topic, partition)?].log_start_offset)
+    }
+
+    /// The next record (or error). Same as polling the [`Stream`].
+    pub async fn recv(&mut self) -> Option<Result<ConsumerRecord>> {
+        poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
+    }
+
+    /// Every fetched batch buffered now, waiting for a fetch if none is. The
+    /// partitions' positions move past the returned batches.
+    pub async fn next_batches(&mut self) -> Result<Vec<FetchedBatch>> {
+        poll_fn(|cx| self.poll_batches(cx)).await
+    }
+
+    fn poll_batches(&mut self, cx: &mut Context<'_>) -> Poll<Result<Vec<FetchedBatch>>> {
+        loop {
+            if let Some(error) = self.errors.pop_front() {
+                return Poll::Ready(Err(error));
+            }
+            let batches = self.drain_batches();
+            if !batches.is_empty() {
+                return Poll::Ready(Ok(batches));
+            }
+            match self.poll_outcome(cx) {
+                Poll::Ready(true) => continue,
+                Poll::Ready(false) => return Poll::Ready(Ok(Vec::new())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn drain_batches(&mut self) -> Vec<FetchedBatch> {
+        let mut batches = Vec::new();
+        if let Some(current) = self.current.take() {
+            let mut batch = current.batch;
+            if let Some(consumed) = self.parts[batch.index].consumed {
+                batch.first_offset = batch.first_offset.max(consumed);
+            }
+            self.parts[batch.index].consumed = Some(batch.batch.header.next_offset());
+            batches.push(batch);
+        }
+        while let Some(batch) = self.buffer.pop_front() {
+            self.buffered_bytes -= batch.batch.frame.len();
+            let part = &mut self.parts[batch.index];
+            if batch.epoch == part.epoch {
+                part.consumed = Some(batch.batch.header.next_offset());
+                batches.push(batch);
+            }
+        }
+        batches
+    }
+
+    /// Starts fetches, then waits for one outcome. `Ready(false)` never happens
+    /// in practice (the consumer holds a sender of the channel).
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        self.start_fetches();
+        match self.outcomes.poll_recv(cx) {
+            Poll::Ready(Some(outcome)) => {
+                self.apply(outcome);
+                Poll::Ready(true)
+            }
+            Poll::Ready(None) => Poll::Ready(false),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn next_record(&mut self) -> Option<Result<ConsumerRecord>> {
+        loop {
+            if let Some(current) = &mut self.current {
+                let part = &mut self.parts[current.batch.index];
+                if current.batch.epoch != part.epoch {
+                    self.current = None;
+                    continue;
+                }
+                match current.records.next() {
+                    Some(Ok(record)) if record.offset < current.batch.first_offset => continue,
+                    Some(Ok(record)) => {
+                        part.consumed = Some(record.offset + 1);
+                        return Some(Ok(to_consumer_record(&current.batch, record)));
+                    }
+                    Some(Err(error)) => {
+                        part.paused = true;
+                        self.current = None;
+                        return Some(Err(error));
+                    }
+                    None => {
+                        let next = current.batch.batch.header.next_offset();
+                        part.consumed = Some(part.consumed.map_or(next, |consumed| consumed.max(next)));
+                        self.current = None;
+                    }
+                }
+            }
+            let batch = self.buffer.pop_front()?;
+            self.buffered_bytes -= batch.batch.frame.len();
+            if batch.epoch != self.parts[batch.index].epoch {
+                continue;
+            }
+            if batch.batch.header.is_control() {
+                self.parts[batch.index].consumed = Some(batch.batch.header.next_offset());
+                continue;
+            }
+            let records = batch.batch.records();
+            self.current = Some(Current { batch, records });
+        }
+    }
+
+    fn start_fetches(&mut self) {
+        if self.buffered_bytes >= self.config.buffered_bytes_max {
+            return;
+        }
+        let mut by_shard: HashMap<u16, Vec<FetchItem>> = HashMap::new();
+        for (index, part) in self.parts.iter_mut().enumerate() {
+            if part.in_flight || part.paused || self.shards_busy.contains(&part.shard) {
+                continue;
+            }
+            part.in_flight = true;
+            by_shard.entry(part.shard).or_default().push(FetchItem {
+                index,
+                epoch: part.epoch,
+                topic: part.topic.clone(),
+                partition: part.partition,
+                position: part.fetch,
+            });
+        }
+        for (shard, items) in by_shard {
+            self.shards_busy.insert(shard);
+            let task = fetch_task(self.client.clone(), self.config.clone(), shard, items, self.outcomes_tx.clone());
+            tokio::spawn(task);
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        self.shards_busy.remove(&outcome.shard);
+        for item in outcome.items {
+            let part = &mut self.parts[item.index];
+            part.in_flight = false;
+            if item.epoch != part.epoch {
+                continue;
+            }
+            match item.result {
+                Ok((offset, result)) => self.apply_partition(item.index, offset, result),
+                Err(error) if error.is_retriable() => {
+                    tracing::debug!(%error, topic = %part.topic, partition = part.partition, "fetch failed; retrying");
+                }
+                Err(error) => {
+                    part.paused = true;
+                    self.errors.push_back(error);
+                }
+            }
+        }
+    }
+
+    fn apply_partition(&mut self, index: usize, offset: u64, result: FetchPartitionResult) {
+        let part = &mut self.parts[index];
+        part.high_watermark = Some(result.high_watermark);
+        part.log_start_offset = Some(result.log_start_offset);
+        if let Position::Pending(_) = part.fetch {
+            part.fetch = Position::Resolved(offset);
+        }
+        part.consumed.get_or_insert(offset);
+        if let Err(error) = fetch_error(part, offset, &result) {
+            if !error.is_retriable() {
+                part.paused = true;
+                self.errors.push_back(error);
+            }
+            return;
+        }
+        for batch in BatchIter::new(result.records) {
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    part.paused = true;
+                    self.errors.push_back(error);
+                    return;
+                }
+            };
+            if batch.header.next_offset() <= offset {
+                continue;
+            }
+            part.fetch = Position::Resolved(batch.header.next_offset());
+            self.buffered_bytes += batch.frame.len();
+            self.buffer.push_back(FetchedBatch {
+                topic: part.topic.clone(),
+                partition: part.partition,
+                batch,
+                first_offset: offset,
+                index,
+                epoch: part.epoch,
+            });
+        }
+    }
+}
+
+fn fetch_error(part: &PartState, offset: u64, result: &FetchPartitionResult) -> Result<()> {
+    if result.error == Code::OffsetOutOfRange {
+        return Err(Error::OffsetOutOfRange {
+            topic: part.topic.to_string(),
+            partition: part.partition,
+            offset,
+            log_start_offset: result.log_start_offset,
+            high_watermark: result.high_watermark,
+        });
+    }
+    partition_error(&part.topic, part.partition, result.error, result.message.as_deref())
+}
+
+fn to_consumer_record(batch: &FetchedBatch, record: crate::batch::Record) -> ConsumerRecord {
+    ConsumerRecord {
+        topic: batch.topic.clone(),
+        partition: batch.partition,
+        offset: record.offset,
+        timestamp_ms: record.timestamp_ms,
+        key: record.key,
+        value: record.value,
+        headers: record.headers,
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<ConsumerRecord>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(error) = this.errors.pop_front() {
+                return Poll::Ready(Some(Err(error)));
+            }
+            if let Some(record) = this.next_record() {
+                return Poll::Ready(Some(record));
+            }
+            match this.poll_outcome(cx) {
+                Poll::Ready(true) => continue,
+                Poll::Ready(false) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+async fn resolve(client: &Client, topic: &str, partition: u32, position: Position) -> Result<u64> {
+    let query = match position {
+        Position::Resolved(offset) => return Ok(offset),
+        Position::Pending(SeekTo::Offset(offset)) => return Ok(offset),
+        Position::Pending(SeekTo::Beginning) => OffsetQuery::Earliest,
+        Position::Pending(SeekTo::End) => OffsetQuery::Latest,
+        Position::Pending(SeekTo::Timestamp(ms)) => OffsetQuery::Timestamp(ms),
+    };
+    Ok(client.list_offsets(topic, partition, query).await?.offset)
+}
+
+/// Resolves pending positions, fetches, and reports the outcome of each item.
+async fn fetch_task(
+    client: Client,
+    config: ConsumerConfig,
+    shard: u16,
+    items: Vec<FetchItem>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    let mut offsets = Vec::with_capacity(items.len());
+    for item in &items {
+        offsets.push(resolve(&client, &item.topic, item.partition, item.position).await);
+    }
+    let mut results = fetch(&client, &config, shard, &items, &offsets).await;
+    let mut outcome_items = Vec::with_capacity(items.len());
+    let mut retriable = false;
+    for (item, offset) in items.iter().zip(offsets) {
+        let result = offset.and_then(|offset| take_result(&mut results, item, offset));
+        retriable |= matches!(&result, Err(error) if error.is_retriable());
+        retriable |= matches!(&result, Ok((_, found)) if found.error.is_retriable());
+        outcome_items.push(ItemOutcome {
+            index: item.index,
+            epoch: item.epoch,
+            result,
+        });
+    }
+    if retriable {
+        tokio::time::sleep(config.retry_backoff).await;
+    }
+    let _ = outcomes.send(Outcome {
+        shard,
+        items: outcome_items,
+    });
+}
+
+type FetchResults = Result<Vec<(String, Vec<FetchPartitionResult>)>>;
+
+async fn fetch(client: &Client, config: &ConsumerConfig, shard: u16, items: &[FetchItem], offsets: &[Result<u64>]) -> FetchResults {
+    let mut topics: Vec<(String, Vec<FetchPartitionSpec>)> = Vec::new();
+    for (item, offset) in items.iter().zip(offsets) {
+        let Ok(offset) = offset else {
+            continue;
+        };
+        let spec = FetchPartitionSpec {
+            partition: item.partition,
+            offset: *offset,
+            max_bytes: config.partition_max_bytes,
+        };
+        match topics.iter_mut().find(|(name, _)| **name == *item.topic) {
+            Some((_, specs)) => specs.push(spec),
+            None => topics.push((item.topic.to_string(), vec![spec])),
+        }
+    }
+    if topics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let body = RequestBody::Fetch {
+        max_wait_ms: config.max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
+        min_bytes: config.min_bytes,
+        max_bytes: config.max_bytes,
+        topics,
+    };
+    let timeout = client.config().request_timeout + config.max_wait;
+    match client.send_to_shard(shard, &body, Vec::new(), timeout).await? {
+        ResponseBody::Fetch(topics) => Ok(topics),
+        other => Err(unexpected("Fetch", &other)),
+    }
+}
+
+fn take_result(results: &mut FetchResults, item: &FetchItem, offset: u64) -> Result<(u64, FetchPartitionResult)> {
+    let topics = results.as_mut().map_err(|error| error.clone())?;
+    let found = topics
+        .iter_mut()
+        .filter(|(name, _)| **name == *item.topic)
+        .find_map(|(_, partitions)| {
+            let position = partitions.iter().position(|result| result.partition == item.partition)?;
+            Some(partitions.swap_remove(position))
+        });
+    let result = found.ok_or_else(|| {
+        Error::MalformedResponse(format!("no fetch result for {}/{}", item.topic, item.partition))
+    })?;
+    Ok((offset, result))
+}

@@ -27,6 +27,7 @@
 //! Wire format: `docs/protocol.md`.
 
 #![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod batch;
 pub mod error;

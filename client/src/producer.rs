@@ -1,0 +1,971 @@
+//! [`Producer`]: per-partition batching, pipelined produce requests, retries and
+//! backpressure.
+//!
+//! How a record travels: [`Producer::send`] picks the partition, reserves buffer
+//! space (waiting when [`ProducerConfig::buffer_bytes`] is used up — that wait is
+//! the backpressure), and encodes the record straight into the partition's open
+//! batch. A batch is sealed when it reaches [`ProducerConfig::batch_bytes`] or
+//! [`ProducerConfig::linger`] after its first record. A background sender task
+//! gathers the sealed batches of every partition owned by the same broker shard
+//! into one produce request on that shard's connection, with at most
+//! [`ProducerConfig::max_in_flight`] requests outstanding per partition.
+//!
+//! Cost per record: the record bytes are copied once into the batch buffer; the
+//! returned [`DeliveryFuture`] is an `Arc` to the batch's shared result slot plus
+//! the record's index — no channel or allocation per record, and dropping it
+//! costs one reference-count decrement.
+//!
+//! Retries: a batch that fails with a retriable error goes back to the front of
+//! its partition queue and is resent after an exponential backoff with ±20 %
+//! jitter, until [`ProducerConfig::delivery_timeout`] after it was sealed.
+//! Ordering guarantee: within a partition, records are appended in `send` order,
+//! and a batch waiting for a retry holds back every later batch of its partition
+//! that was not yet sent. Batches already in flight when an earlier one fails may
+//! land before the retried one; set `max_in_flight = 1` for strict ordering under
+//! retries (as with Kafka without idempotence).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use sluice_schema::BATCH_BYTES_MAX;
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use tokio::task::JoinHandle;
+
+use crate::batch::{BatchBuilder, Header, HEADER_BYTES};
+use crate::client::{partition_error, unexpected, Client, TopicRoute};
+use crate::error::{Error, Result};
+use crate::partitioner::{partition_for_key, NullKeyPolicy};
+use crate::request::{ProducePartitionRange, ProduceTopicRanges, RequestBody};
+use crate::response::ResponseBody;
+
+/// How many acknowledgements a produce request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// No response at all; a record counts as delivered once written to the socket.
+    None,
+    /// The leader has the batch durable.
+    Leader,
+    /// All in-sync replicas have it durable (single node: same as `Leader`).
+    #[default]
+    All,
+}
+
+impl Acks {
+    /// The wire value (0, 1, -1).
+    pub fn to_wire(self) -> i8 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => -1,
+        }
+    }
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ProducerConfig {
+    /// Acknowledgement level.
+    pub acks: Acks,
+    /// A batch is sealed once it holds this many bytes.
+    pub batch_bytes: usize,
+    /// A batch is sealed at the latest this long after its first record.
+    pub linger: Duration,
+    /// Produce requests outstanding per partition.
+    pub max_in_flight: usize,
+    /// A record fails if not acknowledged this long after its batch was sealed.
+    pub delivery_timeout: Duration,
+    /// First retry backoff; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// Largest retry backoff.
+    pub retry_backoff_max: Duration,
+    /// Partition choice for records with neither key nor partition.
+    pub partitioner: NullKeyPolicy,
+    /// Bytes of records buffered (unacknowledged) before `send` waits.
+    pub buffer_bytes: usize,
+    /// Largest payload of one produce request.
+    pub request_bytes_max: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::All,
+            batch_bytes: 64 * 1024,
+            linger: Duration::from_millis(1),
+            max_in_flight: 5,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            partitioner: NullKeyPolicy::Sticky,
+            buffer_bytes: 64 * 1024 * 1024,
+            request_bytes_max: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerRecord {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Explicit partition; `None` = by key hash, or the null-key policy.
+    pub partition: Option<u32>,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+    /// Timestamp; `None` = now.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A record with a value and no key.
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord {
+            topic: topic.into(),
+            value: Some(value.into()),
+            ..ProducerRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> ProducerRecord {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the partition.
+    pub fn with_partition(mut self, partition: u32) -> ProducerRecord {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, key: impl Into<String>, value: Option<Bytes>) -> ProducerRecord {
+        self.headers.push((key.into(), value));
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn with_timestamp(mut self, timestamp_ms: i64) -> ProducerRecord {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+}
+
+/// Where an acknowledged record was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Offset; `None` with [`Acks::None`] (the broker does not answer).
+    pub offset: Option<u64>,
+    /// The record's timestamp.
+    pub timestamp_ms: i64,
+}
+
+/// The shared outcome of one batch: the base offset (or `None` for acks=0), or
+/// the error every record of the batch gets.
+struct BatchSlot {
+    topic: Arc<str>,
+    partition: u32,
+    state: Mutex<SlotState>,
+    done: AtomicBool,
+}
+
+#[derive(Default)]
+struct SlotState {
+    outcome: Option<Result<Option<u64>>>,
+    wakers: Vec<Waker>,
+}
+
+impl BatchSlot {
+    fn new(topic: Arc<str>, partition: u32) -> Arc<BatchSlot> {
+        Arc::new(BatchSlot {
+            topic,
+            partition,
+            state: Mutex::new(SlotState::default()),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn complete(&self, outcome: Result<Option<u64>>) {
+        let wakers = {
+            let mut state = self.lock();
+            if state.outcome.is_some() {
+                return;
+            }
+            state.outcome = Some(outcome);
+            std::mem::take(&mut state.wakers)
+        };
+        self.done.store(true, Ordering::Release);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u64>>> {
+        let mut state = self.lock();
+        if let Some(outcome) = &state.outcome {
+            return Poll::Ready(outcome.clone());
+        }
+        if !state.wakers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            state.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// Resolves when the record is acknowledged (or fails). Dropping it is free: the
+/// record is still delivered.
+pub struct DeliveryFuture {
+    slot: Arc<BatchSlot>,
+    index: u32,
+    timestamp_ms: i64,
+}
+
+impl std::fmt::Debug for DeliveryFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryFuture")
+            .field("topic", &self.slot.topic)
+            .field("partition", &self.slot.partition)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl DeliveryFuture {
+    /// The partition the record was assigned to.
+    pub fn partition(&self) -> u32 {
+        self.slot.partition
+    }
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.slot.poll_outcome(cx).map(|outcome| {
+            outcome.map(|base_offset| RecordMetadata {
+                topic: this.slot.topic.clone(),
+                partition: this.slot.partition,
+                offset: base_offset.map(|base| base + u64::from(this.index)),
+                timestamp_ms: this.timestamp_ms,
+            })
+        })
+    }
+}
+
+struct SlotWait(Arc<BatchSlot>);
+
+impl Future for SlotWait {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll_outcome(cx).map(|_| ())
+    }
+}
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    slot: Arc<BatchSlot>,
+    opened: Instant,
+    reserved_bytes: usize,
+}
+
+struct SealedBatch {
+    frame: Bytes,
+    slot: Arc<BatchSlot>,
+    sequence: u64,
+    record_count: u32,
+    sealed: Instant,
+    attempts: u32,
+    retry_at: Option<Instant>,
+    reserved_bytes: usize,
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    ready: VecDeque<SealedBatch>,
+    in_flight: usize,
+    next_sequence: u64,
+}
+
+impl PartitionQueue {
+    /// Seals the open batch (if any) into the ready queue.
+    fn seal(&mut self, now: Instant) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        let record_count = open.builder.record_count();
+        match open.builder.finish() {
+            Ok(frame) => {
+                let sequence = self.next_sequence;
+                self.next_sequence += 1;
+                self.ready.push_back(SealedBatch {
+                    frame,
+                    slot: open.slot,
+                    sequence,
+                    record_count,
+                    sealed: now,
+                    attempts: 0,
+                    retry_at: None,
+                    reserved_bytes: open.reserved_bytes,
+                });
+            }
+            // Only an empty batch fails to finish; nobody waits on its slot.
+            Err(error) => open.slot.complete(Err(error)),
+        }
+    }
+
+    fn seal_if_full(&mut self, now: Instant, reserve: usize, batch_bytes: usize) {
+        if !fits(self, reserve, batch_bytes) {
+            self.seal(now);
+        }
+    }
+
+    /// Appends to the open batch (which must exist).
+    fn append(&mut self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<DeliveryFuture> {
+        let open = self
+            .open
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("no open batch".into()))?;
+        let key = record.key.as_deref();
+        let index = open.builder.append(timestamp_ms, key, record.value.as_deref(), &record.headers)?;
+        open.reserved_bytes += reserve;
+        Ok(DeliveryFuture {
+            slot: open.slot.clone(),
+            index,
+            timestamp_ms,
+        })
+    }
+
+    fn requeue(&mut self, batch: SealedBatch) {
+        let position = self.ready.iter().position(|queued| queued.sequence > batch.sequence);
+        self.ready.insert(position.unwrap_or(self.ready.len()), batch);
+    }
+
+    fn is_idle(&self) -> bool {
+        self.open.is_none() && self.ready.is_empty() && self.in_flight == 0
+    }
+}
+
+/// Whether a record of `reserve` bytes fits the partition's open batch (or there
+/// is no open batch, or it is empty).
+fn fits(queue: &PartitionQueue, reserve: usize, batch_bytes: usize) -> bool {
+    queue
+        .open
+        .as_ref()
+        .is_none_or(|open| open.builder.is_empty() || open.builder.bytes() + reserve <= batch_bytes)
+}
+
+struct TopicState {
+    route: Arc<TopicRoute>,
+    partitions: Vec<PartitionQueue>,
+    sticky: u32,
+    round_robin: u32,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<Arc<str>, TopicState>,
+    outstanding: Vec<Arc<BatchSlot>>,
+    outstanding_pruned_len: usize,
+}
+
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    buffer: Semaphore,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.buffer.add_permits(bytes);
+        }
+    }
+}
+
+/// A batching, pipelining producer. Create it inside a tokio runtime (it spawns
+/// its sender task). Share it between tasks with an `Arc`.
+pub struct Producer {
+    shared: Arc<Shared>,
+    sender: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("config", &self.shared.config).finish()
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // The sender task drains what is buffered, then exits.
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Producer {
+    /// A producer over `client`.
+    pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        let mut config = config;
+        config.batch_bytes = config.batch_bytes.clamp(HEADER_BYTES + 1, BATCH_BYTES_MAX);
+        config.max_in_flight = config.max_in_flight.max(1);
+        config.buffer_bytes = config.buffer_bytes.max(config.batch_bytes);
+        let shared = Arc::new(Shared {
+            client,
+            buffer: Semaphore::new(config.buffer_bytes),
+            config,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            closing: AtomicBool::new(false),
+        });
+        let sender = tokio::spawn(run_sender(shared.clone()));
+        Producer {
+            shared,
+            sender: Mutex::new(Some(sender)),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ProducerConfig {
+        &self.shared.config
+    }
+
+    /// Queues a record. Waits only while the buffer is full (backpressure) or the
+    /// topic's metadata is fetched for the first time. The returned future
+    /// resolves when the record is acknowledged.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(Error::ProducerClosed);
+        }
+        let reserve = BatchBuilder::record_bytes_max(record.key.as_deref(), record.value.as_deref(), &record.headers);
+        let limit = BATCH_BYTES_MAX.min(self.shared.config.buffer_bytes);
+        if reserve + HEADER_BYTES > limit {
+            return Err(Error::RecordTooLarge {
+                bytes: reserve + HEADER_BYTES,
+                bytes_max: limit,
+            });
+        }
+        self.reserve(reserve).await?;
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let result = self.append_or_route(&record, timestamp_ms, reserve).await;
+        if result.is_err() {
+            self.shared.release(reserve);
+        }
+        result
+    }
+
+    async fn reserve(&self, bytes: usize) -> Result<()> {
+        let permits = bytes as u32;
+        match self.shared.buffer.try_acquire_many(permits) {
+            Ok(permit) => permit.forget(),
+            Err(TryAcquireError::NoPermits) => {
+                let permit = self.shared.buffer.acquire_many(permits).await;
+                permit.map_err(|_| Error::ProducerClosed)?.forget();
+            }
+            Err(TryAcquireError::Closed) => return Err(Error::ProducerClosed),
+        }
+        Ok(())
+    }
+
+    async fn append_or_route(&self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<DeliveryFuture> {
+        loop {
+            if let Some(delivery) = self.try_append(record, timestamp_ms, reserve)? {
+                return Ok(delivery);
+            }
+            let route = self.shared.client.topic_route(&record.topic, false).await?;
+            let mut state = self.shared.lock();
+            let partitions = (0..route.partition_count()).map(|_| PartitionQueue::default()).collect();
+            state.topics.entry(route.name.clone()).or_insert(TopicState {
+                route,
+                partitions,
+                sticky: rand::random::<u32>(),
+                round_robin: 0,
+            });
+        }
+    }
+
+    /// Appends under the state lock; `Ok(None)` when the topic is not known yet.
+    fn try_append(&self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<Option<DeliveryFuture>> {
+        let config = &self.shared.config;
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        let Some(topic) = state.topics.get_mut(&*record.topic) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let mut partition = choose_partition(topic, record, config.partitioner)?;
+        let sticky = record.partition.is_none() && record.key.is_none() && config.partitioner == NullKeyPolicy::Sticky;
+        let mut wake = false;
+        if !fits(&topic.partitions[partition as usize], reserve, config.batch_bytes) {
+            topic.partitions[partition as usize].seal(now);
+            wake = true;
+            if sticky {
+                topic.sticky = topic.sticky.wrapping_add(1);
+                partition = topic.sticky % topic.route.partition_count();
+                wake |= !fits(&topic.partitions[partition as usize], reserve, config.batch_bytes);
+                topic.partitions[partition as usize].seal_if_full(now, reserve, config.batch_bytes);
+            }
+        }
+        let name = topic.route.name.clone();
+        let queue = &mut topic.partitions[partition as usize];
+        if queue.open.is_none() {
+            wake = true;
+            let slot = BatchSlot::new(name, partition);
+            state.outstanding.push(slot.clone());
+            queue.open = Some(OpenBatch {
+                builder: BatchBuilder::with_capacity(config.batch_bytes.max(reserve + HEADER_BYTES)),
+                slot,
+                opened: now,
+                reserved_bytes: 0,
+            });
+        }
+        let delivery = queue.append(record, timestamp_ms, reserve)?;
+        if queue.open.as_ref().is_some_and(|open| open.builder.bytes() >= config.batch_bytes) {
+            queue.seal(now);
+            wake = true;
+            if sticky {
+                topic.sticky = topic.sticky.wrapping_add(1);
+            }
+        }
+        drop(guard);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(Some(delivery))
+    }
+
+    /// Sends everything buffered now and waits until those records are
+    /// acknowledged or failed (failures are reported by their futures).
+    pub async fn flush(&self) -> Result<()> {
+        let slots = {
+            let mut state = self.shared.lock();
+            let now = Instant::now();
+            for topic in state.topics.values_mut() {
+                topic.partitions.iter_mut().for_each(|queue| queue.seal(now));
+            }
+            state.outstanding.retain(|slot| !slot.is_done());
+            state.outstanding.clone()
+        };
+        self.shared.wake.notify_one();
+        for slot in slots {
+            SlotWait(slot).await;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then stops the sender task. Later `send`s fail with
+    /// [`Error::ProducerClosed`].
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let sender = self.sender.lock().ok().and_then(|mut sender| sender.take());
+        if let Some(sender) = sender {
+            let _ = sender.await;
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn choose_partition(topic: &mut TopicState, record: &ProducerRecord, policy: NullKeyPolicy) -> Result<u32> {
+    let count = topic.route.partition_count();
+    if let Some(partition) = record.partition {
+        if partition >= count {
+            return Err(Error::UnknownPartition {
+                topic: record.topic.to_string(),
+                partition,
+            });
+        }
+        return Ok(partition);
+    }
+    if let Some(key) = &record.key {
+        return Ok(partition_for_key(key, count));
+    }
+    Ok(match policy {
+        NullKeyPolicy::Sticky => topic.sticky % count,
+        NullKeyPolicy::RoundRobin => {
+            topic.round_robin = topic.round_robin.wrapping_add(1);
+            topic.round_robin % count
+        }
+    })
+}
+
+/// The batches of one partition in one produce request.
+struct PartitionGroup {
+    topic: Arc<str>,
+    partition: u32,
+    batches: Vec<SealedBatch>,
+}
+
+/// A produce request being assembled for one shard.
+#[derive(Default)]
+struct Draft {
+    shard: u16,
+    payload_bytes: usize,
+    groups: Vec<PartitionGroup>,
+}
+
+struct Collected {
+    drafts: Vec<Draft>,
+    deadline: Option<Instant>,
+    idle: bool,
+}
+
+async fn run_sender(shared: Arc<Shared>) {
+    loop {
+        let collected = collect(&shared, Instant::now());
+        for draft in collected.drafts {
+            tokio::spawn(dispatch(shared.clone(), draft));
+        }
+        if collected.idle && shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        match collected.deadline {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                }
+            }
+            None => shared.wake.notified().await,
+        }
+    }
+}
+
+/// Seals lingered batches and takes every sendable batch, grouped per shard.
+fn collect(shared: &Shared, now: Instant) -> Collected {
+    let config = &shared.config;
+    let closing = shared.closing.load(Ordering::Acquire);
+    let mut state = shared.lock();
+    let mut drafts: HashMap<u16, Draft> = HashMap::new();
+    let mut finished = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    let mut idle = true;
+    for topic in state.topics.values_mut() {
+        for (partition, queue) in topic.partitions.iter_mut().enumerate() {
+            if let Some(open) = &queue.open {
+                let due = open.opened + config.linger;
+                if closing || due <= now {
+                    queue.seal(now);
+                } else {
+                    deadline = min_instant(deadline, due);
+                }
+            }
+            idle &= queue.is_idle();
+            let Some(shard) = topic.route.shard(partition as u32) else {
+                continue;
+            };
+            let taken = take_sendable(queue, config, now, &mut deadline);
+            if taken.is_empty() {
+                continue;
+            }
+            let draft = drafts.entry(shard).or_insert_with(|| Draft {
+                shard,
+                ..Draft::default()
+            });
+            draft.payload_bytes += taken.iter().map(|batch| batch.frame.len()).sum::<usize>();
+            draft.groups.push(PartitionGroup {
+                topic: topic.route.name.clone(),
+                partition: partition as u32,
+                batches: taken,
+            });
+            if draft.payload_bytes >= config.request_bytes_max {
+                finished.extend(drafts.remove(&shard));
+            }
+        }
+    }
+    prune_outstanding(&mut state);
+    finished.extend(drafts.into_values());
+    Collected {
+        drafts: finished,
+        deadline,
+        idle,
+    }
+}
+
+fn take_sendable(
+    queue: &mut PartitionQueue,
+    config: &ProducerConfig,
+    now: Instant,
+    deadline: &mut Option<Instant>,
+) -> Vec<SealedBatch> {
+    let mut taken = Vec::new();
+    if queue.in_flight >= config.max_in_flight {
+        return taken;
+    }
+    let mut bytes = 0;
+    while let Some(front) = queue.ready.front() {
+        if let Some(retry_at) = front.retry_at.filter(|at| *at > now) {
+            if taken.is_empty() {
+                *deadline = min_instant(*deadline, retry_at);
+            }
+            break;
+        }
+        if !taken.is_empty() && bytes + front.frame.len() > config.request_bytes_max {
+            break;
+        }
+        bytes += front.frame.len();
+        taken.extend(queue.ready.pop_front());
+    }
+    if !taken.is_empty() {
+        queue.in_flight += 1;
+    }
+    taken
+}
+
+fn min_instant(current: Option<Instant>, candidate: Instant) -> Option<Instant> {
+    Some(current.map_or(candidate, |current| current.min(candidate)))
+}
+
+fn prune_outstanding(state: &mut State) {
+    if state.outstanding.len() > 2 * state.outstanding_pruned_len + 1024 {
+        state.outstanding.retain(|slot| !slot.is_done());
+        state.outstanding_pruned_len = state.outstanding.len();
+    }
+}
+
+/// Sends one produce request and applies its outcome.
+async fn dispatch(shared: Arc<Shared>, draft: Draft) {
+    let (body, payload) = build_produce(&shared, &draft);
+    let client = &shared.client;
+    let timeout = client.config().request_timeout + Duration::from_secs(5);
+    let outcome = match shared.config.acks {
+        Acks::None => match client.connection_for_shard(draft.shard).await {
+            Ok(connection) => connection.send_oneway(&body, payload).map(|()| None),
+            Err(error) => Err(error),
+        },
+        _ => client
+            .send_to_shard(draft.shard, &body, payload, timeout)
+            .await
+            .map(Some),
+    };
+    complete(&shared, draft.groups, outcome);
+}
+
+fn build_produce(shared: &Shared, draft: &Draft) -> (RequestBody, Vec<Bytes>) {
+    let mut topics: Vec<ProduceTopicRanges> = Vec::new();
+    let mut payload = Vec::new();
+    let mut offset = 0usize;
+    for group in &draft.groups {
+        let bytes: usize = group.batches.iter().map(|batch| batch.frame.len()).sum();
+        let range = ProducePartitionRange {
+            partition: group.partition,
+            payload_offset: offset as u32,
+            payload_bytes: bytes as u32,
+        };
+        offset += bytes;
+        payload.extend(group.batches.iter().map(|batch| batch.frame.clone()));
+        match topics.iter_mut().find(|topic| *topic.name == *group.topic) {
+            Some(topic) => topic.partitions.push(range),
+            None => topics.push(ProduceTopicRanges {
+                name: group.topic.to_string(),
+                partitions: vec![range],
+            }),
+        }
+    }
+    let timeout_ms = shared.client.config().request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    let body = RequestBody::Produce {
+        acks: shared.config.acks.to_wire(),
+        timeout_ms,
+        topics,
+    };
+    (body, payload)
+}
+
+/// The base offset for one partition group out of a produce outcome.
+fn group_outcome(group: &PartitionGroup, outcome: &Result<Option<ResponseBody>>) -> Result<Option<u64>> {
+    let body = match outcome {
+        Err(error) => return Err(error.clone()),
+        Ok(None) => return Ok(None),
+        Ok(Some(body)) => body,
+    };
+    let ResponseBody::Produce(topics) = body else {
+        return Err(unexpected("Produce", body));
+    };
+    let result = topics
+        .iter()
+        .filter(|(name, _)| **name == *group.topic)
+        .flat_map(|(_, partitions)| partitions)
+        .find(|result| result.partition == group.partition);
+    let result = result.ok_or_else(|| {
+        Error::MalformedResponse(format!("no produce result for {}/{}", group.topic, group.partition))
+    })?;
+    partition_error(&group.topic, group.partition, result.error, result.message.as_deref())?;
+    Ok(Some(result.base_offset))
+}
+
+fn complete(shared: &Shared, groups: Vec<PartitionGroup>, outcome: Result<Option<ResponseBody>>) {
+    let now = Instant::now();
+    let mut released = 0;
+    {
+        let mut state = shared.lock();
+        for group in groups {
+            let result = group_outcome(&group, &outcome);
+            let queue = state
+                .topics
+                .get_mut(&*group.topic)
+                .and_then(|topic| topic.partitions.get_mut(group.partition as usize));
+            let Some(queue) = queue else {
+                continue;
+            };
+            queue.in_flight = queue.in_flight.saturating_sub(1);
+            released += settle(shared, queue, group.batches, result, now);
+        }
+    }
+    shared.release(released);
+    shared.wake.notify_one();
+}
+
+/// Resolves or requeues the batches of one group; returns the buffer bytes freed.
+fn settle(
+    shared: &Shared,
+    queue: &mut PartitionQueue,
+    batches: Vec<SealedBatch>,
+    result: Result<Option<u64>>,
+    now: Instant,
+) -> usize {
+    let mut released = 0;
+    match result {
+        Ok(base_offset) => {
+            let mut next = base_offset;
+            for batch in batches {
+                batch.slot.complete(Ok(next));
+                next = next.map(|offset| offset + u64::from(batch.record_count));
+                released += batch.reserved_bytes;
+            }
+        }
+        Err(error) => {
+            for mut batch in batches {
+                let elapsed = now.saturating_duration_since(batch.sealed);
+                if error.is_retriable() && elapsed < shared.config.delivery_timeout {
+                    batch.attempts += 1;
+                    batch.retry_at = Some(now + backoff(&shared.config, batch.attempts));
+                    tracing::debug!(%error, attempts = batch.attempts, "retrying produce batch");
+                    queue.requeue(batch);
+                    continue;
+                }
+                let final_error = if error.is_retriable() {
+                    Error::DeliveryTimeout {
+                        elapsed,
+                        last: Box::new(error.clone()),
+                    }
+                } else {
+                    error.clone()
+                };
+                batch.slot.complete(Err(final_error));
+                released += batch.reserved_bytes;
+            }
+        }
+    }
+    released
+}
+
+fn backoff(config: &ProducerConfig, attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(16);
+    let base = config.retry_backoff.saturating_mul(1 << exponent).min(config.retry_backoff_max);
+    let jitter = 0.8 + 0.4 * rand::random::<f64>();
+    base.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        let config = ProducerConfig::default();
+        let first = backoff(&config, 1);
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        let late = backoff(&config, 30);
+        assert!(late <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn requeue_keeps_sequence_order() {
+        let slot = BatchSlot::new(Arc::from("t"), 0);
+        let make = |sequence| SealedBatch {
+            frame: Bytes::new(),
+            slot: slot.clone(),
+            sequence,
+            record_count: 1,
+            sealed: Instant::now(),
+            attempts: 0,
+            retry_at: None,
+            reserved_bytes: 0,
+        };
+        let mut queue = PartitionQueue::default();
+        queue.ready.push_back(make(3));
+        queue.requeue(make(1));
+        queue.requeue(make(2));
+        let order: Vec<u64> = queue.ready.iter().map(|batch| batch.sequence).collect();
+        assert_eq!(order, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn slot_completes_once() {
+        let slot = BatchSlot::new(Arc::from("t"), 2);
+        slot.complete(Ok(Some(10)));
+        slot.complete(Err(Error::ProducerClosed));
+        assert!(slot.is_done());
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut delivery = DeliveryFuture {
+            slot,
+            index: 3,
+            timestamp_ms: 5,
+        };
+        let Poll::Ready(Ok(metadata)) = Pin::new(&mut delivery).poll(&mut cx) else {
+            panic!("not ready");
+        };
+        assert_eq!(metadata.offset, Some(13));
+        assert_eq!(metadata.partition, 2);
+    }
+
+    struct NoopWake;
+
+    impl std::task::Wake for NoopWake {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    fn futures_noop_waker() -> Waker {
+        Waker::from(Arc::new(NoopWake))
+    }
+}

@@ -247,7 +247,7 @@ pub fn decode_response(frame: &Frame) -> Result<Response> {
 fn decode_body(envelope: &wire::Response<'_>, payload: &Bytes) -> Result<ResponseBody> {
     let kind = envelope.body_type();
     let body = match kind {
-        wire::ResponseBody::NONE => ResponseBody::None,
+        wire::ResponseBody::NONE => Some(ResponseBody::None),
         wire::ResponseBody::HandshakeResponse => envelope.body_as_handshake_response().map(handshake),
         wire::ResponseBody::MetadataResponse => envelope.body_as_metadata_response().map(metadata),
         wire::ResponseBody::CreateTopicsResponse => envelope

@@ -9,6 +9,7 @@
 //! <data-dir>/shard-<k>/wal/checkpoint       index checkpoint (see checkpoint.rs)
 //! ```
 
+mod aligned;
 mod cache;
 pub mod checkpoint;
 mod error;

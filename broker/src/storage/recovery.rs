@@ -367,7 +367,7 @@ async fn zero_after(segment: &Segment) -> Result<()> {
 #[derive(Default)]
 struct ScanReader {
     start: u64,
-    data: Option<glommio::io::ReadResult>,
+    data: Option<super::aligned::AlignedBuffer>,
 }
 
 impl ScanReader {

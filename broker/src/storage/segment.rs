@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::{Directory, DmaFile, OpenOptions};
+use std::os::fd::AsRawFd;
 use zerocopy::IntoBytes;
+
+use super::aligned::{pread_aligned, AlignedBuffer};
 
 use super::error::{Result, StorageError};
 use super::format::SegmentHeader;
@@ -198,13 +201,16 @@ impl SegmentFile {
             .map_err(|e| StorageError::glommio("fdatasync segment", &self.path, e))
     }
 
-    /// Aligned read of `[position, position + bytes)`; may return fewer bytes at EOF.
-    pub async fn read(&self, position: u64, bytes: usize) -> Result<glommio::io::ReadResult> {
+    /// Aligned direct read of `[position, position + bytes)`; may return fewer bytes
+    /// at EOF. Runs on the blocking pool (see `aligned.rs` for why not io_uring).
+    pub async fn read(&self, position: u64, bytes: usize) -> Result<AlignedBuffer> {
         debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
-        self.file
-            .read_at_aligned(position, bytes)
-            .await
-            .map_err(|e| StorageError::glommio("read segment", &self.path, e))
+        let fd = self.file.as_raw_fd();
+        // The Rc<DmaFile> held by `self` keeps the descriptor open until we return.
+        let result = glommio::executor()
+            .spawn_blocking(move || pread_aligned(fd, position, bytes))
+            .await;
+        result.map_err(|e| StorageError::std("read segment", &self.path, e))
     }
 }
 
