@@ -73,6 +73,7 @@ impl Wal {
         let mut report = RecoveryReport::default();
         let ids = list_segments(&config.dir)?;
         let mut segments = BTreeMap::new();
+        let ids = remove_unfinished_spare(&config.dir, ids)?;
         for id in &ids {
             let (file, _) = SegmentFile::open(&config.dir, config.shard, *id).await?;
             segments.insert(
@@ -105,6 +106,24 @@ impl Wal {
         super::roll::prepare_spare(wal.clone());
         Ok((wal, report))
     }
+}
+
+/// A newest segment whose header block is all zeros was being created when the
+/// process stopped (the header is written last); it holds nothing: remove it.
+fn remove_unfinished_spare(dir: &Path, mut ids: Vec<SegmentId>) -> Result<Vec<SegmentId>> {
+    use std::io::Read;
+    let Some(last) = ids.last().copied() else { return Ok(ids) };
+    let path = dir.join(segment::file_name(last));
+    let mut header = vec![0u8; 64];
+    let read = std::fs::File::open(&path)
+        .and_then(|mut file| file.read(&mut header))
+        .map_err(|e| StorageError::std("read segment header", &path, e))?;
+    if header[..read].iter().all(|b| *b == 0) {
+        tracing::warn!(path = %path.display(), "removing a segment whose creation did not finish");
+        std::fs::remove_file(&path).map_err(|e| StorageError::std("remove unfinished segment", &path, e))?;
+        ids.pop();
+    }
+    Ok(ids)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<SegmentId>> {
@@ -175,11 +194,13 @@ async fn scan(
         }
     }
     let ids: Vec<SegmentId> = segments.range(scan_from.segment()..).map(|(id, _)| *id).collect();
+    let tail_segment = newest_with_frames(segments, &ids).await?;
     let mut ends = Vec::new();
     for id in &ids {
         let start = if *id == scan_from.segment() { scan_from.byte() } else { SEGMENT_HEADER_BYTES };
         let segment = segments.get_mut(id).expect("listed");
-        let end = scan_segment(segment, *id, start, logs, corrupt, report).await?;
+        let is_tail = Some(*id) == tail_segment;
+        let end = scan_segment(segment, *id, start, is_tail, logs, corrupt, report).await?;
         ends.push((*id, end));
     }
     // The newest segment holding frames may end torn; any other invalid end is corruption.
@@ -223,11 +244,47 @@ struct Tail {
     scanned: Vec<SegmentId>,
 }
 
+/// The newest of `ids` whose first frame slot is not zero (a zero-filled spare
+/// segment may follow the one appends were going to).
+async fn newest_with_frames(segments: &BTreeMap<SegmentId, Segment>, ids: &[SegmentId]) -> Result<Option<SegmentId>> {
+    for id in ids.iter().rev() {
+        let file = &segments[id].file;
+        let block = file.read(SEGMENT_HEADER_BYTES, SECTOR_BYTES as usize).await?;
+        if block.iter().take(batch::HEADER_BYTES).any(|b| *b != 0) {
+            return Ok(Some(*id));
+        }
+    }
+    Ok(None)
+}
+
+/// Follows frame headers (header CRC and length only) from `start`; true if the
+/// chain of intact headers reaches `limit`.
+async fn chain_reaches(reader: &mut ScanReader, file: &SegmentFile, start: u64, limit: u64) -> Result<bool> {
+    let mut position = start;
+    while position < limit {
+        if position + batch::HEADER_BYTES as u64 > file.capacity {
+            return Ok(false);
+        }
+        let bytes = reader.get(file, position, batch::HEADER_BYTES, file.capacity).await?;
+        let Ok(header) = format::header(bytes) else { return Ok(false) };
+        if header.magic.get() != batch::MAGIC || format::header_crc(bytes) != header.header_crc.get() {
+            return Ok(false);
+        }
+        position += u64::from(header.frame_bytes.get()).max(batch::HEADER_BYTES as u64);
+    }
+    Ok(true)
+}
+
 /// Scans one segment from `start`; updates logs and the segment's contents.
+///
+/// In the tail segment, a frame with an intact header but a bad payload is a torn
+/// write when it lies in the region a crash can tear (within RECOVERY_ZERO_BYTES of
+/// where intact frames end); past that region it is corruption, as elsewhere.
 async fn scan_segment(
     segment: &mut Segment,
     id: SegmentId,
     start: u64,
+    is_tail: bool,
     logs: &mut HashMap<LogId, LogState>,
     corrupt: &mut HashMap<LogId, (Offset, StorageError)>,
     report: &mut RecoveryReport,
@@ -256,8 +313,11 @@ async fn scan_segment(
         let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
         let frame = match format::verify_stored(bytes, BATCH_BYTES_MAX) {
             Ok(frame) => frame,
-            Err(error @ FrameError::PayloadCrc { .. }) => {
+            Err(error @ FrameError::PayloadCrc { .. })
+                if !is_tail || chain_reaches(&mut reader, &file, position, position + RECOVERY_ZERO_BYTES).await? =>
+            {
                 // Header intact: the length is trustworthy. Mark the log and go on.
+                let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
                 let header = format::header(bytes).expect("checked above");
                 let log = LogId(header.log_id.get());
                 let offset = header.base_offset.get();

@@ -356,11 +356,12 @@ impl Wal {
         for task in tasks {
             let _ = task.await;
         }
-        let spare = self.state.borrow_mut().spare.take();
-        if let Some(spare) = spare {
-            // Keep the zero-filled spare: it is reused at next start.
-            drop(spare);
+        // Let a spare segment being zero-filled finish, so no half-made file is left.
+        while self.state.borrow().preparing_spare {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
+        // A finished spare stays on disk and is appended to after the next start.
+        drop(self.state.borrow_mut().spare.take());
     }
 
     /// True when nothing is queued or unsynced.
