@@ -119,7 +119,9 @@ impl BatchBuilder {
     /// Fills in the header and returns the finished frame. Fails on an empty batch.
     pub fn finish(mut self) -> Result<Bytes> {
         if self.record_count == 0 {
-            return Err(Error::InvalidArgument("a batch needs at least one record".into()));
+            return Err(Error::InvalidArgument(
+                "a batch needs at least one record".into(),
+            ));
         }
         let frame_bytes = u32::try_from(self.buf.len()).map_err(|_| Error::RecordTooLarge {
             bytes: self.buf.len(),
@@ -128,12 +130,25 @@ impl BatchBuilder {
         let header = &mut self.buf[..HEADER_BYTES];
         write_u32(header, 0, batch::MAGIC);
         write_u32(header, batch::FRAME_BYTES_OFFSET, frame_bytes);
-        header[batch::FORMAT_VERSION_OFFSET..][..2].copy_from_slice(&batch::FORMAT_VERSION.to_le_bytes());
+        header[batch::FORMAT_VERSION_OFFSET..][..2]
+            .copy_from_slice(&batch::FORMAT_VERSION.to_le_bytes());
         header[batch::ATTRIBUTES_OFFSET..][..2].copy_from_slice(&0u16.to_le_bytes());
         write_u32(header, batch::RECORD_COUNT_OFFSET, self.record_count);
-        write_u32(header, batch::LAST_OFFSET_DELTA_OFFSET, self.record_count - 1);
-        write_u64(header, batch::FIRST_TIMESTAMP_OFFSET, self.first_timestamp_ms as u64);
-        write_u64(header, batch::MAX_TIMESTAMP_OFFSET, self.max_timestamp_ms as u64);
+        write_u32(
+            header,
+            batch::LAST_OFFSET_DELTA_OFFSET,
+            self.record_count - 1,
+        );
+        write_u64(
+            header,
+            batch::FIRST_TIMESTAMP_OFFSET,
+            self.first_timestamp_ms as u64,
+        );
+        write_u64(
+            header,
+            batch::MAX_TIMESTAMP_OFFSET,
+            self.max_timestamp_ms as u64,
+        );
         write_u64(header, batch::PRODUCER_ID_OFFSET, u64::MAX);
         header[batch::PRODUCER_EPOCH_OFFSET..][..2].copy_from_slice(&(-1i16).to_le_bytes());
         write_u32(header, batch::BASE_SEQUENCE_OFFSET, u32::MAX);
@@ -143,11 +158,16 @@ impl BatchBuilder {
     }
 }
 
-fn body_bytes_without_deltas(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
+fn body_bytes_without_deltas(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[Header],
+) -> usize {
     let mut bytes = 1 + bytes_field_len(key) + bytes_field_len(value);
     bytes += varint::encoded_len(headers.len() as i64);
     for (header_key, header_value) in headers {
-        bytes += bytes_field_len(Some(header_key.as_bytes())) + bytes_field_len(header_value.as_deref());
+        bytes +=
+            bytes_field_len(Some(header_key.as_bytes())) + bytes_field_len(header_value.as_deref());
     }
     bytes
 }
@@ -223,7 +243,10 @@ impl BatchHeader {
     /// number of bytes present from the header start; the frame must fit in them.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader> {
         if buf.len() < HEADER_BYTES {
-            return Err(invalid(format!("{} bytes cannot hold an 80-byte batch header", buf.len())));
+            return Err(invalid(format!(
+                "{} bytes cannot hold an 80-byte batch header",
+                buf.len()
+            )));
         }
         let magic = read_u32(buf, 0);
         if magic != batch::MAGIC {
@@ -231,7 +254,9 @@ impl BatchHeader {
         }
         let version = read_u16(buf, batch::FORMAT_VERSION_OFFSET);
         if version != batch::FORMAT_VERSION {
-            return Err(invalid(format!("unsupported batch format version {version}")));
+            return Err(invalid(format!(
+                "unsupported batch format version {version}"
+            )));
         }
         let header = BatchHeader {
             base_offset: read_u64(buf, batch::BASE_OFFSET_OFFSET),
@@ -254,7 +279,10 @@ impl BatchHeader {
             return Err(invalid(format!("frame_bytes {frame_bytes} out of range")));
         }
         if self.record_count == 0 || self.record_count > batch::RECORDS_MAX {
-            return Err(invalid(format!("record_count {} out of range", self.record_count)));
+            return Err(invalid(format!(
+                "record_count {} out of range",
+                self.record_count
+            )));
         }
         if self.last_offset_delta != self.record_count - 1 {
             return Err(invalid(format!(
@@ -263,14 +291,18 @@ impl BatchHeader {
             )));
         }
         if self.attributes & batch::ATTRIBUTE_COMPRESSION_MASK != 0 {
-            return Err(invalid(format!("unsupported compression in attributes {:#x}", self.attributes)));
+            return Err(invalid(format!(
+                "unsupported compression in attributes {:#x}",
+                self.attributes
+            )));
         }
         Ok(())
     }
 
     /// Offset of the last record.
     pub fn last_offset(&self) -> u64 {
-        self.base_offset.saturating_add(u64::from(self.last_offset_delta))
+        self.base_offset
+            .saturating_add(u64::from(self.last_offset_delta))
     }
 
     /// Offset after the last record.
@@ -335,7 +367,10 @@ pub struct BatchIter {
 impl BatchIter {
     /// Iterates the batches in `data`.
     pub fn new(data: Bytes) -> BatchIter {
-        BatchIter { data, failed: false }
+        BatchIter {
+            data,
+            failed: false,
+        }
     }
 }
 
@@ -401,9 +436,14 @@ impl RecordIter {
     }
 
     fn decode(&mut self) -> Result<Record> {
-        let length = varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("record length"))?;
-        let length = usize::try_from(length).map_err(|_| invalid(format!("negative record length {length}")))?;
-        let end = self.pos.checked_add(length).filter(|end| *end <= self.data.len());
+        let length =
+            varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("record length"))?;
+        let length = usize::try_from(length)
+            .map_err(|_| invalid(format!("negative record length {length}")))?;
+        let end = self
+            .pos
+            .checked_add(length)
+            .filter(|end| *end <= self.data.len());
         let end = end.ok_or_else(|| truncated("record body"))?;
         let mut cursor = Cursor {
             data: self.data.slice(..end),
@@ -411,7 +451,10 @@ impl RecordIter {
         };
         let record = cursor.record(&self.header)?;
         if cursor.pos != end {
-            return Err(invalid(format!("record has {} unread bytes", end - cursor.pos)));
+            return Err(invalid(format!(
+                "record has {} unread bytes",
+                end - cursor.pos
+            )));
         }
         self.pos = end;
         Ok(record)
@@ -451,8 +494,10 @@ struct Cursor {
 impl Cursor {
     fn record(&mut self, header: &BatchHeader) -> Result<Record> {
         let _attributes = self.byte()?;
-        let timestamp_delta = varint::get_i64(&self.data, &mut self.pos).ok_or_else(|| truncated("timestamp"))?;
-        let offset_delta = varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("offset delta"))?;
+        let timestamp_delta =
+            varint::get_i64(&self.data, &mut self.pos).ok_or_else(|| truncated("timestamp"))?;
+        let offset_delta =
+            varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("offset delta"))?;
         let offset_delta = u32::try_from(offset_delta)
             .ok()
             .filter(|delta| *delta <= header.last_offset_delta)
@@ -470,7 +515,10 @@ impl Cursor {
     }
 
     fn byte(&mut self) -> Result<u8> {
-        let byte = *self.data.get(self.pos).ok_or_else(|| truncated("attributes"))?;
+        let byte = *self
+            .data
+            .get(self.pos)
+            .ok_or_else(|| truncated("attributes"))?;
         self.pos += 1;
         Ok(byte)
     }
@@ -480,8 +528,12 @@ impl Cursor {
         if length == -1 {
             return Ok(None);
         }
-        let length = usize::try_from(length).map_err(|_| invalid(format!("{what} length {length}")))?;
-        let end = self.pos.checked_add(length).filter(|end| *end <= self.data.len());
+        let length =
+            usize::try_from(length).map_err(|_| invalid(format!("{what} length {length}")))?;
+        let end = self
+            .pos
+            .checked_add(length)
+            .filter(|end| *end <= self.data.len());
         let end = end.ok_or_else(|| truncated(what))?;
         let field = self.data.slice(self.pos..end);
         self.pos = end;
@@ -489,7 +541,8 @@ impl Cursor {
     }
 
     fn headers(&mut self) -> Result<Vec<Header>> {
-        let count = varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("header count"))?;
+        let count =
+            varint::get_i32(&self.data, &mut self.pos).ok_or_else(|| truncated("header count"))?;
         let count = usize::try_from(count).map_err(|_| invalid(format!("header count {count}")))?;
         // Each header takes at least two bytes: bound the allocation by the input.
         if count > (self.data.len() - self.pos) / 2 {
@@ -497,8 +550,11 @@ impl Cursor {
         }
         let mut headers = Vec::with_capacity(count);
         for _ in 0..count {
-            let key = self.bytes_field("header key")?.ok_or_else(|| invalid("null header key".into()))?;
-            let key = String::from_utf8(key.to_vec()).map_err(|_| invalid("header key is not UTF-8".into()))?;
+            let key = self
+                .bytes_field("header key")?
+                .ok_or_else(|| invalid("null header key".into()))?;
+            let key = String::from_utf8(key.to_vec())
+                .map_err(|_| invalid("header key is not UTF-8".into()))?;
             let value = self.bytes_field("header value")?;
             headers.push((key, value));
         }
@@ -520,7 +576,10 @@ mod tests {
     fn sample() -> Bytes {
         let mut builder = BatchBuilder::with_capacity(1024);
         builder.append(1000, Some(b"k1"), Some(b"v1"), &[]).unwrap();
-        let headers = vec![("h".to_string(), Some(Bytes::from_static(b"x"))), ("n".to_string(), None)];
+        let headers = vec![
+            ("h".to_string(), Some(Bytes::from_static(b"x"))),
+            ("n".to_string(), None),
+        ];
         builder.append(999, None, None, &headers).unwrap();
         builder.append(1005, Some(b""), Some(b"v3"), &[]).unwrap();
         builder.finish().unwrap()
@@ -547,7 +606,10 @@ mod tests {
     fn header_fields_as_specified() {
         let frame = sample();
         assert_eq!(read_u32(&frame, 0), batch::MAGIC);
-        assert_eq!(read_u32(&frame, batch::FRAME_BYTES_OFFSET) as usize, frame.len());
+        assert_eq!(
+            read_u32(&frame, batch::FRAME_BYTES_OFFSET) as usize,
+            frame.len()
+        );
         assert_eq!(read_u32(&frame, batch::LAST_OFFSET_DELTA_OFFSET), 2);
         assert_eq!(read_u64(&frame, batch::PRODUCER_ID_OFFSET) as i64, -1);
         assert_eq!(read_u16(&frame, batch::PRODUCER_EPOCH_OFFSET) as i16, -1);
@@ -557,18 +619,35 @@ mod tests {
     }
 
     #[test]
+    fn record_bytes_match_the_documented_example() {
+        let mut builder = BatchBuilder::with_capacity(128);
+        builder.append(5, Some(b"k"), Some(b"v"), &[]).unwrap();
+        let frame = builder.finish().unwrap();
+        assert_eq!(
+            &frame[HEADER_BYTES..],
+            [0x10, 0, 0, 0, 0x02, b'k', 0x02, b'v', 0]
+        );
+    }
+
+    #[test]
     fn crc_mismatch_is_corrupt() {
         let mut copy = BytesMut::from(&sample()[..]);
         let last = copy.len() - 1;
         copy[last] ^= 0xff;
-        assert!(matches!(Batch::verify(copy.freeze()), Err(Error::CorruptBatch(_))));
+        assert!(matches!(
+            Batch::verify(copy.freeze()),
+            Err(Error::CorruptBatch(_))
+        ));
     }
 
     #[test]
     fn bad_magic_and_truncation() {
         let mut copy = BytesMut::from(&sample()[..]);
         copy[0] = b'X';
-        assert!(matches!(Batch::verify(copy.freeze()), Err(Error::InvalidBatch(_))));
+        assert!(matches!(
+            Batch::verify(copy.freeze()),
+            Err(Error::InvalidBatch(_))
+        ));
         let frame = sample();
         let mut iter = BatchIter::new(frame.slice(..frame.len() - 1));
         assert!(matches!(iter.next(), Some(Err(Error::InvalidBatch(_)))));
@@ -580,7 +659,9 @@ mod tests {
         let mut data = BytesMut::new();
         data.extend_from_slice(&stamp(&sample(), 0));
         data.extend_from_slice(&stamp(&sample(), 3));
-        let batches: Vec<Batch> = BatchIter::new(data.freeze()).collect::<Result<_>>().unwrap();
+        let batches: Vec<Batch> = BatchIter::new(data.freeze())
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1].header.base_offset, 3);
     }

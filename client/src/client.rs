@@ -108,7 +108,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("brokers", &self.inner.config.brokers).finish()
+        f.debug_struct("Client")
+            .field("brokers", &self.inner.config.brokers)
+            .finish()
     }
 }
 
@@ -157,11 +159,17 @@ impl Client {
     }
 
     fn lock_connections(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<Connection>>>> {
-        self.inner.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TopicRoute>>> {
-        self.inner.routes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Opens a first connection and fills the per-shard set.
@@ -193,12 +201,19 @@ impl Client {
             let addr = with_default_port(broker);
             match Connection::open(&addr, &config.client_id, config.connect_timeout).await {
                 Ok(connection) => return Ok(connection),
-                Err(error) => failures.push(error.to_string()),
+                Err(Error::Connect { reason, .. }) => failures.push(format!("{addr}: {reason}")),
+                Err(error) => failures.push(format!("{addr}: {error}")),
             }
         }
+        let reason = match failures.as_slice() {
+            [single] => single
+                .split_once(": ")
+                .map_or(single.clone(), |(_, reason)| reason.to_owned()),
+            _ => failures.join("; "),
+        };
         Err(Error::Connect {
             addr: config.brokers.join(","),
-            reason: failures.join("; "),
+            reason,
         })
     }
 
@@ -215,7 +230,9 @@ impl Client {
             if self.missing_shards() == 0 {
                 return;
             }
-            let Ok(connection) = Connection::open(addr, &config.client_id, config.connect_timeout).await else {
+            let Ok(connection) =
+                Connection::open(addr, &config.client_id, config.connect_timeout).await
+            else {
                 return;
             };
             let shard = usize::from(connection.shard());
@@ -227,12 +244,19 @@ impl Client {
                 }
             }
         }
-        tracing::debug!(missing = self.missing_shards(), "not every shard got its own connection");
+        tracing::debug!(
+            missing = self.missing_shards(),
+            "not every shard got its own connection"
+        );
     }
 
     fn any_live_connection(&self) -> Option<Arc<Connection>> {
         let connections = self.lock_connections();
-        connections.iter().flatten().find(|connection| connection.is_alive()).cloned()
+        connections
+            .iter()
+            .flatten()
+            .find(|connection| connection.is_alive())
+            .cloned()
     }
 
     /// The connection owned by `shard`, or any live one; reconnects if none is.
@@ -241,11 +265,10 @@ impl Client {
             return Ok(connection);
         }
         self.reconnect().await?;
-        self.lookup_shard(shard)
-            .ok_or_else(|| Error::Connect {
-                addr: self.inner.config.brokers.join(","),
-                reason: "no live connection after reconnecting".into(),
-            })
+        self.lookup_shard(shard).ok_or_else(|| Error::Connect {
+            addr: self.inner.config.brokers.join(","),
+            reason: "no live connection after reconnecting".into(),
+        })
     }
 
     fn lookup_shard(&self, shard: u16) -> Option<Arc<Connection>> {
@@ -296,7 +319,10 @@ impl Client {
             }
         }
         let metadata = self.metadata(&[topic]).await?;
-        let found = metadata.topics.into_iter().find(|candidate| candidate.name == topic);
+        let found = metadata
+            .topics
+            .into_iter()
+            .find(|candidate| candidate.name == topic);
         let topic_metadata = found.ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
         if topic_metadata.error == Code::UnknownTopic {
             return Err(Error::UnknownTopic(topic.to_owned()));
@@ -308,7 +334,12 @@ impl Client {
     }
 
     /// Creates a topic.
-    pub async fn create_topic(&self, name: &str, partitions: u32, configs: Vec<(String, String)>) -> Result<()> {
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: Vec<(String, String)>,
+    ) -> Result<()> {
         let body = RequestBody::CreateTopics {
             topics: vec![NewTopic {
                 name: name.to_owned(),
@@ -367,25 +398,39 @@ impl Client {
     }
 
     /// Looks up an offset of one partition (sent to the partition's shard).
-    pub async fn list_offsets(&self, topic: &str, partition: u32, query: OffsetQuery) -> Result<ListedOffset> {
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        query: OffsetQuery,
+    ) -> Result<ListedOffset> {
         let route = self.topic_route(topic, false).await?;
-        let shard = route.shard(partition).ok_or_else(|| Error::UnknownPartition {
-            topic: topic.to_owned(),
-            partition,
-        })?;
+        let shard = route
+            .shard(partition)
+            .ok_or_else(|| Error::UnknownPartition {
+                topic: topic.to_owned(),
+                partition,
+            })?;
         let body = RequestBody::ListOffsets {
             topics: vec![(topic.to_owned(), vec![ListOffsetsSpec { partition, query }])],
         };
         let timeout = self.inner.config.request_timeout;
-        let response = self.send_to_shard(shard, &body, Vec::new(), timeout).await?;
+        let response = self
+            .send_to_shard(shard, &body, Vec::new(), timeout)
+            .await?;
         let ResponseBody::ListOffsets(topics) = response else {
             return Err(unexpected("ListOffsets", &response));
         };
-        let results = topics.into_iter().filter(|(name, _)| name == topic).flat_map(|(_, results)| results);
+        let results = topics
+            .into_iter()
+            .filter(|(name, _)| name == topic)
+            .flat_map(|(_, results)| results);
         let result = results
             .into_iter()
             .find(|result| result.partition == partition)
-            .ok_or_else(|| Error::MalformedResponse(format!("no ListOffsets result for {topic}/{partition}")))?;
+            .ok_or_else(|| {
+                Error::MalformedResponse(format!("no ListOffsets result for {topic}/{partition}"))
+            })?;
         partition_error(topic, partition, result.error, None)?;
         Ok(ListedOffset {
             offset: result.offset,
@@ -397,7 +442,12 @@ impl Client {
 }
 
 /// Maps a per-partition error code to the most specific [`Error`].
-pub(crate) fn partition_error(topic: &str, partition: u32, code: Code, message: Option<&str>) -> Result<()> {
+pub(crate) fn partition_error(
+    topic: &str,
+    partition: u32,
+    code: Code,
+    message: Option<&str>,
+) -> Result<()> {
     match code {
         Code::None => Ok(()),
         Code::UnknownTopic => Err(Error::UnknownTopic(topic.to_owned())),
@@ -409,7 +459,10 @@ pub(crate) fn partition_error(topic: &str, partition: u32, code: Code, message: 
     }
 }
 
-fn route_from(topic: &str, partitions: &[crate::response::PartitionMetadata]) -> Result<TopicRoute> {
+fn route_from(
+    topic: &str,
+    partitions: &[crate::response::PartitionMetadata],
+) -> Result<TopicRoute> {
     let mut shards = Vec::with_capacity(partitions.len());
     for (index, partition) in partitions.iter().enumerate() {
         if partition.partition as usize != index {
@@ -420,7 +473,9 @@ fn route_from(topic: &str, partitions: &[crate::response::PartitionMetadata]) ->
         shards.push(partition.shard);
     }
     if shards.is_empty() {
-        return Err(Error::MalformedResponse(format!("metadata for {topic} lists no partitions")));
+        return Err(Error::MalformedResponse(format!(
+            "metadata for {topic} lists no partitions"
+        )));
     }
     Ok(TopicRoute {
         name: Arc::from(topic),
@@ -430,7 +485,8 @@ fn route_from(topic: &str, partitions: &[crate::response::PartitionMetadata]) ->
 
 fn single_result(name: &str, results: Vec<TopicResult>) -> Result<()> {
     let found = results.into_iter().find(|result| result.name == name);
-    let result = found.ok_or_else(|| Error::MalformedResponse(format!("no result for topic {name}")))?;
+    let result =
+        found.ok_or_else(|| Error::MalformedResponse(format!("no result for topic {name}")))?;
     match result.error {
         Code::UnknownTopic => Err(Error::UnknownTopic(name.to_owned())),
         code => check_code(code, result.message.as_deref()),
@@ -447,7 +503,9 @@ pub(crate) fn unexpected(expected: &str, got: &ResponseBody) -> Error {
 
 fn with_default_port(broker: &str) -> String {
     let has_port = broker.rsplit_once(':').is_some_and(|(host, port)| {
-        !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) && (!host.contains(':') || host.ends_with(']'))
+        !port.is_empty()
+            && port.chars().all(|c| c.is_ascii_digit())
+            && (!host.contains(':') || host.ends_with(']'))
     });
     if has_port {
         broker.to_owned()

@@ -66,24 +66,43 @@ impl Drop for Connection {
 
 impl Connection {
     /// Connects, sets TCP_NODELAY and performs the handshake.
-    pub(crate) async fn open(addr: &str, client_id: &str, connect_timeout: Duration) -> Result<Connection> {
+    pub(crate) async fn open(
+        addr: &str,
+        client_id: &str,
+        connect_timeout: Duration,
+    ) -> Result<Connection> {
         let connecting = tokio::time::timeout(connect_timeout, TcpStream::connect(addr));
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(connect_error(addr, error.to_string())),
-            Err(_) => return Err(connect_error(addr, format!("timed out after {connect_timeout:?}"))),
+            Err(_) => {
+                return Err(connect_error(
+                    addr,
+                    format!("timed out after {connect_timeout:?}"),
+                ))
+            }
         };
-        stream.set_nodelay(true).map_err(|error| Error::io(addr, error))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| Error::io(addr, error))?;
         let (mut read_half, mut write_half) = stream.into_split();
         let mut decoder = FrameDecoder::default();
         let handshake = tokio::time::timeout(
             connect_timeout,
-            handshake(addr, client_id, &mut read_half, &mut write_half, &mut decoder),
+            handshake(
+                addr,
+                client_id,
+                &mut read_half,
+                &mut write_half,
+                &mut decoder,
+            ),
         );
         let info = handshake
             .await
             .map_err(|_| connect_error(addr, "handshake timed out".into()))??;
-        Ok(Connection::start(addr, client_id, info, read_half, write_half, decoder))
+        Ok(Connection::start(
+            addr, client_id, info, read_half, write_half, decoder,
+        ))
     }
 
     fn start(
@@ -96,8 +115,18 @@ impl Connection {
     ) -> Connection {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(addr.to_owned(), write_half, outgoing_rx, pending.clone()));
-        let reader = tokio::spawn(read_loop(addr.to_owned(), read_half, decoder, pending.clone()));
+        tokio::spawn(write_loop(
+            addr.to_owned(),
+            write_half,
+            outgoing_rx,
+            pending.clone(),
+        ));
+        let reader = tokio::spawn(read_loop(
+            addr.to_owned(),
+            read_half,
+            decoder,
+            pending.clone(),
+        ));
         Connection {
             addr: addr.to_owned(),
             client_id: client_id.to_owned(),
@@ -126,12 +155,20 @@ impl Connection {
 
     /// `false` once the socket has failed or closed.
     pub(crate) fn is_alive(&self) -> bool {
-        self.pending.lock().map(|pending| pending.closed.is_none()).unwrap_or(false)
+        self.pending
+            .lock()
+            .map(|pending| pending.closed.is_none())
+            .unwrap_or(false)
     }
 
     /// Sends a request and waits for its response (or the timeout). A
     /// request-level error in the response becomes `Err`.
-    pub(crate) async fn request(&self, body: &RequestBody, payload: Vec<Bytes>, timeout: Duration) -> Result<ResponseBody> {
+    pub(crate) async fn request(
+        &self,
+        body: &RequestBody,
+        payload: Vec<Bytes>,
+        timeout: Duration,
+    ) -> Result<ResponseBody> {
         let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
         let (reply, reply_rx) = oneshot::channel();
         self.register(correlation_id, reply)?;
@@ -175,12 +212,21 @@ impl Connection {
         let payload_bytes = payload.iter().map(Bytes::len).sum();
         let mut head = BytesMut::with_capacity(256);
         let mut fbb = FlatBufferBuilder::with_capacity(256);
-        encode_request_frame(&mut head, &mut fbb, correlation_id, &self.client_id, body, payload_bytes)?;
+        encode_request_frame(
+            &mut head,
+            &mut fbb,
+            correlation_id,
+            &self.client_id,
+            body,
+            payload_bytes,
+        )?;
         let outgoing = Outgoing {
             head: head.freeze(),
             payload,
         };
-        self.outgoing.send(outgoing).map_err(|_| self.closed_error())
+        self.outgoing
+            .send(outgoing)
+            .map_err(|_| self.closed_error())
     }
 
     fn closed_error(&self) -> Error {
@@ -232,28 +278,48 @@ async fn handshake(
         client_software: Some(concat!("sluice-client/", env!("CARGO_PKG_VERSION")).into()),
     };
     let mut head = BytesMut::new();
-    encode_request_frame(&mut head, &mut FlatBufferBuilder::new(), 0, client_id, &body, 0)?;
-    write_half.write_all(&head).await.map_err(|error| Error::io(addr, error))?;
+    encode_request_frame(
+        &mut head,
+        &mut FlatBufferBuilder::new(),
+        0,
+        client_id,
+        &body,
+        0,
+    )?;
+    write_half
+        .write_all(&head)
+        .await
+        .map_err(|error| Error::io(addr, error))?;
     let frame = loop {
         if let Some(frame) = decoder.next_frame()? {
             break frame;
         }
         let read = read_half.read_buf(decoder.buffer_mut()).await;
         match read {
-            Ok(0) => return Err(connect_error(addr, "broker closed the connection during the handshake".into())),
+            Ok(0) => {
+                return Err(connect_error(
+                    addr,
+                    "broker closed the connection during the handshake".into(),
+                ))
+            }
             Ok(_) => {}
             Err(error) => return Err(Error::io(addr, error)),
         }
     };
     match decode_response(&frame)?.into_result()? {
         ResponseBody::Handshake(info) => check_handshake(info),
-        other => Err(Error::MalformedResponse(format!("expected a handshake response, got {other:?}"))),
+        other => Err(Error::MalformedResponse(format!(
+            "expected a handshake response, got {other:?}"
+        ))),
     }
 }
 
 fn check_handshake(info: HandshakeInfo) -> Result<HandshakeInfo> {
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&info.version) {
-        return Err(Error::UnsupportedVersion(format!("broker chose version {}", info.version)));
+        return Err(Error::UnsupportedVersion(format!(
+            "broker chose version {}",
+            info.version
+        )));
     }
     if info.shard_count == 0 || info.shard >= info.shard_count {
         return Err(Error::MalformedResponse(format!(
@@ -293,7 +359,11 @@ async fn write_loop(
     let _ = socket.shutdown().await;
 }
 
-async fn write_message(socket: &mut OwnedWriteHalf, buffer: &mut BytesMut, message: Outgoing) -> std::io::Result<()> {
+async fn write_message(
+    socket: &mut OwnedWriteHalf,
+    buffer: &mut BytesMut,
+    message: Outgoing,
+) -> std::io::Result<()> {
     buffer.extend_from_slice(&message.head);
     for part in message.payload {
         if part.len() >= WRITE_DIRECT_BYTES_MIN {
@@ -309,7 +379,12 @@ async fn write_message(socket: &mut OwnedWriteHalf, buffer: &mut BytesMut, messa
     Ok(())
 }
 
-async fn read_loop(addr: String, mut socket: OwnedReadHalf, mut decoder: FrameDecoder, pending: Arc<Mutex<Pending>>) {
+async fn read_loop(
+    addr: String,
+    mut socket: OwnedReadHalf,
+    mut decoder: FrameDecoder,
+    pending: Arc<Mutex<Pending>>,
+) {
     let reason = loop {
         match decoder.next_frame() {
             Ok(Some(frame)) => match decode_response(&frame) {
@@ -341,7 +416,10 @@ fn dispatch(pending: &Mutex<Pending>, response: Response) {
         Some(reply) => {
             let _ = reply.send(Ok(response));
         }
-        None => tracing::debug!(correlation_id = response.correlation_id, "response for a request nobody waits for"),
+        None => tracing::debug!(
+            correlation_id = response.correlation_id,
+            "response for a request nobody waits for"
+        ),
     }
 }
 

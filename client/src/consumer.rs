@@ -116,16 +116,20 @@ impl FetchedBatch {
     /// Records at or after [`FetchedBatch::first_offset`].
     pub fn records(&self) -> impl Iterator<Item = Result<crate::batch::Record>> + '_ {
         let first = self.first_offset;
-        self.batch
-            .records()
-            .filter(move |record| record.as_ref().map_or(true, |record| record.offset >= first))
+        self.batch.records().filter(move |record| {
+            record
+                .as_ref()
+                .map_or(true, |record| record.offset >= first)
+        })
     }
 
     /// Records in the batch at or after `first_offset` (from the header, without
     /// decoding).
     pub fn record_count(&self) -> u64 {
         let header = &self.batch.header;
-        header.next_offset().saturating_sub(self.first_offset.max(header.base_offset))
+        header
+            .next_offset()
+            .saturating_sub(self.first_offset.max(header.base_offset))
     }
 }
 
@@ -189,7 +193,9 @@ pub struct Consumer {
 
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer").field("assigned", &self.parts.len()).finish()
+        f.debug_struct("Consumer")
+            .field("assigned", &self.parts.len())
+            .finish()
     }
 }
 
@@ -217,12 +223,18 @@ impl Consumer {
     pub async fn assign(&mut self, topic: &str, partitions: &[u32]) -> Result<()> {
         let route = self.client.topic_route(topic, true).await?;
         let all: Vec<u32> = (0..route.partition_count()).collect();
-        let wanted = if partitions.is_empty() { &all[..] } else { partitions };
+        let wanted = if partitions.is_empty() {
+            &all[..]
+        } else {
+            partitions
+        };
         for &partition in wanted {
-            let shard = route.shard(partition).ok_or_else(|| Error::UnknownPartition {
-                topic: topic.to_owned(),
-                partition,
-            })?;
+            let shard = route
+                .shard(partition)
+                .ok_or_else(|| Error::UnknownPartition {
+                    topic: topic.to_owned(),
+                    partition,
+                })?;
             let key = (route.name.clone(), partition);
             if self.index.contains_key(&key) {
                 continue;
@@ -246,14 +258,20 @@ impl Consumer {
 
     /// Assigned `(topic, partition)` pairs.
     pub fn assignment(&self) -> Vec<(Arc<str>, u32)> {
-        self.parts.iter().map(|part| (part.topic.clone(), part.partition)).collect()
+        self.parts
+            .iter()
+            .map(|part| (part.topic.clone(), part.partition))
+            .collect()
     }
 
     fn part_index(&self, topic: &str, partition: u32) -> Result<usize> {
-        self.index.get(&(Arc::from(topic), partition)).copied().ok_or_else(|| Error::NotAssigned {
-            topic: topic.to_owned(),
-            partition,
-        })
+        self.index
+            .get(&(Arc::from(topic), partition))
+            .copied()
+            .ok_or_else(|| Error::NotAssigned {
+                topic: topic.to_owned(),
+                partition,
+            })
     }
 
     /// Moves a partition's position; buffered records of the old position are
@@ -280,7 +298,11 @@ impl Consumer {
             keep
         });
         self.buffered_bytes -= freed;
-        if self.current.as_ref().is_some_and(|current| current.batch.index == index) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|current| current.batch.index == index)
+        {
             self.current = None;
         }
         Ok(())
@@ -386,7 +408,8 @@ impl Consumer {
                     }
                     None => {
                         let next = current.batch.batch.header.next_offset();
-                        part.consumed = Some(part.consumed.map_or(next, |consumed| consumed.max(next)));
+                        part.consumed =
+                            Some(part.consumed.map_or(next, |consumed| consumed.max(next)));
                         self.current = None;
                     }
                 }
@@ -425,7 +448,13 @@ impl Consumer {
         }
         for (shard, items) in by_shard {
             self.shards_busy.insert(shard);
-            let task = fetch_task(self.client.clone(), self.config.clone(), shard, items, self.outcomes_tx.clone());
+            let task = fetch_task(
+                self.client.clone(),
+                self.config.clone(),
+                shard,
+                items,
+                self.outcomes_tx.clone(),
+            );
             tokio::spawn(task);
         }
     }
@@ -502,7 +531,12 @@ fn fetch_error(part: &PartState, offset: u64, result: &FetchPartitionResult) -> 
             high_watermark: result.high_watermark,
         });
     }
-    partition_error(&part.topic, part.partition, result.error, result.message.as_deref())
+    partition_error(
+        &part.topic,
+        part.partition,
+        result.error,
+        result.message.as_deref(),
+    )
 }
 
 fn to_consumer_record(batch: &FetchedBatch, record: crate::batch::Record) -> ConsumerRecord {
@@ -585,7 +619,13 @@ async fn fetch_task(
 
 type FetchResults = Result<Vec<(String, Vec<FetchPartitionResult>)>>;
 
-async fn fetch(client: &Client, config: &ConsumerConfig, shard: u16, items: &[FetchItem], offsets: &[Result<u64>]) -> FetchResults {
+async fn fetch(
+    client: &Client,
+    config: &ConsumerConfig,
+    shard: u16,
+    items: &[FetchItem],
+    offsets: &[Result<u64>],
+) -> FetchResults {
     let mut topics: Vec<(String, Vec<FetchPartitionSpec>)> = Vec::new();
     for (item, offset) in items.iter().zip(offsets) {
         let Ok(offset) = offset else {
@@ -611,23 +651,35 @@ async fn fetch(client: &Client, config: &ConsumerConfig, shard: u16, items: &[Fe
         topics,
     };
     let timeout = client.config().request_timeout + config.max_wait;
-    match client.send_to_shard(shard, &body, Vec::new(), timeout).await? {
+    match client
+        .send_to_shard(shard, &body, Vec::new(), timeout)
+        .await?
+    {
         ResponseBody::Fetch(topics) => Ok(topics),
         other => Err(unexpected("Fetch", &other)),
     }
 }
 
-fn take_result(results: &mut FetchResults, item: &FetchItem, offset: u64) -> Result<(u64, FetchPartitionResult)> {
+fn take_result(
+    results: &mut FetchResults,
+    item: &FetchItem,
+    offset: u64,
+) -> Result<(u64, FetchPartitionResult)> {
     let topics = results.as_mut().map_err(|error| error.clone())?;
     let found = topics
         .iter_mut()
         .filter(|(name, _)| **name == *item.topic)
         .find_map(|(_, partitions)| {
-            let position = partitions.iter().position(|result| result.partition == item.partition)?;
+            let position = partitions
+                .iter()
+                .position(|result| result.partition == item.partition)?;
             Some(partitions.swap_remove(position))
         });
     let result = found.ok_or_else(|| {
-        Error::MalformedResponse(format!("no fetch result for {}/{}", item.topic, item.partition))
+        Error::MalformedResponse(format!(
+            "no fetch result for {}/{}",
+            item.topic, item.partition
+        ))
     })?;
     Ok((offset, result))
 }

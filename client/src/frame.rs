@@ -7,7 +7,9 @@
 //! [`Frame`]s, rejecting a length over the limit before allocating for it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use sluice_schema::{ENVELOPE_BYTES_MAX, ENVELOPE_LENGTH_BYTES, FRAME_BYTES_MAX, FRAME_PREFIX_BYTES};
+use sluice_schema::{
+    ENVELOPE_BYTES_MAX, ENVELOPE_LENGTH_BYTES, FRAME_BYTES_MAX, FRAME_PREFIX_BYTES,
+};
 
 use crate::error::{Error, Result};
 
@@ -101,7 +103,9 @@ impl FrameDecoder {
             });
         }
         if frame_bytes < ENVELOPE_LENGTH_BYTES {
-            return Err(Error::MalformedFrame(format!("frame of {frame_bytes} bytes has no envelope length")));
+            return Err(Error::MalformedFrame(format!(
+                "frame of {frame_bytes} bytes has no envelope length"
+            )));
         }
         if self.buf.len() < total {
             self.buf.reserve(total - self.buf.len());
@@ -164,11 +168,17 @@ mod tests {
         let mut decoder = FrameDecoder::new(1024);
         decoder.push(&(u32::MAX).to_le_bytes());
         let capacity = decoder.buffer_mut().capacity();
-        assert!(matches!(decoder.next_frame(), Err(Error::FrameTooLarge { .. })));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(Error::FrameTooLarge { .. })
+        ));
         assert_eq!(decoder.buffer_mut().capacity(), capacity);
         let mut decoder = FrameDecoder::default();
         decoder.push(&((FRAME_BYTES_MAX - 3) as u32).to_le_bytes());
-        assert!(matches!(decoder.next_frame(), Err(Error::FrameTooLarge { .. })));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(Error::FrameTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -176,12 +186,18 @@ mod tests {
         let mut decoder = FrameDecoder::default();
         decoder.push(&2u32.to_le_bytes());
         decoder.push(&[0, 0]);
-        assert!(matches!(decoder.next_frame(), Err(Error::MalformedFrame(_))));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(Error::MalformedFrame(_))
+        ));
         let mut decoder = FrameDecoder::default();
         decoder.push(&8u32.to_le_bytes());
         decoder.push(&100u32.to_le_bytes());
         decoder.push(&[0; 4]);
-        assert!(matches!(decoder.next_frame(), Err(Error::MalformedFrame(_))));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(Error::MalformedFrame(_))
+        ));
     }
 
     #[test]

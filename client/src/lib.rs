@@ -46,5 +46,7 @@ pub use client::{Client, ClientConfig, ListedOffset, TopicRoute};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
 pub use error::{Code, Error, Result};
 pub use partitioner::NullKeyPolicy;
-pub use producer::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata};
+pub use producer::{
+    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+};
 pub use request::OffsetQuery;

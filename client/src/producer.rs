@@ -201,7 +201,9 @@ impl BatchSlot {
     }
 
     fn lock(&self) -> MutexGuard<'_, SlotState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn complete(&self, outcome: Result<Option<u64>>) {
@@ -344,13 +346,20 @@ impl PartitionQueue {
     }
 
     /// Appends to the open batch (which must exist).
-    fn append(&mut self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<DeliveryFuture> {
+    fn append(
+        &mut self,
+        record: &ProducerRecord,
+        timestamp_ms: i64,
+        reserve: usize,
+    ) -> Result<DeliveryFuture> {
         let open = self
             .open
             .as_mut()
             .ok_or_else(|| Error::InvalidArgument("no open batch".into()))?;
         let key = record.key.as_deref();
-        let index = open.builder.append(timestamp_ms, key, record.value.as_deref(), &record.headers)?;
+        let index =
+            open.builder
+                .append(timestamp_ms, key, record.value.as_deref(), &record.headers)?;
         open.reserved_bytes += reserve;
         Ok(DeliveryFuture {
             slot: open.slot.clone(),
@@ -360,8 +369,12 @@ impl PartitionQueue {
     }
 
     fn requeue(&mut self, batch: SealedBatch) {
-        let position = self.ready.iter().position(|queued| queued.sequence > batch.sequence);
-        self.ready.insert(position.unwrap_or(self.ready.len()), batch);
+        let position = self
+            .ready
+            .iter()
+            .position(|queued| queued.sequence > batch.sequence);
+        self.ready
+            .insert(position.unwrap_or(self.ready.len()), batch);
     }
 
     fn is_idle(&self) -> bool {
@@ -403,7 +416,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn release(&self, bytes: usize) {
@@ -422,7 +437,9 @@ pub struct Producer {
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer").field("config", &self.shared.config).finish()
+        f.debug_struct("Producer")
+            .field("config", &self.shared.config)
+            .finish()
     }
 }
 
@@ -468,7 +485,11 @@ impl Producer {
         if self.shared.closing.load(Ordering::Acquire) {
             return Err(Error::ProducerClosed);
         }
-        let reserve = BatchBuilder::record_bytes_max(record.key.as_deref(), record.value.as_deref(), &record.headers);
+        let reserve = BatchBuilder::record_bytes_max(
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &record.headers,
+        );
         let limit = BATCH_BYTES_MAX.min(self.shared.config.buffer_bytes);
         if reserve + HEADER_BYTES > limit {
             return Err(Error::RecordTooLarge {
@@ -485,6 +506,13 @@ impl Producer {
         result
     }
 
+    /// [`Producer::send`] without a delivery future: for fire-and-forget loads
+    /// (benchmarks) where only [`Producer::flush`] matters. Delivery failures are
+    /// not reported.
+    pub async fn send_detached(&self, record: ProducerRecord) -> Result<()> {
+        self.send(record).await.map(drop)
+    }
+
     async fn reserve(&self, bytes: usize) -> Result<()> {
         let permits = bytes as u32;
         match self.shared.buffer.try_acquire_many(permits) {
@@ -498,25 +526,40 @@ impl Producer {
         Ok(())
     }
 
-    async fn append_or_route(&self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<DeliveryFuture> {
+    async fn append_or_route(
+        &self,
+        record: &ProducerRecord,
+        timestamp_ms: i64,
+        reserve: usize,
+    ) -> Result<DeliveryFuture> {
         loop {
             if let Some(delivery) = self.try_append(record, timestamp_ms, reserve)? {
                 return Ok(delivery);
             }
             let route = self.shared.client.topic_route(&record.topic, false).await?;
             let mut state = self.shared.lock();
-            let partitions = (0..route.partition_count()).map(|_| PartitionQueue::default()).collect();
-            state.topics.entry(route.name.clone()).or_insert(TopicState {
-                route,
-                partitions,
-                sticky: rand::random::<u32>(),
-                round_robin: 0,
-            });
+            let partitions = (0..route.partition_count())
+                .map(|_| PartitionQueue::default())
+                .collect();
+            state
+                .topics
+                .entry(route.name.clone())
+                .or_insert(TopicState {
+                    route,
+                    partitions,
+                    sticky: rand::random::<u32>(),
+                    round_robin: 0,
+                });
         }
     }
 
     /// Appends under the state lock; `Ok(None)` when the topic is not known yet.
-    fn try_append(&self, record: &ProducerRecord, timestamp_ms: i64, reserve: usize) -> Result<Option<DeliveryFuture>> {
+    fn try_append(
+        &self,
+        record: &ProducerRecord,
+        timestamp_ms: i64,
+        reserve: usize,
+    ) -> Result<Option<DeliveryFuture>> {
         let config = &self.shared.config;
         let mut guard = self.shared.lock();
         let state = &mut *guard;
@@ -525,15 +568,25 @@ impl Producer {
         };
         let now = Instant::now();
         let mut partition = choose_partition(topic, record, config.partitioner)?;
-        let sticky = record.partition.is_none() && record.key.is_none() && config.partitioner == NullKeyPolicy::Sticky;
+        let sticky = record.partition.is_none()
+            && record.key.is_none()
+            && config.partitioner == NullKeyPolicy::Sticky;
         let mut wake = false;
-        if !fits(&topic.partitions[partition as usize], reserve, config.batch_bytes) {
+        if !fits(
+            &topic.partitions[partition as usize],
+            reserve,
+            config.batch_bytes,
+        ) {
             topic.partitions[partition as usize].seal(now);
             wake = true;
             if sticky {
                 topic.sticky = topic.sticky.wrapping_add(1);
                 partition = topic.sticky % topic.route.partition_count();
-                wake |= !fits(&topic.partitions[partition as usize], reserve, config.batch_bytes);
+                wake |= !fits(
+                    &topic.partitions[partition as usize],
+                    reserve,
+                    config.batch_bytes,
+                );
                 topic.partitions[partition as usize].seal_if_full(now, reserve, config.batch_bytes);
             }
         }
@@ -544,14 +597,20 @@ impl Producer {
             let slot = BatchSlot::new(name, partition);
             state.outstanding.push(slot.clone());
             queue.open = Some(OpenBatch {
-                builder: BatchBuilder::with_capacity(config.batch_bytes.max(reserve + HEADER_BYTES)),
+                builder: BatchBuilder::with_capacity(
+                    config.batch_bytes.max(reserve + HEADER_BYTES),
+                ),
                 slot,
                 opened: now,
                 reserved_bytes: 0,
             });
         }
         let delivery = queue.append(record, timestamp_ms, reserve)?;
-        if queue.open.as_ref().is_some_and(|open| open.builder.bytes() >= config.batch_bytes) {
+        if queue
+            .open
+            .as_ref()
+            .is_some_and(|open| open.builder.bytes() >= config.batch_bytes)
+        {
             queue.seal(now);
             wake = true;
             if sticky {
@@ -572,7 +631,10 @@ impl Producer {
             let mut state = self.shared.lock();
             let now = Instant::now();
             for topic in state.topics.values_mut() {
-                topic.partitions.iter_mut().for_each(|queue| queue.seal(now));
+                topic
+                    .partitions
+                    .iter_mut()
+                    .for_each(|queue| queue.seal(now));
             }
             state.outstanding.retain(|slot| !slot.is_done());
             state.outstanding.clone()
@@ -605,7 +667,11 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn choose_partition(topic: &mut TopicState, record: &ProducerRecord, policy: NullKeyPolicy) -> Result<u32> {
+fn choose_partition(
+    topic: &mut TopicState,
+    record: &ProducerRecord,
+    policy: NullKeyPolicy,
+) -> Result<u32> {
     let count = topic.route.partition_count();
     if let Some(partition) = record.partition {
         if partition >= count {
@@ -801,7 +867,12 @@ fn build_produce(shared: &Shared, draft: &Draft) -> (RequestBody, Vec<Bytes>) {
             }),
         }
     }
-    let timeout_ms = shared.client.config().request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    let timeout_ms = shared
+        .client
+        .config()
+        .request_timeout
+        .as_millis()
+        .min(u128::from(u32::MAX)) as u32;
     let body = RequestBody::Produce {
         acks: shared.config.acks.to_wire(),
         timeout_ms,
@@ -811,7 +882,10 @@ fn build_produce(shared: &Shared, draft: &Draft) -> (RequestBody, Vec<Bytes>) {
 }
 
 /// The base offset for one partition group out of a produce outcome.
-fn group_outcome(group: &PartitionGroup, outcome: &Result<Option<ResponseBody>>) -> Result<Option<u64>> {
+fn group_outcome(
+    group: &PartitionGroup,
+    outcome: &Result<Option<ResponseBody>>,
+) -> Result<Option<u64>> {
     let body = match outcome {
         Err(error) => return Err(error.clone()),
         Ok(None) => return Ok(None),
@@ -826,9 +900,17 @@ fn group_outcome(group: &PartitionGroup, outcome: &Result<Option<ResponseBody>>)
         .flat_map(|(_, partitions)| partitions)
         .find(|result| result.partition == group.partition);
     let result = result.ok_or_else(|| {
-        Error::MalformedResponse(format!("no produce result for {}/{}", group.topic, group.partition))
+        Error::MalformedResponse(format!(
+            "no produce result for {}/{}",
+            group.topic, group.partition
+        ))
     })?;
-    partition_error(&group.topic, group.partition, result.error, result.message.as_deref())?;
+    partition_error(
+        &group.topic,
+        group.partition,
+        result.error,
+        result.message.as_deref(),
+    )?;
     Ok(Some(result.base_offset))
 }
 
@@ -900,7 +982,10 @@ fn settle(
 
 fn backoff(config: &ProducerConfig, attempts: u32) -> Duration {
     let exponent = attempts.saturating_sub(1).min(16);
-    let base = config.retry_backoff.saturating_mul(1 << exponent).min(config.retry_backoff_max);
+    let base = config
+        .retry_backoff
+        .saturating_mul(1 << exponent)
+        .min(config.retry_backoff_max);
     let jitter = 0.8 + 0.4 * rand::random::<f64>();
     base.mul_f64(jitter)
 }

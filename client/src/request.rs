@@ -138,7 +138,12 @@ type Fbb<'a> = FlatBufferBuilder<'a>;
 type Union = WIPOffset<flatbuffers::UnionWIPOffset>;
 
 /// Encodes a `Request` envelope and returns its bytes (borrowed from `fbb`).
-pub fn encode_request<'a>(fbb: &'a mut Fbb<'_>, correlation_id: u32, client_id: &str, body: &RequestBody) -> &'a [u8] {
+pub fn encode_request<'a>(
+    fbb: &'a mut Fbb<'_>,
+    correlation_id: u32,
+    client_id: &str,
+    body: &RequestBody,
+) -> &'a [u8] {
     fbb.reset();
     let (body_type, body_offset) = encode_body(fbb, body);
     let client_id = fbb.create_string(client_id);
@@ -177,7 +182,9 @@ fn encode_body(fbb: &mut Fbb<'_>, body: &RequestBody) -> (wire::RequestBody, Uni
             version_max,
             client_software,
         } => {
-            let software = client_software.as_deref().map(|text| fbb.create_string(text));
+            let software = client_software
+                .as_deref()
+                .map(|text| fbb.create_string(text));
             let args = wire::HandshakeRequestArgs {
                 version_min: *version_min,
                 version_max: *version_max,
@@ -191,20 +198,36 @@ fn encode_body(fbb: &mut Fbb<'_>, body: &RequestBody) -> (wire::RequestBody, Uni
             let offset = wire::MetadataRequest::create(fbb, &wire::MetadataRequestArgs { topics });
             (wire::RequestBody::MetadataRequest, offset.as_union_value())
         }
-        RequestBody::CreateTopics { topics, validate_only } => encode_create(fbb, topics, *validate_only),
+        RequestBody::CreateTopics {
+            topics,
+            validate_only,
+        } => encode_create(fbb, topics, *validate_only),
         RequestBody::DeleteTopics { names } => {
             let names = string_vector(fbb, names);
-            let offset = wire::DeleteTopicsRequest::create(fbb, &wire::DeleteTopicsRequestArgs { names });
-            (wire::RequestBody::DeleteTopicsRequest, offset.as_union_value())
+            let offset =
+                wire::DeleteTopicsRequest::create(fbb, &wire::DeleteTopicsRequestArgs { names });
+            (
+                wire::RequestBody::DeleteTopicsRequest,
+                offset.as_union_value(),
+            )
         }
         RequestBody::ListTopics => {
             let offset = wire::ListTopicsRequest::create(fbb, &wire::ListTopicsRequestArgs {});
-            (wire::RequestBody::ListTopicsRequest, offset.as_union_value())
+            (
+                wire::RequestBody::ListTopicsRequest,
+                offset.as_union_value(),
+            )
         }
         RequestBody::DescribeTopics { names } => {
             let names = string_vector(fbb, names);
-            let offset = wire::DescribeTopicsRequest::create(fbb, &wire::DescribeTopicsRequestArgs { names });
-            (wire::RequestBody::DescribeTopicsRequest, offset.as_union_value())
+            let offset = wire::DescribeTopicsRequest::create(
+                fbb,
+                &wire::DescribeTopicsRequestArgs { names },
+            );
+            (
+                wire::RequestBody::DescribeTopicsRequest,
+                offset.as_union_value(),
+            )
         }
         RequestBody::Produce {
             acks,
@@ -232,7 +255,11 @@ fn string_vector<'a>(
     Some(fbb.create_vector(&offsets))
 }
 
-fn encode_create(fbb: &mut Fbb<'_>, topics: &[NewTopic], validate_only: bool) -> (wire::RequestBody, Union) {
+fn encode_create(
+    fbb: &mut Fbb<'_>,
+    topics: &[NewTopic],
+    validate_only: bool,
+) -> (wire::RequestBody, Union) {
     let mut topic_offsets = Vec::with_capacity(topics.len());
     for topic in topics {
         let configs: Vec<_> = topic
@@ -265,7 +292,10 @@ fn encode_create(fbb: &mut Fbb<'_>, topics: &[NewTopic], validate_only: bool) ->
         validate_only,
     };
     let offset = wire::CreateTopicsRequest::create(fbb, &args);
-    (wire::RequestBody::CreateTopicsRequest, offset.as_union_value())
+    (
+        wire::RequestBody::CreateTopicsRequest,
+        offset.as_union_value(),
+    )
 }
 
 fn encode_produce(
@@ -343,7 +373,10 @@ fn encode_fetch(
     (wire::RequestBody::FetchRequest, offset.as_union_value())
 }
 
-fn encode_list_offsets(fbb: &mut Fbb<'_>, topics: &[(String, Vec<ListOffsetsSpec>)]) -> (wire::RequestBody, Union) {
+fn encode_list_offsets(
+    fbb: &mut Fbb<'_>,
+    topics: &[(String, Vec<ListOffsetsSpec>)],
+) -> (wire::RequestBody, Union) {
     let mut topic_offsets = Vec::with_capacity(topics.len());
     for (name, partitions) in topics {
         let partitions: Vec<_> = partitions
@@ -371,6 +404,14 @@ fn encode_list_offsets(fbb: &mut Fbb<'_>, topics: &[(String, Vec<ListOffsetsSpec
         topic_offsets.push(wire::ListOffsetsTopic::create(fbb, &args));
     }
     let topics = fbb.create_vector(&topic_offsets);
-    let offset = wire::ListOffsetsRequest::create(fbb, &wire::ListOffsetsRequestArgs { topics: Some(topics) });
-    (wire::RequestBody::ListOffsetsRequest, offset.as_union_value())
+    let offset = wire::ListOffsetsRequest::create(
+        fbb,
+        &wire::ListOffsetsRequestArgs {
+            topics: Some(topics),
+        },
+    );
+    (
+        wire::RequestBody::ListOffsetsRequest,
+        offset.as_union_value(),
+    )
 }

@@ -248,7 +248,9 @@ fn decode_body(envelope: &wire::Response<'_>, payload: &Bytes) -> Result<Respons
     let kind = envelope.body_type();
     let body = match kind {
         wire::ResponseBody::NONE => Some(ResponseBody::None),
-        wire::ResponseBody::HandshakeResponse => envelope.body_as_handshake_response().map(handshake),
+        wire::ResponseBody::HandshakeResponse => {
+            envelope.body_as_handshake_response().map(handshake)
+        }
         wire::ResponseBody::MetadataResponse => envelope.body_as_metadata_response().map(metadata),
         wire::ResponseBody::CreateTopicsResponse => envelope
             .body_as_create_topics_response()
@@ -256,14 +258,20 @@ fn decode_body(envelope: &wire::Response<'_>, payload: &Bytes) -> Result<Respons
         wire::ResponseBody::DeleteTopicsResponse => envelope
             .body_as_delete_topics_response()
             .map(|body| ResponseBody::DeleteTopics(topic_results(body.results()))),
-        wire::ResponseBody::ListTopicsResponse => envelope.body_as_list_topics_response().map(list_topics),
-        wire::ResponseBody::DescribeTopicsResponse => envelope.body_as_describe_topics_response().map(describe),
+        wire::ResponseBody::ListTopicsResponse => {
+            envelope.body_as_list_topics_response().map(list_topics)
+        }
+        wire::ResponseBody::DescribeTopicsResponse => {
+            envelope.body_as_describe_topics_response().map(describe)
+        }
         wire::ResponseBody::ProduceResponse => envelope.body_as_produce_response().map(produce),
         wire::ResponseBody::FetchResponse => match envelope.body_as_fetch_response() {
             Some(body) => Some(fetch(body, payload)?),
             None => None,
         },
-        wire::ResponseBody::ListOffsetsResponse => envelope.body_as_list_offsets_response().map(list_offsets),
+        wire::ResponseBody::ListOffsetsResponse => {
+            envelope.body_as_list_offsets_response().map(list_offsets)
+        }
         other => return Err(malformed(format!("unknown response kind {}", other.0))),
     };
     body.ok_or_else(|| malformed(format!("response kind {kind:?} without a body")))
@@ -316,7 +324,9 @@ fn metadata(body: wire::MetadataResponse<'_>) -> ResponseBody {
     ResponseBody::Metadata(Metadata { brokers, topics })
 }
 
-fn topic_results(results: Option<Vector<'_, ForwardsUOffset<wire::TopicResult<'_>>>>) -> Vec<TopicResult> {
+fn topic_results(
+    results: Option<Vector<'_, ForwardsUOffset<wire::TopicResult<'_>>>>,
+) -> Vec<TopicResult> {
     opt_vec(results)
         .map(|result| TopicResult {
             name: result.name().to_owned(),
@@ -393,11 +403,13 @@ fn fetch(body: wire::FetchResponse<'_>, payload: &Bytes) -> Result<ResponseBody>
             let end = start.checked_add(partition.payload_bytes() as usize);
             let records = match end {
                 Some(end) if end <= payload.len() => payload.slice(start..end),
-                _ => return Err(malformed(format!(
-                    "fetch range {start}+{} outside a payload of {} bytes",
-                    partition.payload_bytes(),
-                    payload.len()
-                ))),
+                _ => {
+                    return Err(malformed(format!(
+                        "fetch range {start}+{} outside a payload of {} bytes",
+                        partition.payload_bytes(),
+                        payload.len()
+                    )))
+                }
             };
             partitions.push(FetchPartitionResult {
                 partition: partition.partition(),
@@ -459,7 +471,12 @@ mod tests {
             },
         );
         let topics = fbb.create_vector(&[topic]);
-        let body = wire::FetchResponse::create(&mut fbb, &wire::FetchResponseArgs { topics: Some(topics) });
+        let body = wire::FetchResponse::create(
+            &mut fbb,
+            &wire::FetchResponseArgs {
+                topics: Some(topics),
+            },
+        );
         let response = wire::Response::create(
             &mut fbb,
             &wire::ResponseArgs {
@@ -494,7 +511,10 @@ mod tests {
             envelope: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8, 9]),
             payload: Bytes::new(),
         };
-        assert!(matches!(decode_response(&frame), Err(Error::MalformedResponse(_))));
+        assert!(matches!(
+            decode_response(&frame),
+            Err(Error::MalformedResponse(_))
+        ));
     }
 
     #[test]
@@ -507,7 +527,11 @@ mod tests {
         let request = flatbuffers::root::<wire::Request>(envelope).unwrap();
         assert_eq!(request.correlation_id(), 5);
         assert_eq!(request.client_id(), Some("me"));
-        let topics = request.body_as_metadata_request().unwrap().topics().unwrap();
+        let topics = request
+            .body_as_metadata_request()
+            .unwrap()
+            .topics()
+            .unwrap();
         assert_eq!(topics.get(0), "a");
     }
 }

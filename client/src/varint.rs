@@ -65,7 +65,19 @@ mod tests {
 
     #[test]
     fn roundtrip_and_length() {
-        for value in [0, 1, -1, 63, -64, 64, 300, i32::MAX as i64, i32::MIN as i64, i64::MAX, i64::MIN] {
+        for value in [
+            0,
+            1,
+            -1,
+            63,
+            -64,
+            64,
+            300,
+            i32::MAX as i64,
+            i32::MIN as i64,
+            i64::MAX,
+            i64::MIN,
+        ] {
             let mut buf = Vec::new();
             put(&mut buf, value);
             assert_eq!(buf.len(), encoded_len(value), "{value}");

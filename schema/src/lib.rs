@@ -120,5 +120,5 @@ pub mod batch {
 pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 const _: () = assert!(BATCH_BYTES_MAX + ENVELOPE_BYTES_MAX < FRAME_BYTES_MAX);
-const _: () = assert!(batch::HEADER_BYTES % 8 == 0);
+const _: () = assert!(batch::HEADER_BYTES.is_multiple_of(8));
 const _: () = assert!(batch::BASE_SEQUENCE_OFFSET + 4 == batch::HEADER_BYTES);

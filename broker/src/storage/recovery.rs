@@ -63,7 +63,9 @@ enum ScanEnd {
 
 impl Wal {
     /// Opens (creating if needed) the WAL in `config.dir` and recovers it.
-    pub async fn open(config: WalConfig) -> Result<(Rc<Wal>, RecoveryReport)> {
+    pub async fn open(mut config: WalConfig) -> Result<(Rc<Wal>, RecoveryReport)> {
+        // glommio's directory calls fail with EBADF on relative paths.
+        config.dir = std::path::absolute(&config.dir).map_err(|e| StorageError::std("resolve WAL directory", &config.dir, e))?;
         config.validate().map_err(|reason| StorageError::Incompatible {
             path: config.dir.clone(),
             reason,
