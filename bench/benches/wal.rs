@@ -48,7 +48,10 @@ const WARM_UP: Duration = Duration::from_secs(1);
 const RECOVERY_BATCH_BYTES: usize = 16 << 10;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn wal_config(dir: &Path) -> WalConfig {
@@ -127,18 +130,32 @@ enum Reply {
     Done(RunStats),
 }
 
-async fn appender(wal: Rc<Wal>, log: LogId, frame: Bytes, info: BatchInfo, remaining: Rc<Cell<u64>>) {
+async fn appender(
+    wal: Rc<Wal>,
+    log: LogId,
+    frame: Bytes,
+    info: BatchInfo,
+    remaining: Rc<Cell<u64>>,
+) {
     let batches = [(frame, info)];
     while remaining.get() > 0 {
         remaining.set(remaining.get() - 1);
-        wal.append(log, Epoch(0), &batches).await.expect("durable append");
+        wal.append(log, Epoch(0), &batches)
+            .await
+            .expect("durable append");
     }
 }
 
 /// Body of the executor thread of one `wal_append` case: opens the WAL, then runs
 /// one timed batch of appends per command (0 = stop), deleting fully consumed
 /// segments between runs (untimed) to bound disk use.
-async fn append_case(dir: PathBuf, appenders: u32, frame_bytes: usize, commands: mpsc::Receiver<u64>, replies: mpsc::Sender<Reply>) {
+async fn append_case(
+    dir: PathBuf,
+    appenders: u32,
+    frame_bytes: usize,
+    commands: mpsc::Receiver<u64>,
+    replies: mpsc::Sender<Reply>,
+) {
     let (wal, _) = Wal::open(wal_config(&dir)).await.expect("open WAL");
     let logs: Vec<LogId> = (0..appenders).map(LogId).collect();
     for log in &logs {
@@ -151,7 +168,9 @@ async fn append_case(dir: PathBuf, appenders: u32, frame_bytes: usize, commands:
         let iters = loop {
             match commands.try_recv() {
                 Ok(iters) => break iters,
-                Err(mpsc::TryRecvError::Empty) => glommio::timer::sleep(Duration::from_millis(1)).await,
+                Err(mpsc::TryRecvError::Empty) => {
+                    glommio::timer::sleep(Duration::from_millis(1)).await
+                }
                 Err(mpsc::TryRecvError::Disconnected) => break 0,
             }
         };
@@ -163,7 +182,15 @@ async fn append_case(dir: PathBuf, appenders: u32, frame_bytes: usize, commands:
         let started = Instant::now();
         let tasks: Vec<_> = logs
             .iter()
-            .map(|log| glommio::spawn_local(appender(wal.clone(), *log, frame.clone(), info, remaining.clone())))
+            .map(|log| {
+                glommio::spawn_local(appender(
+                    wal.clone(),
+                    *log,
+                    frame.clone(),
+                    info,
+                    remaining.clone(),
+                ))
+            })
             .collect();
         for task in tasks {
             task.await;
@@ -179,13 +206,18 @@ async fn append_case(dir: PathBuf, appenders: u32, frame_bytes: usize, commands:
             sync_us: after.sync_us_total - before.sync_us_total,
             rolls: after.rolls - before.rolls,
         };
-        replies.send(Reply::Done(stats)).expect("bench thread alive");
+        replies
+            .send(Reply::Done(stats))
+            .expect("bench thread alive");
         // Untimed housekeeping: consume everything and delete dead segments.
         for log in &logs {
             let (_, high_watermark, _) = wal.log_offsets(*log).expect("known log");
-            wal.advance_log_start(*log, high_watermark).expect("known log");
+            wal.advance_log_start(*log, high_watermark)
+                .expect("known log");
         }
-        wal.delete_dead_segments().await.expect("delete dead segments");
+        wal.delete_dead_segments()
+            .await
+            .expect("delete dead segments");
     }
     wal.close().await;
 }
@@ -193,7 +225,10 @@ async fn append_case(dir: PathBuf, appenders: u32, frame_bytes: usize, commands:
 fn bench_append(c: &mut Criterion) {
     let measure = Duration::from_secs(env_u64("SLUICE_BENCH_MEASURE_SECS", 3));
     let mut group = c.benchmark_group("wal_append");
-    group.sample_size(10).warm_up_time(WARM_UP).measurement_time(measure);
+    group
+        .sample_size(10)
+        .warm_up_time(WARM_UP)
+        .measurement_time(measure);
     for &frame_bytes in &BATCH_BYTES {
         for &appenders in &APPENDERS {
             let dir = PathBuf::from(DATA_DIR).join(format!("append-{appenders}x{frame_bytes}"));
@@ -202,31 +237,39 @@ fn bench_append(c: &mut Criterion) {
             let (reply_tx, reply_rx) = mpsc::channel::<Reply>();
             let thread_dir = dir.clone();
             let handle = executor("wal-bench-append")
-                .spawn(move || append_case(thread_dir, appenders, frame_bytes, command_rx, reply_tx))
+                .spawn(move || {
+                    append_case(thread_dir, appenders, frame_bytes, command_rx, reply_tx)
+                })
                 .expect("start glommio executor");
-            assert!(matches!(reply_rx.recv().expect("executor started"), Reply::Ready));
+            assert!(matches!(
+                reply_rx.recv().expect("executor started"),
+                Reply::Ready
+            ));
             // Totals over the measurement (runs after the warm-up time has elapsed).
             let mut totals = RunStats::default();
             let first_call = Instant::now();
             group.throughput(Throughput::Bytes(frame_bytes as u64));
-            group.bench_function(BenchmarkId::new(format!("appenders={appenders}"), format!("{frame_bytes}B")), |b| {
-                b.iter_custom(|iters| {
-                    command_tx.send(iters).expect("executor alive");
-                    let Reply::Done(run) = reply_rx.recv().expect("executor alive") else {
-                        panic!("unexpected reply")
-                    };
-                    if first_call.elapsed() > WARM_UP + Duration::from_millis(100) {
-                        totals.elapsed += run.elapsed;
-                        totals.appends += run.appends;
-                        totals.bytes += run.bytes;
-                        totals.syncs += run.syncs;
-                        totals.writes += run.writes;
-                        totals.sync_us += run.sync_us;
-                        totals.rolls += run.rolls;
-                    }
-                    run.elapsed
-                })
-            });
+            group.bench_function(
+                BenchmarkId::new(format!("appenders={appenders}"), format!("{frame_bytes}B")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        command_tx.send(iters).expect("executor alive");
+                        let Reply::Done(run) = reply_rx.recv().expect("executor alive") else {
+                            panic!("unexpected reply")
+                        };
+                        if first_call.elapsed() > WARM_UP + Duration::from_millis(100) {
+                            totals.elapsed += run.elapsed;
+                            totals.appends += run.appends;
+                            totals.bytes += run.bytes;
+                            totals.syncs += run.syncs;
+                            totals.writes += run.writes;
+                            totals.sync_us += run.sync_us;
+                            totals.rolls += run.rolls;
+                        }
+                        run.elapsed
+                    })
+                },
+            );
             command_tx.send(0).expect("executor alive");
             handle.join().expect("executor finished");
             reset_dir(&dir);
@@ -263,7 +306,13 @@ fn fill_wal(dir: &Path, bytes: u64) -> u64 {
             let tasks: Vec<_> = (0..64)
                 .map(|i| {
                     wal.create_log(LogId(i));
-                    glommio::spawn_local(appender(wal.clone(), LogId(i), frame.clone(), info, remaining.clone()))
+                    glommio::spawn_local(appender(
+                        wal.clone(),
+                        LogId(i),
+                        frame.clone(),
+                        info,
+                        remaining.clone(),
+                    ))
                 })
                 .collect();
             for task in tasks {
@@ -311,7 +360,12 @@ fn recover_once(dir: &Path) -> (Duration, u64, u64, bool) {
             let (wal, report) = Wal::open(wal_config(&dir)).await.expect("recover WAL");
             let elapsed = started.elapsed();
             wal.close().await;
-            (elapsed, report.bytes_scanned, report.frames_scanned, report.checkpoint_used)
+            (
+                elapsed,
+                report.bytes_scanned,
+                report.frames_scanned,
+                report.checkpoint_used,
+            )
         })
         .expect("start glommio executor")
         .join()
@@ -326,7 +380,11 @@ fn bench_recovery(c: &mut Criterion) {
     let written = fill_wal(&dir, target);
     let fill_secs = fill_started.elapsed().as_secs_f64();
     let original = wal_files(&dir);
-    let segments_bytes: u64 = original.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let segments_bytes: u64 = original
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     let mut totals = (Duration::ZERO, 0u64, 0u64, 0u32);
     let mut group = c.benchmark_group("wal_recovery");
     group
@@ -334,23 +392,29 @@ fn bench_recovery(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(env_u64("SLUICE_BENCH_MEASURE_SECS", 3)))
         .throughput(Throughput::Bytes(written));
-    group.bench_function(BenchmarkId::new("open_no_checkpoint", format!("{}MiB", written >> 20)), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                forget_checkpoint(&dir, &original);
-                let (elapsed, scanned, frames, checkpoint_used) = recover_once(&dir);
-                assert!(!checkpoint_used, "the recovery bench must scan without a checkpoint");
-                assert_eq!(scanned, written, "recovery must find every frame written");
-                total += elapsed;
-                totals.0 += elapsed;
-                totals.1 += scanned;
-                totals.2 += frames;
-                totals.3 += 1;
-            }
-            total
-        })
-    });
+    group.bench_function(
+        BenchmarkId::new("open_no_checkpoint", format!("{}MiB", written >> 20)),
+        |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    forget_checkpoint(&dir, &original);
+                    let (elapsed, scanned, frames, checkpoint_used) = recover_once(&dir);
+                    assert!(
+                        !checkpoint_used,
+                        "the recovery bench must scan without a checkpoint"
+                    );
+                    assert_eq!(scanned, written, "recovery must find every frame written");
+                    total += elapsed;
+                    totals.0 += elapsed;
+                    totals.1 += scanned;
+                    totals.2 += frames;
+                    totals.3 += 1;
+                }
+                total
+            })
+        },
+    );
     group.finish();
     reset_dir(&dir);
     let secs = totals.0.as_secs_f64().max(1e-9);

@@ -47,9 +47,14 @@ struct Totals {
 }
 
 pub fn run(args: WalArgs) -> Result<(), String> {
-    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("target").join(format!("sluice-bench-wal-{}", std::process::id())));
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        PathBuf::from("target").join(format!("sluice-bench-wal-{}", std::process::id()))
+    });
     if dir.exists() {
-        return Err(format!("{} exists; give an empty or new --dir", dir.display()));
+        return Err(format!(
+            "{} exists; give an empty or new --dir",
+            dir.display()
+        ));
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let body_args = args.clone();
@@ -58,7 +63,9 @@ pub fn run(args: WalArgs) -> Result<(), String> {
         .name("sluice-bench-wal")
         .spawn(move || async move { measure(body_args, body_dir).await })
         .map_err(|e| format!("cannot start the storage executor (is io_uring available?): {e}"))?;
-    let result = handle.join().map_err(|e| format!("executor failed: {e:?}"))?;
+    let result = handle
+        .join()
+        .map_err(|e| format!("executor failed: {e:?}"))?;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -71,7 +78,9 @@ async fn measure(args: WalArgs, dir: PathBuf) -> Result<(), String> {
         tail_cache_bytes: 64 << 20,
     };
     let (wal, _) = Wal::open(config).await.map_err(|e| e.to_string())?;
-    let value_bytes = (args.batch_bytes / args.records.max(1)).saturating_sub(16).max(1);
+    let value_bytes = (args.batch_bytes / args.records.max(1))
+        .saturating_sub(16)
+        .max(1);
     let frame = Bytes::from(testkit::batch_of_size(0, args.records, value_bytes, 7));
     let info = format::verify_client_batch(&frame, usize::MAX).map_err(|e| e.to_string())?;
     let totals = Rc::new(RefCell::new(Totals {
@@ -84,18 +93,29 @@ async fn measure(args: WalArgs, dir: PathBuf) -> Result<(), String> {
     let mut tasks = Vec::new();
     for log in 0..args.appenders {
         wal.create_log(LogId(log));
-        let (wal, frame, totals, measuring, stop) = (wal.clone(), frame.clone(), totals.clone(), measuring.clone(), stop.clone());
+        let (wal, frame, totals, measuring, stop) = (
+            wal.clone(),
+            frame.clone(),
+            totals.clone(),
+            measuring.clone(),
+            stop.clone(),
+        );
         tasks.push(glommio::spawn_local(async move {
             while !*stop.borrow() {
                 let started = Instant::now();
-                if let Err(error) = wal.append(LogId(log), Epoch(0), &[(frame.clone(), info)]).await {
+                if let Err(error) = wal
+                    .append(LogId(log), Epoch(0), &[(frame.clone(), info)])
+                    .await
+                {
                     return Err(error.to_string());
                 }
                 if *measuring.borrow() {
                     let mut totals = totals.borrow_mut();
                     totals.appends += 1;
                     totals.bytes += frame.len() as u64;
-                    let _ = totals.latency_us.record(started.elapsed().as_micros().max(1) as u64);
+                    let _ = totals
+                        .latency_us
+                        .record(started.elapsed().as_micros().max(1) as u64);
                 }
             }
             Ok(())

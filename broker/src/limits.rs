@@ -59,12 +59,14 @@ pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 /// Longest long-poll a fetch may ask for.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 
-const _: () = assert!(SEGMENT_BYTES_DEFAULT % SECTOR_BYTES == 0);
-const _: () = assert!(SEGMENT_BYTES_MIN % SECTOR_BYTES == 0);
+const _: () = assert!(SEGMENT_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64 + 1);
-const _: () = assert!(SEGMENT_HEADER_BYTES % SECTOR_BYTES == 0);
-const _: () = assert!(WRITE_BYTES_MAX as u64 % SECTOR_BYTES == 0);
+const _: () = assert!(SEGMENT_HEADER_BYTES.is_multiple_of(SECTOR_BYTES));
+const _: () = assert!((WRITE_BYTES_MAX as u64).is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SEGMENT_HEADER_BYTES + SECTOR_BYTES <= SEGMENT_BYTES_MIN);
 const _: () = assert!(BATCH_BYTES_MAX <= INFLIGHT_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX as u64 <= SEGMENT_BYTES_MAX - SEGMENT_HEADER_BYTES);
-const _: () = assert!(RECOVERY_ZERO_BYTES >= INFLIGHT_BYTES_MAX as u64 + WRITE_BYTES_MAX as u64 + SECTOR_BYTES);
+const _: () = assert!(
+    RECOVERY_ZERO_BYTES >= INFLIGHT_BYTES_MAX as u64 + WRITE_BYTES_MAX as u64 + SECTOR_BYTES
+);

@@ -28,9 +28,16 @@ fn appends_read_back_identical_across_segments_and_logs() {
                 let mut next = 0;
                 for i in 0..120u64 {
                     let records = 1 + (i % 4) as usize;
-                    let frame = batch(records, 50 + (i as usize * 97) % 9000, i * 10 + u64::from(log));
+                    let frame = batch(
+                        records,
+                        50 + (i as usize * 97) % 9000,
+                        i * 10 + u64::from(log),
+                    );
                     let appended = append(&wal, log, &frame).await;
-                    assert_eq!(appended.base_offset, next, "offsets are consecutive per log");
+                    assert_eq!(
+                        appended.base_offset, next,
+                        "offsets are consecutive per log"
+                    );
                     next = appended.last_offset + 1;
                     frames.push(frame);
                 }
@@ -41,12 +48,19 @@ fn appends_read_back_identical_across_segments_and_logs() {
             let (log, frames) = task.await;
             expected.insert(log, frames);
         }
-        assert!(wal.segment_ids().len() > 1, "the test must cross segment boundaries");
+        assert!(
+            wal.segment_ids().len() > 1,
+            "the test must cross segment boundaries"
+        );
         for (log, frames) in &expected {
             let got = read_all(&wal, *log, 0).await;
             assert_eq!(got.len(), frames.len());
             for (stored, sent) in got.iter().zip(frames) {
-                assert_eq!(client_bytes(stored), client_bytes(sent), "bytes returned are the bytes appended");
+                assert_eq!(
+                    client_bytes(stored),
+                    client_bytes(sent),
+                    "bytes returned are the bytes appended"
+                );
             }
         }
         // Reads from the middle of a batch return the batch containing the offset.
@@ -77,7 +91,10 @@ fn restart_after_clean_close_uses_checkpoint_and_keeps_everything() {
     run(move || async move {
         let (wal, report) = Wal::open(second).await.unwrap();
         assert!(report.checkpoint_used, "{report:?}");
-        assert_eq!(report.frames_scanned, 0, "a clean restart rescans nothing: {report:?}");
+        assert_eq!(
+            report.frames_scanned, 0,
+            "a clean restart rescans nothing: {report:?}"
+        );
         let got = read_all(&wal, 7, 0).await;
         assert_eq!(got.len(), sent.len());
         for (stored, frame) in got.iter().zip(&sent) {
@@ -127,12 +144,22 @@ fn out_of_range_reads_carry_the_valid_range() {
         append(&wal, 1, &batch(5, 10, 1)).await;
         let error = wal.read(LogId(1), 6, 1000).await.unwrap_err();
         assert!(
-            matches!(error, StorageError::OffsetOutOfRange { offset: 6, log_start: 0, high_watermark: 5 }),
+            matches!(
+                error,
+                StorageError::OffsetOutOfRange {
+                    offset: 6,
+                    log_start: 0,
+                    high_watermark: 5
+                }
+            ),
             "{error:?}"
         );
         // Reading at the high watermark is not an error: there is just nothing yet.
         assert!(wal.read(LogId(1), 5, 1000).await.unwrap().frames.is_empty());
-        assert!(matches!(wal.read(LogId(9), 0, 10).await.unwrap_err(), StorageError::UnknownLog(_)));
+        assert!(matches!(
+            wal.read(LogId(9), 0, 10).await.unwrap_err(),
+            StorageError::UnknownLog(_)
+        ));
         wal.close().await;
     });
 }
@@ -154,20 +181,43 @@ fn retention_by_size_and_time_deletes_the_right_segments() {
         let before = wal.segment_ids();
         assert!(before.len() >= 3, "{before:?}");
         let mut policies = HashMap::new();
-        policies.insert(LogId(1), Retention { retention_ms: None, retention_bytes: Some(512 << 10) });
+        policies.insert(
+            LogId(1),
+            Retention {
+                retention_ms: None,
+                retention_bytes: Some(512 << 10),
+            },
+        );
         policies.insert(LogId(2), Retention::default());
         let now = 1_700_000_000_000 + 1_000_000;
         wal.apply_retention(&policies, now);
         let (start, high_watermark, stored) = wal.log_offsets(LogId(1)).unwrap();
-        assert!(start > 0 && stored <= 512 << 10, "log start moved to keep at most 512 KiB: {start} {stored}");
+        assert!(
+            start > 0 && stored <= 512 << 10,
+            "log start moved to keep at most 512 KiB: {start} {stored}"
+        );
         assert_eq!(high_watermark, 400);
         let error = wal.read(LogId(1), 0, 100).await.unwrap_err();
-        assert!(matches!(error, StorageError::OffsetOutOfRange { log_start, .. } if log_start == start));
+        assert!(
+            matches!(error, StorageError::OffsetOutOfRange { log_start, .. } if log_start == start)
+        );
         let deleted = wal.delete_dead_segments().await.unwrap();
-        assert!(!deleted.contains(&before[0]), "segment 1 still holds log 2's live batch");
-        assert!(!deleted.is_empty(), "segments holding only expired log-1 batches are deleted");
+        assert!(
+            !deleted.contains(&before[0]),
+            "segment 1 still holds log 2's live batch"
+        );
+        assert!(
+            !deleted.is_empty(),
+            "segments holding only expired log-1 batches are deleted"
+        );
         // Time-based retention for log 2 frees the first segment.
-        policies.insert(LogId(2), Retention { retention_ms: Some(1000), retention_bytes: None });
+        policies.insert(
+            LogId(2),
+            Retention {
+                retention_ms: Some(1000),
+                retention_bytes: None,
+            },
+        );
         wal.apply_retention(&policies, now);
         let deleted = wal.delete_dead_segments().await.unwrap();
         assert!(deleted.contains(&before[0]), "{deleted:?}");
@@ -202,7 +252,10 @@ fn many_concurrent_appenders_share_fsyncs() {
         }
         let stats = wal.stats();
         assert_eq!(stats.appends, 64 * 20);
-        assert!(stats.syncs < stats.appends / 4, "group commit coalesces fsyncs: {stats:?}");
+        assert!(
+            stats.syncs < stats.appends / 4,
+            "group commit coalesces fsyncs: {stats:?}"
+        );
         wal.close().await;
     });
 }

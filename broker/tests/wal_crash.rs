@@ -34,8 +34,13 @@ fn batch_for(seed: u64) -> bytes::Bytes {
 #[test]
 #[ignore = "run by crash_recovery_keeps_every_acknowledged_batch as a child process"]
 fn crash_child() {
-    let Ok(dir) = std::env::var("SLUICE_CRASH_DIR") else { return };
-    let round: u64 = std::env::var("SLUICE_CRASH_ROUND").unwrap().parse().unwrap();
+    let Ok(dir) = std::env::var("SLUICE_CRASH_DIR") else {
+        return;
+    };
+    let round: u64 = std::env::var("SLUICE_CRASH_ROUND")
+        .unwrap()
+        .parse()
+        .unwrap();
     let config = config(std::path::Path::new(&dir), SEGMENT_BYTES);
     run(move || async move {
         let (wal, _) = Wal::open(config).await.unwrap();
@@ -53,7 +58,10 @@ fn crash_child() {
                     let frame = batch_for(seed);
                     println!("T {log} {seed}");
                     let appended = append(&wal, log, &frame).await;
-                    println!("A {log} {seed} {} {}", appended.base_offset, appended.last_offset);
+                    println!(
+                        "A {log} {seed} {} {}",
+                        appended.base_offset, appended.last_offset
+                    );
                     std::io::stdout().flush().unwrap();
                 }
             }));
@@ -73,7 +81,13 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
     let mut acked: Vec<(u32, u64, u64, u64)> = Vec::new();
     for round in 0..ROUNDS {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("SLUICE_CRASH_DIR", &dir)
             .env("SLUICE_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -92,7 +106,9 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
         });
         // Wait until the child is appending, then kill it at a random moment.
         loop {
-            let line = lines_rx.recv_timeout(Duration::from_secs(30)).expect("child starts appending");
+            let line = lines_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("child starts appending");
             if line.contains("READY") {
                 break;
             }
@@ -107,10 +123,18 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
             match parts.as_slice() {
                 ["T", log, seed] => {
                     let (log, seed): (u32, u64) = (log.parse().unwrap(), seed.parse().unwrap());
-                    attempted.entry(log).or_default().insert(client_bytes(&batch_for(seed)));
+                    attempted
+                        .entry(log)
+                        .or_default()
+                        .insert(client_bytes(&batch_for(seed)));
                 }
                 ["A", log, seed, base, last] => {
-                    acked.push((log.parse().unwrap(), seed.parse().unwrap(), base.parse().unwrap(), last.parse().unwrap()));
+                    acked.push((
+                        log.parse().unwrap(),
+                        seed.parse().unwrap(),
+                        base.parse().unwrap(),
+                        last.parse().unwrap(),
+                    ));
                     round_acks += 1;
                 }
                 _ => {} // test-harness chatter
@@ -118,15 +142,27 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
         }
         verify(&dir, &attempted, &acked, round, round_acks);
     }
-    assert!(acked.len() > 100, "the crash test must acknowledge a meaningful number of batches: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "the crash test must acknowledge a meaningful number of batches: {}",
+        acked.len()
+    );
 }
 
-fn verify(dir: &std::path::Path, attempted: &HashMap<u32, HashSet<Vec<u8>>>, acked: &[(u32, u64, u64, u64)], round: u64, round_acks: usize) {
+fn verify(
+    dir: &std::path::Path,
+    attempted: &HashMap<u32, HashSet<Vec<u8>>>,
+    acked: &[(u32, u64, u64, u64)],
+    round: u64,
+    round_acks: usize,
+) {
     let config = config(dir, SEGMENT_BYTES);
     let acked = acked.to_vec();
     let attempted = attempted.clone();
     run(move || async move {
-        let (wal, report) = Wal::open(config).await.unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
+        let (wal, report) = Wal::open(config)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
         let mut stored: HashMap<(u32, u64), bytes::Bytes> = HashMap::new();
         for log in 0..LOGS {
             if wal.log_offsets(LogId(log)).is_err() {
@@ -136,22 +172,43 @@ fn verify(dir: &std::path::Path, attempted: &HashMap<u32, HashSet<Vec<u8>>>, ack
             for frame in read_all(&wal, log, 0).await {
                 let header = format::header(&frame).unwrap();
                 let base = header.base_offset.get();
-                assert_eq!(base, expected_next, "round {round}: log {log} offsets are contiguous");
+                assert_eq!(
+                    base, expected_next,
+                    "round {round}: log {log} offsets are contiguous"
+                );
                 expected_next = base + u64::from(header.last_offset_delta.get()) + 1;
-                let known = attempted.get(&log).is_some_and(|set| set.contains(&client_bytes(&frame)));
-                assert!(known, "round {round}: log {log} offset {base} holds a batch that was never appended");
+                let known = attempted
+                    .get(&log)
+                    .is_some_and(|set| set.contains(&client_bytes(&frame)));
+                assert!(
+                    known,
+                    "round {round}: log {log} offset {base} holds a batch that was never appended"
+                );
                 stored.insert((log, base), frame);
             }
         }
         for (log, seed, base, last) in &acked {
-            let frame = stored
-                .get(&(*log, *base))
-                .unwrap_or_else(|| panic!("round {round}: acknowledged batch log {log} offset {base} lost ({report:?})"));
-            assert_eq!(client_bytes(frame), client_bytes(&batch_for(*seed)), "round {round}: bytes differ at log {log} offset {base}");
+            let frame = stored.get(&(*log, *base)).unwrap_or_else(|| {
+                panic!(
+                    "round {round}: acknowledged batch log {log} offset {base} lost ({report:?})"
+                )
+            });
+            assert_eq!(
+                client_bytes(frame),
+                client_bytes(&batch_for(*seed)),
+                "round {round}: bytes differ at log {log} offset {base}"
+            );
             let header = format::header(frame).unwrap();
-            assert_eq!(header.base_offset.get() + u64::from(header.last_offset_delta.get()), *last);
+            assert_eq!(
+                header.base_offset.get() + u64::from(header.last_offset_delta.get()),
+                *last
+            );
         }
         wal.close().await;
-        eprintln!("round {round}: {round_acks} acks this round, {} total, recovery {:?}", acked.len(), report.duration);
+        eprintln!(
+            "round {round}: {round_acks} acks this round, {} total, recovery {:?}",
+            acked.len(),
+            report.duration
+        );
     });
 }

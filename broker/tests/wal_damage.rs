@@ -45,16 +45,26 @@ fn last_with_frames(segments: &[PathBuf]) -> (usize, &PathBuf) {
         .iter()
         .enumerate()
         .rev()
-        .find(|(_, p)| sluice_broker::storage::inspect::inspect_segment(p, false).unwrap().frames > 0)
+        .find(|(_, p)| {
+            sluice_broker::storage::inspect::inspect_segment(p, false)
+                .unwrap()
+                .frames
+                > 0
+        })
         .unwrap()
 }
 
 /// Position where valid frames end in a segment (by inspection).
 fn frames_end(path: &Path) -> u64 {
-    sluice_broker::storage::inspect::inspect_segment(path, false).unwrap().end
+    sluice_broker::storage::inspect::inspect_segment(path, false)
+        .unwrap()
+        .end
 }
 
-fn reopen_and_read(dir: &Path, segment_bytes: u64) -> Result<(Vec<bytes::Bytes>, sluice_broker::storage::RecoveryReport), StorageError> {
+fn reopen_and_read(
+    dir: &Path,
+    segment_bytes: u64,
+) -> Result<(Vec<bytes::Bytes>, sluice_broker::storage::RecoveryReport), StorageError> {
     let config = config(dir, segment_bytes);
     run(move || async move {
         let (wal, report) = Wal::open(config).await?;
@@ -95,9 +105,19 @@ fn truncating_the_last_segment_at_random_bytes_cuts_only_the_tail() {
         drop(file);
         let (got, report) = reopen_and_read(&dir, 1 << 20).unwrap();
         assert_prefix(&got, &sent);
-        assert!(got.len() < sent.len(), "round {round}: cut at {cut} of {end} loses the tail");
+        assert!(
+            got.len() < sent.len(),
+            "round {round}: cut at {cut} of {end} loses the tail"
+        );
         // Everything in older segments survives.
-        let older: u64 = segments[..index].iter().map(|p| sluice_broker::storage::inspect::inspect_segment(p, false).unwrap().frames).sum();
+        let older: u64 = segments[..index]
+            .iter()
+            .map(|p| {
+                sluice_broker::storage::inspect::inspect_segment(p, false)
+                    .unwrap()
+                    .frames
+            })
+            .sum();
         assert!(got.len() as u64 >= older, "{report:?}");
     }
 }
@@ -154,7 +174,10 @@ fn a_bit_flip_in_an_older_batch_is_detected_and_reported() {
         assert_eq!(report.corrupt_logs[0].1, victim_offset);
         let before = wal.read(LogId(1), 0, 1 << 20).await.unwrap();
         assert!(!before.frames.is_empty());
-        let error = wal.read(LogId(1), victim_offset, 1 << 20).await.unwrap_err();
+        let error = wal
+            .read(LogId(1), victim_offset, 1 << 20)
+            .await
+            .unwrap_err();
         match error {
             StorageError::Corrupt { path, position, .. } => {
                 assert!(path.ends_with("0000000001.wal"), "{path:?}");
@@ -196,7 +219,10 @@ fn a_data_dir_from_another_format_version_or_shard_is_refused() {
     let mut other = config(&dir, 1 << 20);
     other.shard = sluice_broker::types::ShardId(3);
     let error = run(move || async move { Wal::open(other).await.map(|_| ()).unwrap_err() });
-    assert!(matches!(error, StorageError::Incompatible { .. }), "{error:?}");
+    assert!(
+        matches!(error, StorageError::Incompatible { .. }),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("shard"), "{error}");
     // A different format version in the segment header.
     let mut bytes = std::fs::read(&segments[0]).unwrap();

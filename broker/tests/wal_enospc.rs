@@ -26,10 +26,23 @@ impl LoopMount {
         let file = std::fs::File::create(&image).unwrap();
         file.set_len(megabytes << 20).unwrap();
         drop(file);
-        let mkfs = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).status();
-        assert!(mkfs.is_ok_and(|s| s.success()), "mkfs.ext4 failed: install e2fsprogs");
-        let mount = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount_point).status();
-        assert!(mount.is_ok_and(|s| s.success()), "mounting a loop filesystem failed: this test needs root");
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status();
+        assert!(
+            mkfs.is_ok_and(|s| s.success()),
+            "mkfs.ext4 failed: install e2fsprogs"
+        );
+        let mount = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount_point)
+            .status();
+        assert!(
+            mount.is_ok_and(|s| s.success()),
+            "mounting a loop filesystem failed: this test needs root"
+        );
         LoopMount { mount_point }
     }
 }
@@ -58,7 +71,10 @@ fn a_full_disk_gives_a_clear_error_and_loses_nothing_acknowledged() {
         for i in 0..2000u64 {
             let frame = batch(4, 16_000, i);
             let info = format::verify_client_batch(&frame, usize::MAX).unwrap();
-            match wal.append(LogId(1), Epoch(0), &[(frame.clone(), info)]).await {
+            match wal
+                .append(LogId(1), Epoch(0), &[(frame.clone(), info)])
+                .await
+            {
                 Ok(appended) => acked.push((appended.base_offset, frame)),
                 Err(error) => {
                     disk_full = Some(error);

@@ -8,6 +8,7 @@ mod consume;
 mod output;
 mod produce;
 mod topic;
+mod wal;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,11 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
     Consume(consume::ConsumeArgs),
+    /// Inspect a stopped broker's write-ahead log.
+    Wal {
+        #[command(subcommand)]
+        command: wal::WalCommand,
+    },
 }
 
 /// Connects to the brokers given on the command line.
@@ -69,6 +75,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Topic { command } => topic::run(&cli.brokers, cli.format, command).await,
         Command::Produce(args) => produce::run(&cli.brokers, args).await,
         Command::Consume(args) => consume::run(&cli.brokers, cli.format, args).await,
+        Command::Wal { command } => wal::run(cli.format, command),
     }
 }
 

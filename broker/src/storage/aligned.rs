@@ -26,7 +26,8 @@ unsafe impl Send for AlignedBuffer {}
 
 impl AlignedBuffer {
     fn layout(capacity: usize) -> Layout {
-        Layout::from_size_align(capacity.max(SECTOR_BYTES as usize), SECTOR_BYTES as usize).expect("valid layout")
+        Layout::from_size_align(capacity.max(SECTOR_BYTES as usize), SECTOR_BYTES as usize)
+            .expect("valid layout")
     }
 
     /// A zeroed-length buffer with room for `capacity` bytes.
@@ -35,7 +36,11 @@ impl AlignedBuffer {
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuffer { ptr, len: 0, capacity }
+        AlignedBuffer {
+            ptr,
+            len: 0,
+            capacity,
+        }
     }
 }
 
@@ -57,7 +62,9 @@ impl Drop for AlignedBuffer {
 /// Reads up to `bytes` at `position` (both aligned) from an O_DIRECT descriptor;
 /// fewer bytes at end of file.
 pub fn pread_aligned(fd: RawFd, position: u64, bytes: usize) -> std::io::Result<AlignedBuffer> {
-    debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
+    debug_assert!(
+        position.is_multiple_of(SECTOR_BYTES) && (bytes as u64).is_multiple_of(SECTOR_BYTES)
+    );
     let mut buffer = AlignedBuffer::with_capacity(bytes);
     while buffer.len < bytes {
         let offset = position + buffer.len as u64;
@@ -81,7 +88,7 @@ pub fn pread_aligned(fd: RawFd, position: u64, bytes: usize) -> std::io::Result<
             break;
         }
         buffer.len += read as usize;
-        if buffer.len % SECTOR_BYTES as usize != 0 {
+        if !buffer.len.is_multiple_of(SECTOR_BYTES as usize) {
             // A short read ends at EOF (files are not always sector-sized).
             break;
         }

@@ -80,4 +80,3 @@ impl TailCache {
         self.bytes
     }
 }
-

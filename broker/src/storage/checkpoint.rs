@@ -46,7 +46,12 @@ impl Snapshot {
             .iter()
             .map(|(log, entry)| {
                 let high_watermark = entry.high_watermark;
-                let runs: VecDeque<Run> = entry.runs.iter().filter(|r| r.last_offset < high_watermark).copied().collect();
+                let runs: VecDeque<Run> = entry
+                    .runs
+                    .iter()
+                    .filter(|r| r.last_offset < high_watermark)
+                    .copied()
+                    .collect();
                 let stored_bytes = runs.iter().map(|r| u64::from(r.bytes)).sum();
                 let snapshot = LogState {
                     log_start: entry.log_start,
@@ -104,11 +109,15 @@ impl Snapshot {
         }
         let version = reader.u32()?;
         if version != VERSION {
-            return Err(format!("checkpoint version {version}, this build reads {VERSION}"));
+            return Err(format!(
+                "checkpoint version {version}, this build reads {VERSION}"
+            ));
         }
         let crc = reader.u32()?;
         let body_bytes = reader.u64()? as usize;
-        let body = bytes.get(PREFIX_BYTES..PREFIX_BYTES.saturating_add(body_bytes)).ok_or("checkpoint truncated")?;
+        let body = bytes
+            .get(PREFIX_BYTES..PREFIX_BYTES.saturating_add(body_bytes))
+            .ok_or("checkpoint truncated")?;
         if crc32fast::hash(body) != crc {
             return Err("checkpoint CRC mismatch".into());
         }
@@ -146,7 +155,11 @@ impl Snapshot {
             };
             logs.insert(log, entry);
         }
-        Ok(Snapshot { shard, scan_from, logs })
+        Ok(Snapshot {
+            shard,
+            scan_from,
+            logs,
+        })
     }
 
     /// Writes the checkpoint atomically.
@@ -158,9 +171,12 @@ impl Snapshot {
         let io = |op: &'static str, path: &Path, e: std::io::Error| StorageError::std(op, path, e);
         {
             use std::io::Write;
-            let mut file = std::fs::File::create(&tmp).map_err(|e| io("create checkpoint", &tmp, e))?;
-            file.write_all(&bytes).map_err(|e| io("write checkpoint", &tmp, e))?;
-            file.sync_data().map_err(|e| io("sync checkpoint", &tmp, e))?;
+            let mut file =
+                std::fs::File::create(&tmp).map_err(|e| io("create checkpoint", &tmp, e))?;
+            file.write_all(&bytes)
+                .map_err(|e| io("write checkpoint", &tmp, e))?;
+            file.sync_data()
+                .map_err(|e| io("sync checkpoint", &tmp, e))?;
         }
         std::fs::rename(&tmp, &target).map_err(|e| io("rename checkpoint", &target, e))?;
         super::segment::sync_directory(&dir).await
@@ -185,7 +201,10 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        let slice = self.bytes.get(self.at..self.at + N).ok_or("checkpoint truncated")?;
+        let slice = self
+            .bytes
+            .get(self.at..self.at + N)
+            .ok_or("checkpoint truncated")?;
         self.at += N;
         let mut out = [0; N];
         out.copy_from_slice(slice);

@@ -79,17 +79,31 @@ pub enum StorageError {
 
 impl StorageError {
     /// Builds an I/O error, classifying ENOSPC/EDQUOT as [`StorageError::DiskFull`].
-    pub fn io(op: &'static str, path: impl Into<PathBuf>, error: &dyn std::fmt::Display, errno: Option<i32>) -> Self {
+    pub fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        error: &dyn std::fmt::Display,
+        errno: Option<i32>,
+    ) -> Self {
         let path = path.into();
         let message = error.to_string();
         match errno {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::DiskFull { path, message },
-            _ => StorageError::Io { op, path, message, errno },
+            _ => StorageError::Io {
+                op,
+                path,
+                message,
+                errno,
+            },
         }
     }
 
     /// From a glommio error.
-    pub fn glommio(op: &'static str, path: impl Into<PathBuf>, error: glommio::GlommioError<()>) -> Self {
+    pub fn glommio(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        error: glommio::GlommioError<()>,
+    ) -> Self {
         let errno = match &error {
             glommio::GlommioError::IoError(e) => e.raw_os_error(),
             glommio::GlommioError::EnhancedIoError { source, .. } => source.raw_os_error(),

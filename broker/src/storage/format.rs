@@ -65,7 +65,8 @@ const _: () = assert!(offset_of!(BatchHeader, frame_bytes) == batch::FRAME_BYTES
 const _: () = assert!(offset_of!(BatchHeader, format_version) == batch::FORMAT_VERSION_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, attributes) == batch::ATTRIBUTES_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, record_count) == batch::RECORD_COUNT_OFFSET);
-const _: () = assert!(offset_of!(BatchHeader, last_offset_delta) == batch::LAST_OFFSET_DELTA_OFFSET);
+const _: () =
+    assert!(offset_of!(BatchHeader, last_offset_delta) == batch::LAST_OFFSET_DELTA_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, first_timestamp_ms) == batch::FIRST_TIMESTAMP_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, max_timestamp_ms) == batch::MAX_TIMESTAMP_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, producer_id) == batch::PRODUCER_ID_OFFSET);
@@ -131,7 +132,10 @@ pub enum FrameError {
 impl FrameError {
     /// True for errors that mean the bytes were damaged (as opposed to malformed).
     pub fn is_checksum(&self) -> bool {
-        matches!(self, FrameError::PayloadCrc { .. } | FrameError::HeaderCrc { .. })
+        matches!(
+            self,
+            FrameError::PayloadCrc { .. } | FrameError::HeaderCrc { .. }
+        )
     }
 }
 
@@ -165,7 +169,10 @@ pub fn check_header(header: &BatchHeader, frame_bytes_max: usize) -> Result<usiz
     }
     let record_count = header.record_count.get();
     let last_offset_delta = header.last_offset_delta.get();
-    if record_count == 0 || record_count > batch::RECORDS_MAX || last_offset_delta != record_count - 1 {
+    if record_count == 0
+        || record_count > batch::RECORDS_MAX
+        || last_offset_delta != record_count - 1
+    {
         return Err(FrameError::BadRecordCount {
             record_count,
             last_offset_delta,
@@ -173,7 +180,9 @@ pub fn check_header(header: &BatchHeader, frame_bytes_max: usize) -> Result<usiz
     }
     let attributes = header.attributes.get();
     let known = batch::ATTRIBUTE_CONTROL;
-    if attributes & batch::ATTRIBUTE_COMPRESSION_MASK != 0 || attributes & !known & !batch::ATTRIBUTE_COMPRESSION_MASK != 0 {
+    if attributes & batch::ATTRIBUTE_COMPRESSION_MASK != 0
+        || attributes & !known & !batch::ATTRIBUTE_COMPRESSION_MASK != 0
+    {
         return Err(FrameError::BadAttributes(attributes));
     }
     Ok(frame_bytes)
@@ -227,7 +236,9 @@ pub fn verify_client_batch(bytes: &[u8], frame_bytes_max: usize) -> Result<Batch
 /// Writes the broker-owned fields into a frame and seals it with the header CRC.
 pub fn stamp(frame: &mut [u8], base_offset: Offset, log_id: LogId, epoch: Epoch) {
     debug_assert!(frame.len() >= batch::HEADER_BYTES);
-    let put = |frame: &mut [u8], at: usize, bytes: &[u8]| frame[at..at + bytes.len()].copy_from_slice(bytes);
+    let put = |frame: &mut [u8], at: usize, bytes: &[u8]| {
+        frame[at..at + bytes.len()].copy_from_slice(bytes)
+    };
     put(frame, batch::BASE_OFFSET_OFFSET, &base_offset.to_le_bytes());
     put(frame, batch::LOG_ID_OFFSET, &log_id.0.to_le_bytes());
     put(frame, batch::LEADER_EPOCH_OFFSET, &epoch.0.to_le_bytes());
@@ -336,7 +347,8 @@ impl SegmentHeader {
 
     /// Parses and checks a header read from the start of a segment file.
     pub fn parse(bytes: &[u8]) -> Result<SegmentHeader, String> {
-        let (header, _) = SegmentHeader::read_from_prefix(bytes).map_err(|_| "segment header truncated".to_string())?;
+        let (header, _) = SegmentHeader::read_from_prefix(bytes)
+            .map_err(|_| "segment header truncated".to_string())?;
         if header.magic.get() != SEGMENT_MAGIC {
             return Err("not a Sluice WAL segment (bad magic)".into());
         }

@@ -73,13 +73,24 @@ pub struct LogState {
 
 impl LogState {
     /// Records a batch written at `position` (after it was laid out in a write).
-    pub fn push(&mut self, base_offset: Offset, last_offset: Offset, position: WalPosition, bytes: u32, max_ts: i64, same_write: bool) {
+    pub fn push(
+        &mut self,
+        base_offset: Offset,
+        last_offset: Offset,
+        position: WalPosition,
+        bytes: u32,
+        max_ts: i64,
+        same_write: bool,
+    ) {
         debug_assert!(last_offset >= base_offset);
         self.stored_bytes += u64::from(bytes);
         self.max_timestamp_ms = self.max_timestamp_ms.max(max_ts);
         if same_write {
             if let Some(last) = self.runs.back_mut() {
-                if last.end() == position && last.last_offset + 1 == base_offset && last.bytes + bytes <= INDEX_RUN_BYTES_MAX {
+                if last.end() == position
+                    && last.last_offset + 1 == base_offset
+                    && last.bytes + bytes <= INDEX_RUN_BYTES_MAX
+                {
                     last.last_offset = last_offset;
                     last.bytes += bytes;
                     last.max_timestamp_ms = last.max_timestamp_ms.max(max_ts);

@@ -64,7 +64,11 @@ pub fn inspect_dir(dir: &Path, list_frames: bool) -> Result<Vec<SegmentSummary>,
         let mut shards: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("shard-")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("shard-"))
+            })
             .map(|p| p.join("wal"))
             .filter(|p| p.is_dir())
             .collect();
@@ -72,7 +76,10 @@ pub fn inspect_dir(dir: &Path, list_frames: bool) -> Result<Vec<SegmentSummary>,
         wal_dirs.extend(shards);
     }
     if wal_dirs.is_empty() {
-        return Err(format!("{}: no WAL segments found (expected a data dir, a shard dir or a wal dir)", dir.display()));
+        return Err(format!(
+            "{}: no WAL segments found (expected a data dir, a shard dir or a wal dir)",
+            dir.display()
+        ));
     }
     let mut out = Vec::new();
     for wal_dir in wal_dirs {
@@ -92,16 +99,24 @@ pub fn inspect_dir(dir: &Path, list_frames: bool) -> Result<Vec<SegmentSummary>,
 
 fn has_segments(dir: &Path) -> bool {
     std::fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "wal")))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "wal"))
+        })
         .unwrap_or(false)
 }
 
 /// Inspects one segment file.
 pub fn inspect_segment(path: &Path, list_frames: bool) -> Result<SegmentSummary, String> {
     let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let size = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    let size = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
     let mut block = vec![0u8; SEGMENT_HEADER_BYTES as usize];
-    file.read_exact(&mut block).map_err(|e| format!("{}: reading header: {e}", path.display()))?;
+    file.read_exact(&mut block)
+        .map_err(|e| format!("{}: reading header: {e}", path.display()))?;
     let header = SegmentHeader::parse(&block).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut summary = SegmentSummary {
         path: path.to_path_buf(),
@@ -120,17 +135,21 @@ pub fn inspect_segment(path: &Path, list_frames: bool) -> Result<SegmentSummary,
         if position + batch::HEADER_BYTES as u64 > size {
             break;
         }
-        file.seek(SeekFrom::Start(position)).map_err(|e| e.to_string())?;
+        file.seek(SeekFrom::Start(position))
+            .map_err(|e| e.to_string())?;
         frame.resize(batch::HEADER_BYTES, 0);
         file.read_exact(&mut frame).map_err(|e| e.to_string())?;
         if frame.iter().all(|b| *b == 0) {
             break;
         }
-        let declared = format::header(&frame).map(|h| h.frame_bytes.get() as usize).unwrap_or(0);
+        let declared = format::header(&frame)
+            .map(|h| h.frame_bytes.get() as usize)
+            .unwrap_or(0);
         let length = declared.clamp(batch::HEADER_BYTES, BATCH_BYTES_MAX);
         let available = (size - position) as usize;
         frame.resize(length.min(available), 0);
-        file.seek(SeekFrom::Start(position)).map_err(|e| e.to_string())?;
+        file.seek(SeekFrom::Start(position))
+            .map_err(|e| e.to_string())?;
         file.read_exact(&mut frame).map_err(|e| e.to_string())?;
         match format::verify_stored(&frame, BATCH_BYTES_MAX) {
             Ok(stored) => {

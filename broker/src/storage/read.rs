@@ -50,13 +50,15 @@ impl Wal {
                 Source::Disk(file, run) => read_run(&file, &run).await?,
             };
             for frame in frames {
-                let header = format::header(&frame).map_err(|e| StorageError::Failed(e.to_string()))?;
+                let header =
+                    format::header(&frame).map_err(|e| StorageError::Failed(e.to_string()))?;
                 let base = header.base_offset.get();
                 let last = base + u64::from(header.last_offset_delta.get());
                 if last < offset {
                     continue;
                 }
-                if base >= high_watermark || (out.bytes > 0 && out.bytes + frame.len() > max_bytes) {
+                if base >= high_watermark || (out.bytes > 0 && out.bytes + frame.len() > max_bytes)
+                {
                     return Ok(out);
                 }
                 out.bytes += frame.len();
@@ -66,7 +68,12 @@ impl Wal {
         Ok(out)
     }
 
-    fn plan_read(&self, log: LogId, offset: Offset, max_bytes: usize) -> Result<(Vec<Source>, Offset, Offset)> {
+    fn plan_read(
+        &self,
+        log: LogId,
+        offset: Offset,
+        max_bytes: usize,
+    ) -> Result<(Vec<Source>, Offset, Offset)> {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
@@ -96,10 +103,15 @@ impl Wal {
             match state.cache.get_run(run.position, run.bytes) {
                 Some(frames) => plan.push(Source::Cached(frames)),
                 None => {
-                    let segment = state.segments.get(&run.position.segment()).ok_or_else(|| StorageError::Corrupt {
-                        path: self.config.dir.clone(),
-                        position: run.position.byte(),
-                        reason: format!("index of log {log} points into missing segment {}", run.position.segment()),
+                    let segment = state.segments.get(&run.position.segment()).ok_or_else(|| {
+                        StorageError::Corrupt {
+                            path: self.config.dir.clone(),
+                            position: run.position.byte(),
+                            reason: format!(
+                                "index of log {log} points into missing segment {}",
+                                run.position.segment()
+                            ),
+                        }
                     })?;
                     plan.push(Source::Disk(segment.file.clone(), *run));
                 }
@@ -128,10 +140,12 @@ async fn read_run(file: &SegmentFile, run: &Run) -> Result<Vec<Bytes>> {
     let mut frames = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| StorageError::Corrupt {
-            path: file.path.clone(),
-            position: start + at as u64,
-            reason: error.to_string(),
+        let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| {
+            StorageError::Corrupt {
+                path: file.path.clone(),
+                position: start + at as u64,
+                reason: error.to_string(),
+            }
         })?;
         frames.push(bytes.slice(at..at + frame.frame_bytes));
         at += frame.frame_bytes;

@@ -65,13 +65,17 @@ impl Wal {
     /// Opens (creating if needed) the WAL in `config.dir` and recovers it.
     pub async fn open(mut config: WalConfig) -> Result<(Rc<Wal>, RecoveryReport)> {
         // glommio's directory calls fail with EBADF on relative paths.
-        config.dir = std::path::absolute(&config.dir).map_err(|e| StorageError::std("resolve WAL directory", &config.dir, e))?;
-        config.validate().map_err(|reason| StorageError::Incompatible {
-            path: config.dir.clone(),
-            reason,
-        })?;
+        config.dir = std::path::absolute(&config.dir)
+            .map_err(|e| StorageError::std("resolve WAL directory", &config.dir, e))?;
+        config
+            .validate()
+            .map_err(|reason| StorageError::Incompatible {
+                path: config.dir.clone(),
+                reason,
+            })?;
         let started = Instant::now();
-        std::fs::create_dir_all(&config.dir).map_err(|e| StorageError::std("create WAL directory", &config.dir, e))?;
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|e| StorageError::std("create WAL directory", &config.dir, e))?;
         let mut report = RecoveryReport::default();
         let ids = list_segments(&config.dir)?;
         let mut segments = BTreeMap::new();
@@ -89,7 +93,14 @@ impl Wal {
         }
         report.segments = segments.len();
         if segments.is_empty() {
-            let file = SegmentFile::create(&config.dir, config.shard, SegmentId(1), config.segment_bytes, now_ms()).await?;
+            let file = SegmentFile::create(
+                &config.dir,
+                config.shard,
+                SegmentId(1),
+                config.segment_bytes,
+                now_ms(),
+            )
+            .await?;
             segments.insert(
                 SegmentId(1),
                 Segment {
@@ -101,7 +112,15 @@ impl Wal {
         }
         let (mut logs, scan_from) = load_checkpoint(&config, &segments, &mut report);
         let mut corrupt = HashMap::new();
-        let tail = scan(&config, &mut segments, &mut logs, &mut corrupt, scan_from, &mut report).await?;
+        let tail = scan(
+            &config,
+            &mut segments,
+            &mut logs,
+            &mut corrupt,
+            scan_from,
+            &mut report,
+        )
+        .await?;
         let (write_byte, tail_block) = finish_tail(&segments, tail).await?;
         report.duration = started.elapsed();
         let wal = Wal::from_recovered(config, segments, write_byte, tail_block, logs, corrupt);
@@ -114,7 +133,9 @@ impl Wal {
 /// process stopped (the header is written last); it holds nothing: remove it.
 fn remove_unfinished_spare(dir: &Path, mut ids: Vec<SegmentId>) -> Result<Vec<SegmentId>> {
     use std::io::Read;
-    let Some(last) = ids.last().copied() else { return Ok(ids) };
+    let Some(last) = ids.last().copied() else {
+        return Ok(ids);
+    };
     let path = dir.join(segment::file_name(last));
     let mut header = vec![0u8; 64];
     let read = std::fs::File::open(&path)
@@ -122,7 +143,8 @@ fn remove_unfinished_spare(dir: &Path, mut ids: Vec<SegmentId>) -> Result<Vec<Se
         .map_err(|e| StorageError::std("read segment header", &path, e))?;
     if header[..read].iter().all(|b| *b == 0) {
         tracing::warn!(path = %path.display(), "removing a segment whose creation did not finish");
-        std::fs::remove_file(&path).map_err(|e| StorageError::std("remove unfinished segment", &path, e))?;
+        std::fs::remove_file(&path)
+            .map_err(|e| StorageError::std("remove unfinished segment", &path, e))?;
         ids.pop();
     }
     Ok(ids)
@@ -130,10 +152,15 @@ fn remove_unfinished_spare(dir: &Path, mut ids: Vec<SegmentId>) -> Result<Vec<Se
 
 fn list_segments(dir: &Path) -> Result<Vec<SegmentId>> {
     let mut ids = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| StorageError::std("list WAL directory", dir, e))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| StorageError::std("list WAL directory", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StorageError::std("list WAL directory", dir, e))?;
-        if let Some(id) = entry.file_name().to_str().and_then(segment::parse_file_name) {
+        if let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_file_name)
+        {
             ids.push(id);
         }
     }
@@ -166,7 +193,11 @@ fn load_checkpoint(
     let mut logs = snapshot.logs;
     for entry in logs.values_mut() {
         // Runs in segments that retention already deleted are gone: start after them.
-        while entry.runs.front().is_some_and(|run| !segments.contains_key(&run.position.segment())) {
+        while entry
+            .runs
+            .front()
+            .is_some_and(|run| !segments.contains_key(&run.position.segment()))
+        {
             if let Some(run) = entry.runs.pop_front() {
                 entry.stored_bytes -= u64::from(run.bytes);
                 entry.log_start = entry.log_start.max(run.last_offset + 1);
@@ -195,11 +226,18 @@ async fn scan(
             }
         }
     }
-    let ids: Vec<SegmentId> = segments.range(scan_from.segment()..).map(|(id, _)| *id).collect();
+    let ids: Vec<SegmentId> = segments
+        .range(scan_from.segment()..)
+        .map(|(id, _)| *id)
+        .collect();
     let tail_segment = newest_with_frames(segments, &ids).await?;
     let mut ends = Vec::new();
     for id in &ids {
-        let start = if *id == scan_from.segment() { scan_from.byte() } else { SEGMENT_HEADER_BYTES };
+        let start = if *id == scan_from.segment() {
+            scan_from.byte()
+        } else {
+            SEGMENT_HEADER_BYTES
+        };
         let segment = segments.get_mut(id).expect("listed");
         let is_tail = Some(*id) == tail_segment;
         let end = scan_segment(segment, *id, start, is_tail, logs, corrupt, report).await?;
@@ -213,7 +251,9 @@ async fn scan(
             let byte = match end {
                 ScanEnd::Clean(byte) | ScanEnd::Invalid(byte, _) => *byte,
             };
-            byte > SEGMENT_HEADER_BYTES || matches!(end, ScanEnd::Invalid(..)) || segments[id].end > SEGMENT_HEADER_BYTES
+            byte > SEGMENT_HEADER_BYTES
+                || matches!(end, ScanEnd::Invalid(..))
+                || segments[id].end > SEGMENT_HEADER_BYTES
         })
         .map(|(id, _)| *id);
     for (id, end) in &ends {
@@ -248,10 +288,15 @@ struct Tail {
 
 /// The newest of `ids` whose first frame slot is not zero (a zero-filled spare
 /// segment may follow the one appends were going to).
-async fn newest_with_frames(segments: &BTreeMap<SegmentId, Segment>, ids: &[SegmentId]) -> Result<Option<SegmentId>> {
+async fn newest_with_frames(
+    segments: &BTreeMap<SegmentId, Segment>,
+    ids: &[SegmentId],
+) -> Result<Option<SegmentId>> {
     for id in ids.iter().rev() {
         let file = &segments[id].file;
-        let block = file.read(SEGMENT_HEADER_BYTES, SECTOR_BYTES as usize).await?;
+        let block = file
+            .read(SEGMENT_HEADER_BYTES, SECTOR_BYTES as usize)
+            .await?;
         if block.iter().take(batch::HEADER_BYTES).any(|b| *b != 0) {
             return Ok(Some(*id));
         }
@@ -261,15 +306,26 @@ async fn newest_with_frames(segments: &BTreeMap<SegmentId, Segment>, ids: &[Segm
 
 /// Follows frame headers (header CRC and length only) from `start`; true if the
 /// chain of intact headers reaches `limit`.
-async fn chain_reaches(reader: &mut ScanReader, file: &SegmentFile, start: u64, limit: u64) -> Result<bool> {
+async fn chain_reaches(
+    reader: &mut ScanReader,
+    file: &SegmentFile,
+    start: u64,
+    limit: u64,
+) -> Result<bool> {
     let mut position = start;
     while position < limit {
         if position + batch::HEADER_BYTES as u64 > file.capacity {
             return Ok(false);
         }
-        let bytes = reader.get(file, position, batch::HEADER_BYTES, file.capacity).await?;
-        let Ok(header) = format::header(bytes) else { return Ok(false) };
-        if header.magic.get() != batch::MAGIC || format::header_crc(bytes) != header.header_crc.get() {
+        let bytes = reader
+            .get(file, position, batch::HEADER_BYTES, file.capacity)
+            .await?;
+        let Ok(header) = format::header(bytes) else {
+            return Ok(false);
+        };
+        if header.magic.get() != batch::MAGIC
+            || format::header_crc(bytes) != header.header_crc.get()
+        {
             return Ok(false);
         }
         position += u64::from(header.frame_bytes.get()).max(batch::HEADER_BYTES as u64);
@@ -301,29 +357,46 @@ async fn scan_segment(
             segment.end = position;
             return Ok(ScanEnd::Clean(position));
         }
-        let header_bytes = reader.get(&file, position, batch::HEADER_BYTES, capacity).await?;
+        let header_bytes = reader
+            .get(&file, position, batch::HEADER_BYTES, capacity)
+            .await?;
         if header_bytes.iter().all(|b| *b == 0) {
             segment.end = position;
             return Ok(ScanEnd::Clean(position));
         }
-        let declared = format::header(header_bytes).map(|h| h.frame_bytes.get() as usize).unwrap_or(0);
+        let declared = format::header(header_bytes)
+            .map(|h| h.frame_bytes.get() as usize)
+            .unwrap_or(0);
         let frame_bytes = declared.clamp(batch::HEADER_BYTES, BATCH_BYTES_MAX);
         if position + frame_bytes as u64 > capacity {
             segment.end = position;
-            return Ok(ScanEnd::Invalid(position, format!("frame of {declared} bytes runs past the segment end")));
+            return Ok(ScanEnd::Invalid(
+                position,
+                format!("frame of {declared} bytes runs past the segment end"),
+            ));
         }
         let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
         let frame = match format::verify_stored(bytes, BATCH_BYTES_MAX) {
             Ok(frame) => frame,
             Err(error @ FrameError::PayloadCrc { .. })
-                if !is_tail || chain_reaches(&mut reader, &file, position, position + RECOVERY_ZERO_BYTES).await? =>
+                if !is_tail
+                    || chain_reaches(
+                        &mut reader,
+                        &file,
+                        position,
+                        position + RECOVERY_ZERO_BYTES,
+                    )
+                    .await? =>
             {
                 // Header intact: the length is trustworthy. Mark the log and go on.
                 let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
                 let header = format::header(bytes).expect("checked above");
                 let log = LogId(header.log_id.get());
                 let offset = header.base_offset.get();
-                let reason = format!("{error} in batch at offset {offset} ({} byte {position})", file.path.display());
+                let reason = format!(
+                    "{error} in batch at offset {offset} ({} byte {position})",
+                    file.path.display()
+                );
                 report.corrupt_logs.push((log, offset, reason.clone()));
                 corrupt.entry(log).or_insert((
                     offset,
@@ -351,7 +424,9 @@ async fn scan_segment(
             position += frame.frame_bytes as u64;
             continue;
         }
-        if frame.base_offset != entry.next_offset && !(entry.next_offset == 0 && entry.runs.is_empty()) {
+        if frame.base_offset != entry.next_offset
+            && !(entry.next_offset == 0 && entry.runs.is_empty())
+        {
             segment.end = position;
             return Ok(ScanEnd::Invalid(
                 position,
@@ -365,7 +440,14 @@ async fn scan_segment(
             entry.log_start = frame.base_offset;
         }
         let same_write = previous == Some(frame.log_id);
-        entry.push(frame.base_offset, frame.last_offset, WalPosition::new(id, position), frame.frame_bytes as u32, frame.max_timestamp_ms, same_write);
+        entry.push(
+            frame.base_offset,
+            frame.last_offset,
+            WalPosition::new(id, position),
+            frame.frame_bytes as u32,
+            frame.max_timestamp_ms,
+            same_write,
+        );
         entry.next_offset = frame.last_offset + 1;
         entry.high_watermark = entry.next_offset;
         segment.logs.insert(frame.log_id, frame.last_offset);
@@ -380,18 +462,26 @@ async fn scan_segment(
 /// Zeroes whatever may follow the last valid frame of the active segment (stale or
 /// torn bytes from writes that were in flight) and returns the write position and
 /// the partial last block.
-async fn finish_tail(segments: &BTreeMap<SegmentId, Segment>, tail: Tail) -> Result<(u64, Vec<u8>)> {
+async fn finish_tail(
+    segments: &BTreeMap<SegmentId, Segment>,
+    tail: Tail,
+) -> Result<(u64, Vec<u8>)> {
     // Only scanned segments can end in bytes that were never durable (every older
     // segment was durable before its successor got a write).
     for id in &tail.scanned {
         zero_after(&segments[id]).await?;
     }
-    let Tail { active, write_byte, .. } = tail;
+    let Tail {
+        active, write_byte, ..
+    } = tail;
     let segment = &segments[&active];
     let block_start = write_byte / SECTOR_BYTES * SECTOR_BYTES;
     let keep = (write_byte - block_start) as usize;
     let tail_block = if keep > 0 {
-        let block = segment.file.read(block_start, SECTOR_BYTES as usize).await?;
+        let block = segment
+            .file
+            .read(block_start, SECTOR_BYTES as usize)
+            .await?;
         block[..keep].to_vec()
     } else {
         Vec::new()
@@ -410,7 +500,9 @@ async fn zero_after(segment: &Segment) -> Result<()> {
     }
     let block_start = end / SECTOR_BYTES * SECTOR_BYTES;
     let region_end = limit.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
-    let region = file.read(block_start, (region_end - block_start) as usize).await?;
+    let region = file
+        .read(block_start, (region_end - block_start) as usize)
+        .await?;
     let keep = (end - block_start) as usize;
     if region.len() <= keep || region[keep..].iter().all(|b| *b == 0) {
         return Ok(());
@@ -420,7 +512,8 @@ async fn zero_after(segment: &Segment) -> Result<()> {
     block.as_bytes_mut()[keep..].fill(0);
     file.write(block, block_start).await?;
     if block_start + SECTOR_BYTES < region_end {
-        file.zero_fill(block_start + SECTOR_BYTES, region_end).await?;
+        file.zero_fill(block_start + SECTOR_BYTES, region_end)
+            .await?;
     }
     file.sync().await
 }
@@ -433,12 +526,22 @@ struct ScanReader {
 }
 
 impl ScanReader {
-    async fn get(&mut self, file: &SegmentFile, position: u64, bytes: usize, capacity: u64) -> Result<&[u8]> {
+    async fn get(
+        &mut self,
+        file: &SegmentFile,
+        position: u64,
+        bytes: usize,
+        capacity: u64,
+    ) -> Result<&[u8]> {
         let end = position + bytes as u64;
-        let have = self.data.as_ref().is_some_and(|d| position >= self.start && end <= self.start + d.len() as u64);
+        let have = self
+            .data
+            .as_ref()
+            .is_some_and(|d| position >= self.start && end <= self.start + d.len() as u64);
         if !have {
             let start = position / SECTOR_BYTES * SECTOR_BYTES;
-            let want = ((end - start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES).max(SCAN_READ_BYTES as u64);
+            let want =
+                ((end - start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES).max(SCAN_READ_BYTES as u64);
             let want = want.min(capacity - start);
             self.data = Some(file.read(start, want as usize).await?);
             self.start = start;

@@ -23,7 +23,10 @@ impl Wal {
     /// high watermark.
     pub fn advance_log_start(&self, log: LogId, offset: Offset) -> Result<()> {
         let mut state = self.state.borrow_mut();
-        let entry = state.logs.get_mut(&log).ok_or(StorageError::UnknownLog(log))?;
+        let entry = state
+            .logs
+            .get_mut(&log)
+            .ok_or(StorageError::UnknownLog(log))?;
         entry.advance_start(offset);
         Ok(())
     }
@@ -34,15 +37,21 @@ impl Wal {
         let mut state = self.state.borrow_mut();
         let mut moved = 0;
         for (log, entry) in state.logs.iter_mut() {
-            let Some(policy) = policies.get(log) else { continue };
+            let Some(policy) = policies.get(log) else {
+                continue;
+            };
             let mut new_start = entry.log_start;
             let mut remaining = entry.stored_bytes;
             for run in &entry.runs {
                 if run.last_offset >= entry.high_watermark {
                     break;
                 }
-                let too_old = policy.retention_ms.is_some_and(|ms| now_ms.saturating_sub(run.max_timestamp_ms) > ms as i64);
-                let too_big = policy.retention_bytes.is_some_and(|bytes| remaining > bytes);
+                let too_old = policy
+                    .retention_ms
+                    .is_some_and(|ms| now_ms.saturating_sub(run.max_timestamp_ms) > ms as i64);
+                let too_big = policy
+                    .retention_bytes
+                    .is_some_and(|bytes| remaining > bytes);
                 if !(too_old || too_big) {
                     break;
                 }
@@ -65,10 +74,13 @@ impl Wal {
             .iter()
             .filter(|(id, _)| **id != state.active)
             .filter(|(_, segment)| {
-                segment.logs.iter().all(|(log, last)| match state.logs.get(log) {
-                    None => true,
-                    Some(entry) => *last < entry.log_start,
-                })
+                segment
+                    .logs
+                    .iter()
+                    .all(|(log, last)| match state.logs.get(log) {
+                        None => true,
+                        Some(entry) => *last < entry.log_start,
+                    })
             })
             .map(|(id, _)| *id)
             .collect()
@@ -89,7 +101,8 @@ impl Wal {
             if let Some(segment) = removed {
                 let path = segment.file.path.clone();
                 drop(segment);
-                std::fs::remove_file(&path).map_err(|e| StorageError::std("delete segment", &path, e))?;
+                std::fs::remove_file(&path)
+                    .map_err(|e| StorageError::std("delete segment", &path, e))?;
                 tracing::info!(path = %path.display(), "deleted WAL segment: no live batch left");
             }
         }

@@ -23,7 +23,14 @@ pub(super) async fn roll(wal: &Rc<Wal>) -> Result<()> {
         Some(spare) => Ok(spare),
         None => {
             let config = wal.config();
-            SegmentFile::create(&config.dir, config.shard, next_id, config.segment_bytes, now_ms()).await
+            SegmentFile::create(
+                &config.dir,
+                config.shard,
+                next_id,
+                config.segment_bytes,
+                now_ms(),
+            )
+            .await
         }
     };
     wal.set_preparing_spare(false);

@@ -55,7 +55,7 @@ pub struct SegmentFile {
 
 fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
     let alignment = file.alignment();
-    if alignment > SECTOR_BYTES || SECTOR_BYTES % alignment != 0 {
+    if alignment > SECTOR_BYTES || !SECTOR_BYTES.is_multiple_of(alignment) {
         return Err(StorageError::Incompatible {
             path: path.to_path_buf(),
             reason: format!(
@@ -69,8 +69,14 @@ fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
 impl SegmentFile {
     /// Creates, zero-fills and syncs a new segment with its header block, then syncs
     /// the directory so the file's name is durable too.
-    pub async fn create(dir: &Path, shard: ShardId, id: SegmentId, capacity: u64, now_ms: i64) -> Result<SegmentFile> {
-        debug_assert!(capacity % SECTOR_BYTES == 0);
+    pub async fn create(
+        dir: &Path,
+        shard: ShardId,
+        id: SegmentId,
+        capacity: u64,
+        now_ms: i64,
+    ) -> Result<SegmentFile> {
+        debug_assert!(capacity.is_multiple_of(SECTOR_BYTES));
         let path = dir.join(file_name(id));
         let file = OpenOptions::new()
             .create_new(true)
@@ -100,14 +106,15 @@ impl SegmentFile {
         let mut block = self.file.alloc_dma_buffer(SEGMENT_HEADER_BYTES as usize);
         block.as_bytes_mut().fill(0);
         let header = SegmentHeader::new(shard, self.id, self.capacity, now_ms);
-        block.as_bytes_mut()[..std::mem::size_of::<SegmentHeader>()].copy_from_slice(header.as_bytes());
+        block.as_bytes_mut()[..std::mem::size_of::<SegmentHeader>()]
+            .copy_from_slice(header.as_bytes());
         self.write(block, 0).await?;
         self.sync().await
     }
 
     /// Writes zeros over `[from, to)` (both sector-aligned) with several writes in flight.
     pub async fn zero_fill(&self, from: u64, to: u64) -> Result<()> {
-        debug_assert!(from % SECTOR_BYTES == 0 && to % SECTOR_BYTES == 0);
+        debug_assert!(from.is_multiple_of(SECTOR_BYTES) && to.is_multiple_of(SECTOR_BYTES));
         let mut position = from;
         while position < to {
             let mut writes = Vec::with_capacity(ZERO_FILL_DEPTH);
@@ -129,7 +136,11 @@ impl SegmentFile {
     }
 
     /// Opens an existing segment and checks its header.
-    pub async fn open(dir: &Path, shard: ShardId, id: SegmentId) -> Result<(SegmentFile, SegmentHeader)> {
+    pub async fn open(
+        dir: &Path,
+        shard: ShardId,
+        id: SegmentId,
+    ) -> Result<(SegmentFile, SegmentHeader)> {
         let path = dir.join(file_name(id));
         let file = OpenOptions::new()
             .read(true)
@@ -138,7 +149,10 @@ impl SegmentFile {
             .await
             .map_err(|e| StorageError::glommio("open segment", &path, e))?;
         check_alignment(&file, &path)?;
-        let size = file.file_size().await.map_err(|e| StorageError::glommio("stat segment", &path, e))?;
+        let size = file
+            .file_size()
+            .await
+            .map_err(|e| StorageError::glommio("stat segment", &path, e))?;
         let block = file
             .read_at_aligned(0, SEGMENT_HEADER_BYTES as usize)
             .await
@@ -175,7 +189,9 @@ impl SegmentFile {
     /// One aligned write of a whole buffer.
     pub async fn write(&self, buffer: glommio::io::DmaBuffer, position: u64) -> Result<()> {
         let bytes = buffer.len();
-        debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
+        debug_assert!(
+            position.is_multiple_of(SECTOR_BYTES) && (bytes as u64).is_multiple_of(SECTOR_BYTES)
+        );
         debug_assert!(position + bytes as u64 <= self.capacity.max(SEGMENT_HEADER_BYTES));
         let written = self
             .file
@@ -204,7 +220,9 @@ impl SegmentFile {
     /// Aligned direct read of `[position, position + bytes)`; may return fewer bytes
     /// at EOF. Runs on the blocking pool (see `aligned.rs` for why not io_uring).
     pub async fn read(&self, position: u64, bytes: usize) -> Result<AlignedBuffer> {
-        debug_assert!(position % SECTOR_BYTES == 0 && bytes as u64 % SECTOR_BYTES == 0);
+        debug_assert!(
+            position.is_multiple_of(SECTOR_BYTES) && (bytes as u64).is_multiple_of(SECTOR_BYTES)
+        );
         let fd = self.file.as_raw_fd();
         // The Rc<DmaFile> held by `self` keeps the descriptor open until we return.
         let result = glommio::executor()

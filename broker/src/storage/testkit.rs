@@ -36,17 +36,47 @@ pub fn encode_batch(timestamp_ms: i64, values: &[&[u8]]) -> Vec<u8> {
     }
     let count = values.len() as u32;
     let frame_bytes = out.len() as u32;
-    let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| out[at..at + bytes.len()].copy_from_slice(bytes);
+    let put = |out: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        out[at..at + bytes.len()].copy_from_slice(bytes)
+    };
     put(&mut out, 0, &batch::MAGIC.to_le_bytes());
-    put(&mut out, batch::FRAME_BYTES_OFFSET, &frame_bytes.to_le_bytes());
-    put(&mut out, batch::FORMAT_VERSION_OFFSET, &batch::FORMAT_VERSION.to_le_bytes());
+    put(
+        &mut out,
+        batch::FRAME_BYTES_OFFSET,
+        &frame_bytes.to_le_bytes(),
+    );
+    put(
+        &mut out,
+        batch::FORMAT_VERSION_OFFSET,
+        &batch::FORMAT_VERSION.to_le_bytes(),
+    );
     put(&mut out, batch::RECORD_COUNT_OFFSET, &count.to_le_bytes());
-    put(&mut out, batch::LAST_OFFSET_DELTA_OFFSET, &(count - 1).to_le_bytes());
-    put(&mut out, batch::FIRST_TIMESTAMP_OFFSET, &timestamp_ms.to_le_bytes());
-    put(&mut out, batch::MAX_TIMESTAMP_OFFSET, &timestamp_ms.to_le_bytes());
+    put(
+        &mut out,
+        batch::LAST_OFFSET_DELTA_OFFSET,
+        &(count - 1).to_le_bytes(),
+    );
+    put(
+        &mut out,
+        batch::FIRST_TIMESTAMP_OFFSET,
+        &timestamp_ms.to_le_bytes(),
+    );
+    put(
+        &mut out,
+        batch::MAX_TIMESTAMP_OFFSET,
+        &timestamp_ms.to_le_bytes(),
+    );
     put(&mut out, batch::PRODUCER_ID_OFFSET, &(-1i64).to_le_bytes());
-    put(&mut out, batch::PRODUCER_EPOCH_OFFSET, &(-1i16).to_le_bytes());
-    put(&mut out, batch::BASE_SEQUENCE_OFFSET, &(-1i32).to_le_bytes());
+    put(
+        &mut out,
+        batch::PRODUCER_EPOCH_OFFSET,
+        &(-1i16).to_le_bytes(),
+    );
+    put(
+        &mut out,
+        batch::BASE_SEQUENCE_OFFSET,
+        &(-1i32).to_le_bytes(),
+    );
     let crc = crc32fast::hash(&out[batch::PAYLOAD_CRC_START..]);
     put(&mut out, batch::PAYLOAD_CRC_OFFSET, &crc.to_le_bytes());
     out

@@ -37,7 +37,10 @@ use super::error::{Result, StorageError};
 use super::format::{self, BatchInfo};
 use super::index::{LogState, WalPosition};
 use super::segment::SegmentFile;
-use crate::limits::{INFLIGHT_BYTES_MAX, SECTOR_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, WRITE_BYTES_MAX};
+use crate::limits::{
+    INFLIGHT_BYTES_MAX, SECTOR_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
+    WRITE_BYTES_MAX,
+};
 use crate::sync::{Completion, Notify};
 use crate::types::{Epoch, LogId, Offset, SegmentId, ShardId};
 
@@ -57,7 +60,9 @@ pub struct WalConfig {
 impl WalConfig {
     /// Checks the sizes.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes) || self.segment_bytes % SECTOR_BYTES != 0 {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&self.segment_bytes)
+            || !self.segment_bytes.is_multiple_of(SECTOR_BYTES)
+        {
             return Err(format!(
                 "segment size {} must be a multiple of {SECTOR_BYTES} in [{SEGMENT_BYTES_MIN}, {SEGMENT_BYTES_MAX}]",
                 self.segment_bytes
@@ -150,6 +155,7 @@ pub(super) struct State {
     pub cache: TailCache,
     failed: Option<StorageError>,
     closing: bool,
+    writer_done: bool,
     /// A zero-filled segment made ahead of need.
     spare: Option<SegmentFile>,
     preparing_spare: bool,
@@ -168,7 +174,10 @@ pub struct Wal {
 }
 
 pub(super) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Wal {
@@ -180,7 +189,10 @@ impl Wal {
         logs: HashMap<LogId, LogState>,
         corrupt: HashMap<LogId, (Offset, StorageError)>,
     ) -> Rc<Wal> {
-        let active = *segments.keys().next_back().expect("recovery always leaves an active segment");
+        let active = *segments
+            .keys()
+            .next_back()
+            .expect("recovery always leaves an active segment");
         let cache = TailCache::new(config.tail_cache_bytes);
         let wal = Rc::new(Wal {
             config,
@@ -200,6 +212,7 @@ impl Wal {
                 cache,
                 failed: None,
                 closing: false,
+                writer_done: false,
                 spare: None,
                 preparing_spare: false,
                 stats: WalStats::default(),
@@ -247,7 +260,11 @@ impl Wal {
 
     /// First offset at or after `timestamp_ms` (by batch max timestamp), with that
     /// batch's max timestamp; `None` when no stored batch is that recent.
-    pub fn offset_for_timestamp(&self, log: LogId, timestamp_ms: i64) -> Result<Option<(Offset, i64)>> {
+    pub fn offset_for_timestamp(
+        &self,
+        log: LogId,
+        timestamp_ms: i64,
+    ) -> Result<Option<(Offset, i64)>> {
         let state = self.state.borrow();
         let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
         Ok(entry.offset_for_timestamp(timestamp_ms))
@@ -270,7 +287,12 @@ impl Wal {
 
     /// Appends verified client batches (see [`format::verify_client_batch`]) to one
     /// log, as one unit: consecutive offsets, in order. Completes once durable.
-    pub async fn append(&self, log: LogId, epoch: Epoch, batches: &[(Bytes, BatchInfo)]) -> Result<Appended> {
+    pub async fn append(
+        &self,
+        log: LogId,
+        epoch: Epoch,
+        batches: &[(Bytes, BatchInfo)],
+    ) -> Result<Appended> {
         let bytes: usize = batches.iter().map(|(frame, _)| frame.len()).sum();
         let frame_limit = (self.config.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
         if let Some((frame, _)) = batches.iter().find(|(frame, _)| frame.len() > frame_limit) {
@@ -305,17 +327,28 @@ impl Wal {
         }
     }
 
-    fn enqueue(&self, log: LogId, epoch: Epoch, batches: &[(Bytes, BatchInfo)], bytes: usize) -> Result<(Rc<Completion<Result<()>>>, Appended)> {
+    fn enqueue(
+        &self,
+        log: LogId,
+        epoch: Epoch,
+        batches: &[(Bytes, BatchInfo)],
+        bytes: usize,
+    ) -> Result<(Rc<Completion<Result<()>>>, Appended)> {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         if let Some((offset, error)) = state.corrupt.get(&log) {
             return Err(StorageError::Corrupt {
                 path: self.config.dir.clone(),
                 position: *offset,
-                reason: format!("log {log} is corrupt at offset {offset} and refuses appends: {error}"),
+                reason: format!(
+                    "log {log} is corrupt at offset {offset} and refuses appends: {error}"
+                ),
             });
         }
-        let entry = state.logs.get_mut(&log).ok_or(StorageError::UnknownLog(log))?;
+        let entry = state
+            .logs
+            .get_mut(&log)
+            .ok_or(StorageError::UnknownLog(log))?;
         let completion = Completion::new();
         let base_offset = entry.next_offset;
         for (index, (frame, info)) in batches.iter().enumerate() {
@@ -435,6 +468,7 @@ async fn writer_loop(wal: Rc<Wal>) {
             Some(true) => write_once(&wal).await,
         }
     }
+    wal.state.borrow_mut().writer_done = true;
     wal.syncer_wake.notify_all();
 }
 
@@ -443,7 +477,10 @@ async fn write_once(wal: &Rc<Wal>) {
     let needs_roll = {
         let state = wal.state.borrow();
         let capacity = state.segments[&state.active].file.capacity;
-        state.pending.front().is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity)
+        state
+            .pending
+            .front()
+            .is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity)
     };
     if needs_roll {
         if let Err(error) = super::roll::roll(wal).await {
@@ -514,12 +551,22 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
         let at = WalPosition::new(active, position);
         if let Some(log) = state.logs.get_mut(&pending.log) {
             let same_write = previous_log == Some(pending.log);
-            log.push(pending.base_offset, pending.last_offset, at, frame_bytes, pending.max_timestamp_ms, same_write);
+            log.push(
+                pending.base_offset,
+                pending.last_offset,
+                at,
+                frame_bytes,
+                pending.max_timestamp_ms,
+                same_write,
+            );
         }
         if let Some(segment) = state.segments.get_mut(&active) {
             segment.logs.insert(pending.log, pending.last_offset);
         }
-        match high_watermarks.iter_mut().find(|(log, _)| *log == pending.log) {
+        match high_watermarks
+            .iter_mut()
+            .find(|(log, _)| *log == pending.log)
+        {
             Some(entry) => entry.1 = pending.last_offset + 1,
             None => high_watermarks.push((pending.log, pending.last_offset + 1)),
         }
@@ -551,18 +598,24 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
 async fn syncer_loop(wal: Rc<Wal>) {
     loop {
         let wake = wal.syncer_wake.wait();
-        let (target, file) = {
+        let work = {
             let state = wal.state.borrow();
             if state.durable_seq == state.written_seq {
-                let writer_done = state.closing && state.pending.is_empty();
-                if writer_done || state.failed.is_some() && state.unsynced.is_empty() && state.closing {
+                // The writer has exited only after its last write was recorded.
+                if state.writer_done {
                     break;
                 }
-                drop(state);
-                wake.await;
-                continue;
+                None
+            } else {
+                Some((
+                    state.written_seq,
+                    state.segments[&state.active].file.clone(),
+                ))
             }
-            (state.written_seq, state.segments[&state.active].file.clone())
+        };
+        let Some((target, file)) = work else {
+            wake.await;
+            continue;
         };
         let started = std::time::Instant::now();
         let result = file.sync().await;
@@ -592,7 +645,9 @@ async fn syncer_loop(wal: Rc<Wal>) {
 fn publish_durable(wal: &Wal, state: &mut State, target: u64) {
     state.durable_seq = target;
     while state.unsynced.front().is_some_and(|w| w.seq_end <= target) {
-        let Some(written) = state.unsynced.pop_front() else { break };
+        let Some(written) = state.unsynced.pop_front() else {
+            break;
+        };
         state.inflight_bytes -= written.bytes;
         for (log, high_watermark) in written.high_watermarks {
             if let Some(entry) = state.logs.get_mut(&log) {

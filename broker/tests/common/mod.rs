@@ -45,13 +45,20 @@ pub fn config(dir: &std::path::Path, segment_bytes: u64) -> WalConfig {
 
 /// A batch of `records` records whose values are `value_bytes` long, derived from `seed`.
 pub fn batch(records: usize, value_bytes: usize, seed: u64) -> Bytes {
-    Bytes::from(testkit::batch_of_size(1_700_000_000_000 + seed as i64, records, value_bytes, seed))
+    Bytes::from(testkit::batch_of_size(
+        1_700_000_000_000 + seed as i64,
+        records,
+        value_bytes,
+        seed,
+    ))
 }
 
 /// Appends one batch.
 pub async fn append(wal: &Wal, log: u32, frame: &Bytes) -> Appended {
     let info = format::verify_client_batch(frame, usize::MAX).unwrap();
-    wal.append(LogId(log), Epoch(0), &[(frame.clone(), info)]).await.unwrap()
+    wal.append(LogId(log), Epoch(0), &[(frame.clone(), info)])
+        .await
+        .unwrap()
 }
 
 /// Reads every batch of a log from `from`, following offsets to the high watermark.
