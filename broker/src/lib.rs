@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod limits;
+pub mod metadata;
 pub mod storage;
 pub mod sync;
 pub mod types;
