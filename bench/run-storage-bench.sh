@@ -180,7 +180,7 @@ GOAL=$(awk -v r="$(ratio "$APPENDS_64x1K" "$FDS_4K_IOPS")" 'BEGIN { print (r >= 
         [[ $job == seqread* ]] && dir=read
         sync_us=$(fio_value "$job" '(.sync.lat_ns.mean // 0) / 1000 | floor')
         [[ $sync_us == 0 ]] && sync_us="-"
-        echo "| $job | $(fio_value "$job" ".job_options.bs") | $(mbps "$(fio_value "$job" ".$dir.bw_bytes")") | $(num "$(fio_value "$job" ".$dir.iops")") | $sync_us |"
+        echo "| $job | $(fio_value "$job" '.["job options"].bs') | $(mbps "$(fio_value "$job" ".$dir.bw_bytes")") | $(num "$(fio_value "$job" ".$dir.iops")") | $sync_us |"
     done
     echo
     ZF=$(fio_value write-fdatasync-4k '.write.iops')

@@ -7,8 +7,15 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod limits;
+pub mod mesh;
 pub mod metadata;
+pub mod net;
+pub mod protocol;
+pub mod runtime;
+pub mod shard;
+pub mod shard_messages;
 pub mod storage;
 pub mod sync;
 pub mod types;

@@ -1,1 +1,118 @@
-fn main() {}
+//! `sluice-broker`: one Sluice node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_broker::runtime::{self, BrokerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice-broker", version, about = "A Sluice broker node")]
+struct Args {
+    /// Data directory (WAL segments, checkpoints, metadata).
+    #[arg(long, default_value = "./data", env = "SLUICE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Client listen address.
+    #[arg(long, default_value = "127.0.0.1:9440", env = "SLUICE_LISTEN")]
+    listen: SocketAddr,
+    /// Shards (one executor per core). Default: one per online CPU.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Pin shards to these CPUs (comma-separated, one per shard).
+    #[arg(long, value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
+    /// Node id.
+    #[arg(long, default_value_t = 1)]
+    node_id: u32,
+    /// WAL segment size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    segment_mib: u64,
+    /// Tail cache per shard in MiB.
+    #[arg(long, default_value_t = 64)]
+    tail_cache_mib: usize,
+    /// Create the topics in this file at start-up if missing (`name partitions [k=v ...]` per line).
+    #[arg(long)]
+    provision: Option<PathBuf>,
+    /// Close connections idle for this many seconds.
+    #[arg(long, default_value_t = 600)]
+    idle_timeout_secs: u64,
+    /// Connections per shard, at most.
+    #[arg(long, default_value_t = sluice_broker::limits::CONNECTIONS_PER_SHARD_MAX)]
+    max_connections: usize,
+    /// How often retention runs, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    retention_check_ms: u64,
+    /// Host to advertise to clients (default: the listen IP).
+    #[arg(long)]
+    advertised_host: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = BrokerConfig::new(&args.data_dir, args.listen);
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    } else if let Some(cpus) = &args.cpus {
+        config.shards = cpus.len();
+    }
+    config.cpus = args.cpus;
+    config.node_id = args.node_id;
+    config.segment_bytes = args.segment_mib << 20;
+    config.tail_cache_bytes = args.tail_cache_mib << 20;
+    config.provision = args.provision;
+    config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
+    config.connections_max = args.max_connections.max(1);
+    config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
+    config.advertised_host = args.advertised_host;
+    // Block SIGINT/SIGTERM in every thread (the shards inherit the mask) and take
+    // them on one thread that starts the graceful shutdown.
+    let signals = block_signals();
+    let broker = match runtime::start(config) {
+        Ok(broker) => broker,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let flag = broker.shutdown_flag();
+    std::thread::spawn(move || {
+        let signal = wait_signal(&signals);
+        eprintln!("sluice-broker: signal {signal}, shutting down (finishing in-flight requests)");
+        flag.store(true, Ordering::SeqCst);
+    });
+    match broker.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-mask calls on a zeroed set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: sigwait reads the set and writes the signal number.
+    unsafe {
+        libc::sigwait(set, &mut signal);
+    }
+    signal
+}

@@ -1,0 +1,209 @@
+//! CreateTopics, DeleteTopics, ListTopics, DescribeTopics. Changes go to the
+//! metadata controller (shard 0); descriptions ask each owning shard for offsets.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+use sluice_schema::wire::{self, ErrorCode};
+
+use crate::protocol::{error_response, finish, Outgoing};
+use crate::shard::{Shard, CONTROLLER_SHARD};
+use crate::shard_messages::{ApiError, LogDescription, NewTopic, ShardReply, ShardRequest};
+use crate::types::ShardId;
+
+fn results<'a>(fbb: &mut FlatBufferBuilder<'a>, results: &[(String, Option<ApiError>)]) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::TopicResult<'a>>>> {
+    let items: Vec<_> = results
+        .iter()
+        .map(|(name, error)| {
+            let name = fbb.create_string(name);
+            let message = error.as_ref().map(|e| fbb.create_string(&e.message));
+            wire::TopicResult::create(
+                fbb,
+                &wire::TopicResultArgs {
+                    name: Some(name),
+                    error: error.as_ref().map(|e| e.code).unwrap_or(ErrorCode::None),
+                    message,
+                },
+            )
+        })
+        .collect();
+    fbb.create_vector(&items)
+}
+
+async fn to_controller(shard: &Rc<Shard>, request: ShardRequest) -> Result<Vec<(String, Option<ApiError>)>, String> {
+    match shard.route(ShardId(CONTROLLER_SHARD as u16), request).await {
+        ShardReply::Admin(results) => Ok(results),
+        ShardReply::Unavailable(message) => Err(message),
+        _ => Err("unexpected reply from the metadata controller".into()),
+    }
+}
+
+pub(super) async fn create(shard: &Rc<Shard>, id: u32, request: Option<wire::CreateTopicsRequest<'_>>) -> Outgoing {
+    let Some(request) = request else {
+        return error_response(id, ErrorCode::MalformedRequest, "create-topics request without a body");
+    };
+    let topics: Vec<NewTopic> = request
+        .topics()
+        .map(|list| {
+            list.iter()
+                .map(|topic| NewTopic {
+                    name: topic.name().to_string(),
+                    partitions: topic.partitions(),
+                    configs: topic
+                        .configs()
+                        .map(|c| c.iter().map(|e| (e.key().to_string(), e.value().to_string())).collect())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let outcome = to_controller(
+        shard,
+        ShardRequest::CreateTopics {
+            topics,
+            validate_only: request.validate_only(),
+        },
+    )
+    .await;
+    let list = match outcome {
+        Ok(list) => list,
+        Err(message) => return error_response(id, ErrorCode::Internal, &message),
+    };
+    let mut fbb = FlatBufferBuilder::with_capacity(512);
+    let results = results(&mut fbb, &list);
+    let body = wire::CreateTopicsResponse::create(&mut fbb, &wire::CreateTopicsResponseArgs { results: Some(results) });
+    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::CreateTopicsResponse, body.as_union_value())), Vec::new())
+}
+
+pub(super) async fn delete(shard: &Rc<Shard>, id: u32, request: Option<wire::DeleteTopicsRequest<'_>>) -> Outgoing {
+    let names: Vec<String> = request.and_then(|r| r.names()).map(|n| n.iter().map(str::to_string).collect()).unwrap_or_default();
+    let list = match to_controller(shard, ShardRequest::DeleteTopics(names)).await {
+        Ok(list) => list,
+        Err(message) => return error_response(id, ErrorCode::Internal, &message),
+    };
+    let mut fbb = FlatBufferBuilder::with_capacity(512);
+    let results = results(&mut fbb, &list);
+    let body = wire::DeleteTopicsResponse::create(&mut fbb, &wire::DeleteTopicsResponseArgs { results: Some(results) });
+    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::DeleteTopicsResponse, body.as_union_value())), Vec::new())
+}
+
+pub(super) fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
+    let metadata = shard.topics();
+    let mut fbb = FlatBufferBuilder::with_capacity(1024);
+    let items: Vec<_> = metadata
+        .topics
+        .values()
+        .map(|topic| {
+            let name = fbb.create_string(&topic.name);
+            wire::TopicSummary::create(
+                &mut fbb,
+                &wire::TopicSummaryArgs {
+                    name: Some(name),
+                    partitions: topic.partitions.len() as u32,
+                },
+            )
+        })
+        .collect();
+    let topics = fbb.create_vector(&items);
+    let body = wire::ListTopicsResponse::create(&mut fbb, &wire::ListTopicsResponseArgs { topics: Some(topics) });
+    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::ListTopicsResponse, body.as_union_value())), Vec::new())
+}
+
+pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::DescribeTopicsRequest<'_>>) -> Outgoing {
+    let metadata = shard.topics();
+    let names: Vec<String> = match request.and_then(|r| r.names()) {
+        Some(list) if !list.is_empty() => list.iter().map(str::to_string).collect(),
+        _ => metadata.topics.keys().cloned().collect(),
+    };
+    // Ask each owning shard for the offsets of its logs, all shards at once.
+    let mut by_shard: HashMap<ShardId, Vec<crate::types::LogId>> = HashMap::new();
+    for name in &names {
+        if let Some(topic) = metadata.topics.get(name) {
+            for placement in &topic.partitions {
+                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+            }
+        }
+    }
+    let queries = by_shard.into_iter().map(|(target, logs)| {
+        let shard = shard.clone();
+        async move {
+            let reply = shard.route(target, ShardRequest::Describe(logs.clone())).await;
+            let described = match reply {
+                ShardReply::Described(list) => list,
+                _ => logs.iter().map(|_| Err(ApiError::new(ErrorCode::Internal, "shard unavailable"))).collect(),
+            };
+            logs.into_iter().zip(described).collect::<Vec<_>>()
+        }
+    });
+    let offsets: HashMap<crate::types::LogId, Result<LogDescription, ApiError>> =
+        futures::future::join_all(queries).await.into_iter().flatten().collect();
+    let mut fbb = FlatBufferBuilder::with_capacity(2048);
+    let mut items = Vec::new();
+    for name in &names {
+        let name_offset = fbb.create_string(name);
+        let Some(topic) = metadata.topics.get(name) else {
+            let message = fbb.create_string(&format!("unknown topic '{name}'"));
+            items.push(wire::TopicDescription::create(
+                &mut fbb,
+                &wire::TopicDescriptionArgs {
+                    name: Some(name_offset),
+                    error: ErrorCode::UnknownTopic,
+                    message: Some(message),
+                    configs: None,
+                    partitions: None,
+                },
+            ));
+            continue;
+        };
+        let configs: Vec<_> = topic
+            .config
+            .entries()
+            .iter()
+            .map(|(key, value)| {
+                let key = fbb.create_string(key);
+                let value = fbb.create_string(value);
+                wire::ConfigEntry::create(&mut fbb, &wire::ConfigEntryArgs { key: Some(key), value: Some(value) })
+            })
+            .collect();
+        let configs = fbb.create_vector(&configs);
+        let partitions: Vec<_> = topic
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(index, placement)| {
+                let (offsets, error) = match offsets.get(&placement.log_id) {
+                    Some(Ok(d)) => (*d, ErrorCode::None),
+                    Some(Err(e)) => (LogDescription { log_start: 0, high_watermark: 0, size_bytes: 0 }, e.code),
+                    None => (LogDescription { log_start: 0, high_watermark: 0, size_bytes: 0 }, ErrorCode::Internal),
+                };
+                wire::PartitionDescription::create(
+                    &mut fbb,
+                    &wire::PartitionDescriptionArgs {
+                        partition: index as u32,
+                        leader_node: shard.settings.node_id.0,
+                        shard: placement.shard.0,
+                        log_start_offset: offsets.log_start,
+                        high_watermark: offsets.high_watermark,
+                        size_bytes: offsets.size_bytes,
+                        error,
+                    },
+                )
+            })
+            .collect();
+        let partitions = fbb.create_vector(&partitions);
+        items.push(wire::TopicDescription::create(
+            &mut fbb,
+            &wire::TopicDescriptionArgs {
+                name: Some(name_offset),
+                error: ErrorCode::None,
+                message: None,
+                configs: Some(configs),
+                partitions: Some(partitions),
+            },
+        ));
+    }
+    let topics = fbb.create_vector(&items);
+    let body = wire::DescribeTopicsResponse::create(&mut fbb, &wire::DescribeTopicsResponseArgs { topics: Some(topics) });
+    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::DescribeTopicsResponse, body.as_union_value())), Vec::new())
+}

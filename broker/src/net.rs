@@ -1,0 +1,266 @@
+//! Listeners and connections. Every shard binds the client port (glommio sets
+//! SO_REUSEPORT, so the kernel spreads connections over the shards); a connection
+//! lives on the shard that accepted it.
+//!
+//! A connection reads frames (length checked before allocating), serves up to
+//! `INFLIGHT_REQUESTS_PER_CONNECTION_MAX` requests at once (pipelining; responses
+//! may go out of order), and writes responses from one writer task. Framing errors
+//! close the connection; bad requests get error responses. Idle connections are
+//! closed after the idle timeout.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_lite::AsyncWriteExt;
+use glommio::net::{TcpListener, TcpStream};
+use sluice_schema::wire::{self, ErrorCode};
+
+use crate::api;
+use crate::limits::INFLIGHT_REQUESTS_PER_CONNECTION_MAX;
+use crate::protocol::{error_response, FrameReader, FramingError, Outgoing};
+use crate::shard::Shard;
+use crate::sync::Notify;
+
+/// Small response pieces are coalesced into one write up to this size.
+const COALESCE_BYTES: usize = 64 * 1024;
+/// How often an idle accept loop looks at the shutdown flag.
+const SHUTDOWN_CHECK: Duration = Duration::from_millis(50);
+/// How long shutdown waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Live connections of one shard.
+#[derive(Default)]
+pub struct Connections {
+    open: RefCell<HashSet<RawFd>>,
+    closed: Notify,
+}
+
+impl Connections {
+    /// Connections open now.
+    pub fn count(&self) -> usize {
+        self.open.borrow().len()
+    }
+
+    /// Stops reading on every connection: each finishes its in-flight requests,
+    /// writes their responses and closes.
+    pub fn shut_down_reads(&self) {
+        for fd in self.open.borrow().iter() {
+            // SAFETY: shutdown(2) on a descriptor this shard holds open; no memory involved.
+            unsafe {
+                libc::shutdown(*fd, libc::SHUT_RD);
+            }
+        }
+    }
+
+    /// Waits until every connection has closed, or `timeout` passes.
+    pub async fn drained(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.count() > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(open = self.count(), "connections still open at the end of shutdown");
+                return;
+            }
+            let _ = glommio::timer::timeout(deadline - now, async {
+                self.closed.wait().await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+}
+
+/// Accepts connections until shutdown, then drains them.
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+    let connections = Rc::new(Connections::default());
+    while !shard.shutting_down() {
+        let accepted = glommio::timer::timeout(SHUTDOWN_CHECK, async { listener.accept().await }).await;
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(glommio::GlommioError::TimedOut(_)) => continue,
+            Err(error) => {
+                tracing::warn!(shard = %shard.id, %error, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if connections.count() >= shard.settings.connections_max {
+            tracing::warn!(shard = %shard.id, limit = shard.settings.connections_max, "connection limit reached; refusing a connection");
+            refuse(stream).await;
+            continue;
+        }
+        let fd = stream.as_raw_fd();
+        connections.open.borrow_mut().insert(fd);
+        let (shard, connections) = (shard.clone(), connections.clone());
+        glommio::spawn_local(async move {
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if let Err(reason) = connection(shard.clone(), stream).await {
+                tracing::debug!(shard = %shard.id, %peer, %reason, "connection closed");
+            }
+            connections.open.borrow_mut().remove(&fd);
+            connections.closed.notify_all();
+        })
+        .detach();
+    }
+    drop(listener);
+    connections.shut_down_reads();
+    connections.drained(DRAIN_TIMEOUT).await;
+}
+
+/// Tells a connection over the limit why it is closed, then closes it.
+async fn refuse(mut stream: TcpStream) {
+    let response = error_response(0, ErrorCode::TooManyConnections, "the broker's connection limit is reached; try again later");
+    let _ = glommio::timer::timeout(Duration::from_millis(100), async {
+        stream.write_all(&response.head).await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// Responses waiting to be written.
+#[derive(Default)]
+struct Outbox {
+    queue: RefCell<VecDeque<Outgoing>>,
+    ready: Notify,
+    closing: Cell<bool>,
+    inflight: Cell<usize>,
+    slot_freed: Notify,
+}
+
+impl Outbox {
+    fn push(&self, outgoing: Outgoing) {
+        self.queue.borrow_mut().push_back(outgoing);
+        self.ready.notify_all();
+    }
+}
+
+async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, writer) = futures_lite::io::split(stream);
+    let outbox = Rc::new(Outbox::default());
+    let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
+    let result = read_loop(&shard, &mut reader, &outbox).await;
+    // Finish what is in flight, then let the writer flush and stop.
+    while outbox.inflight.get() > 0 {
+        outbox.slot_freed.wait().await;
+    }
+    outbox.closing.set(true);
+    outbox.ready.notify_all();
+    let _ = writer_task.await;
+    result
+}
+
+async fn read_loop<R: futures_lite::AsyncRead + Unpin>(shard: &Rc<Shard>, reader: &mut R, outbox: &Rc<Outbox>) -> Result<(), String> {
+    let mut frames = FrameReader::default();
+    let mut handshaken = false;
+    loop {
+        let idle = shard.settings.idle_timeout;
+        let next = glommio::timer::timeout(idle, async { frames.next(reader).await.map_err(|e| glommio::GlommioError::IoError(framing_to_io(e))) }).await;
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(()),
+            Err(glommio::GlommioError::TimedOut(_)) => {
+                if outbox.inflight.get() == 0 {
+                    return Err(format!("idle for {} s", idle.as_secs()));
+                }
+                continue;
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+        if !handshaken {
+            match handshake(shard, &frame.envelope) {
+                Ok(response) => {
+                    outbox.push(response);
+                    handshaken = true;
+                    continue;
+                }
+                Err(response) => {
+                    outbox.push(response);
+                    return Err("first request was not a handshake".into());
+                }
+            }
+        }
+        while outbox.inflight.get() >= INFLIGHT_REQUESTS_PER_CONNECTION_MAX {
+            outbox.slot_freed.wait().await;
+        }
+        outbox.inflight.set(outbox.inflight.get() + 1);
+        let (shard, outbox) = (shard.clone(), outbox.clone());
+        glommio::spawn_local(async move {
+            if let Some(response) = api::dispatch(&shard, frame).await {
+                outbox.push(response);
+            }
+            outbox.inflight.set(outbox.inflight.get() - 1);
+            outbox.slot_freed.notify_all();
+        })
+        .detach();
+    }
+}
+
+fn framing_to_io(error: FramingError) -> std::io::Error {
+    match error {
+        FramingError::Io(error) => error,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+/// The first request must be a Handshake; anything else gets HandshakeRequired.
+fn handshake(shard: &Rc<Shard>, envelope: &[u8]) -> Result<Outgoing, Outgoing> {
+    let request = api::parse(envelope).map_err(|m| error_response(0, ErrorCode::MalformedRequest, &m))?;
+    match request.body_as_handshake_request() {
+        Some(handshake) if request.body_type() == wire::RequestBody::HandshakeRequest => {
+            let response = api::handshake_response(shard, request.correlation_id(), handshake);
+            Ok(response)
+        }
+        _ => Err(error_response(
+            request.correlation_id(),
+            ErrorCode::HandshakeRequired,
+            "the first request on a connection must be a Handshake",
+        )),
+    }
+}
+
+async fn write_loop<W: futures_lite::AsyncWrite + Unpin>(mut writer: W, outbox: Rc<Outbox>) {
+    let mut pending = BytesMut::with_capacity(COALESCE_BYTES);
+    loop {
+        let wake = outbox.ready.wait();
+        let batch: Vec<Outgoing> = outbox.queue.borrow_mut().drain(..).collect();
+        if batch.is_empty() {
+            if outbox.closing.get() {
+                let _ = writer.close().await;
+                return;
+            }
+            wake.await;
+            continue;
+        }
+        for outgoing in batch {
+            for piece in std::iter::once(&outgoing.head).chain(outgoing.payload.iter()) {
+                if piece.len() >= COALESCE_BYTES {
+                    if write(&mut writer, &mut pending).await.is_err() || writer.write_all(piece).await.is_err() {
+                        return;
+                    }
+                } else {
+                    if pending.len() + piece.len() > COALESCE_BYTES && write(&mut writer, &mut pending).await.is_err() {
+                        return;
+                    }
+                    pending.extend_from_slice(piece);
+                }
+            }
+        }
+        if write(&mut writer, &mut pending).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write<W: futures_lite::AsyncWrite + Unpin>(writer: &mut W, pending: &mut BytesMut) -> std::io::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let result = writer.write_all(pending).await;
+    pending.clear();
+    result
+}

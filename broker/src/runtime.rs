@@ -1,0 +1,361 @@
+//! Builds the executor pool (one pinned shard per core), wires the layers, and
+//! shuts down gracefully. Used by the `sluice-broker` binary and, in-process, by
+//! tests and `sluice-bench`.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
+
+use crate::mesh::{Mesh, MeshBuilders};
+use crate::metadata::{parse_provision, NodeMetadata, TopicConfig};
+use crate::shard::{Shard, ShardSettings};
+use crate::storage::{Wal, WalConfig};
+use crate::types::{NodeId, ShardId};
+
+/// Broker settings.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Client listen address.
+    pub listen: SocketAddr,
+    /// Shards (executors); default: one per online CPU.
+    pub shards: usize,
+    /// Pin shard i to `cpus[i]`; default: spread over online CPUs.
+    pub cpus: Option<Vec<usize>>,
+    /// This node's id.
+    pub node_id: u32,
+    /// WAL segment size.
+    pub segment_bytes: u64,
+    /// Tail cache per shard.
+    pub tail_cache_bytes: usize,
+    /// Provisioning file (topics created at start if missing).
+    pub provision: Option<PathBuf>,
+    /// Idle connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Connections per shard, at most.
+    pub connections_max: usize,
+    /// Retention runs this often.
+    pub retention_check: Duration,
+    /// Host to advertise in Metadata (default: the listen address's IP).
+    pub advertised_host: Option<String>,
+    /// Registered I/O memory per shard (glommio `io_memory`).
+    pub io_memory_bytes: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults for a data dir and listen address.
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        BrokerConfig {
+            data_dir: data_dir.into(),
+            listen,
+            shards: online_cpus(),
+            cpus: None,
+            node_id: 1,
+            segment_bytes: crate::limits::SEGMENT_BYTES_DEFAULT,
+            tail_cache_bytes: crate::limits::TAIL_CACHE_BYTES_DEFAULT,
+            provision: None,
+            idle_timeout: Duration::from_secs(600),
+            connections_max: crate::limits::CONNECTIONS_PER_SHARD_MAX,
+            retention_check: Duration::from_secs(5),
+            advertised_host: None,
+            io_memory_bytes: 4 << 20,
+        }
+    }
+}
+
+/// CPUs online.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    /// The address clients connect to.
+    pub addr: SocketAddr,
+    shutdown: Arc<AtomicBool>,
+    pool: Option<glommio::PoolThreadHandles<Result<(), String>>>,
+}
+
+impl BrokerHandle {
+    /// The shutdown flag (set it to stop the broker).
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, finishes in-flight requests, syncs and closes; waits.
+    pub fn shutdown(mut self) -> Result<(), String> {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.join_inner()
+    }
+
+    /// Waits until the broker stops (after the shutdown flag is set).
+    pub fn join(mut self) -> Result<(), String> {
+        self.join_inner()
+    }
+
+    fn join_inner(&mut self) -> Result<(), String> {
+        let Some(pool) = self.pool.take() else { return Ok(()) };
+        let mut first_error = None;
+        for result in pool.join_all() {
+            let error = match result {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error,
+                Err(error) => format!("shard failed: {error}"),
+            };
+            first_error.get_or_insert(error);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        if self.pool.is_some() {
+            self.shutdown.store(true, Ordering::SeqCst);
+            let _ = self.join_inner();
+        }
+    }
+}
+
+/// Starts a broker; returns once every shard listens (or with the first error).
+pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
+    preflight(&config)?;
+    let metadata = prepare_metadata(&config)?;
+    let shards = config.shards;
+    let listen = resolve_listen(config.listen)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let settings = Arc::new(ShardSettings {
+        node_id: NodeId(config.node_id),
+        data_dir: config.data_dir.clone(),
+        advertised_host: config.advertised_host.clone().unwrap_or_else(|| listen.ip().to_string()),
+        advertised_port: listen.port(),
+        retention_check: config.retention_check,
+        idle_timeout: config.idle_timeout,
+        connections_max: config.connections_max,
+    });
+    let metadata = Arc::new(ArcSwap::from_pointee(metadata));
+    let meshes = MeshBuilders::new(shards);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let placement = placement(&config)?;
+    let shard_config = config.clone();
+    let flag = shutdown.clone();
+    let pool = LocalExecutorPoolBuilder::new(placement)
+        .name("sluice-shard")
+        .io_memory(config.io_memory_bytes)
+        .on_all_shards(move || {
+            let ready = ready_tx.clone();
+            async move {
+                let result = run_shard(shard_config, settings, metadata, meshes, flag, listen, ready.clone()).await;
+                if let Err(error) = &result {
+                    let _ = ready.send(Err(error.clone()));
+                }
+                result
+            }
+        })
+        .map_err(|e| format!("cannot start the shard executors: {e} (Sluice needs io_uring: Linux >= 5.8, not disabled by kernel.io_uring_disabled or a container's seccomp profile)"))?;
+    let mut handle = BrokerHandle {
+        addr: listen,
+        shutdown: shutdown.clone(),
+        pool: Some(pool),
+    };
+    for _ in 0..shards {
+        match ready_rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                shutdown.store(true, Ordering::SeqCst);
+                let _ = handle.join_inner();
+                return Err(error);
+            }
+            Err(_) => {
+                shutdown.store(true, Ordering::SeqCst);
+                let _ = handle.join_inner();
+                return Err("a shard did not start within 120 s".into());
+            }
+        }
+    }
+    tracing::info!(addr = %listen, shards, data_dir = %config.data_dir.display(), "sluice-broker ready");
+    Ok(handle)
+}
+
+async fn run_shard(
+    config: BrokerConfig,
+    settings: Arc<ShardSettings>,
+    metadata: Arc<ArcSwap<NodeMetadata>>,
+    meshes: MeshBuilders,
+    shutdown: Arc<AtomicBool>,
+    listen: SocketAddr,
+    ready: mpsc::Sender<Result<(), String>>,
+) -> Result<(), String> {
+    let (mesh, inbox) = Mesh::join(meshes).await?;
+    let id = ShardId(mesh.shard_index() as u16);
+    let wal_config = WalConfig {
+        dir: config.data_dir.join(format!("shard-{}", id.0)).join("wal"),
+        shard: id,
+        segment_bytes: config.segment_bytes,
+        tail_cache_bytes: config.tail_cache_bytes,
+    };
+    let (wal, report) = Wal::open(wal_config).await.map_err(|e| format!("shard {id}: cannot open its write-ahead log: {e}"))?;
+    tracing::info!(shard = %id, frames = report.frames_scanned, bytes = report.bytes_scanned, checkpoint = report.checkpoint_used, duration_ms = report.duration.as_millis() as u64, "WAL recovered");
+    if let Some((segment, position, reason)) = &report.torn_tail {
+        tracing::warn!(shard = %id, %segment, position, %reason, "cut a torn WAL tail (never acknowledged)");
+    }
+    for (log, offset, reason) in &report.corrupt_logs {
+        tracing::error!(shard = %id, %log, offset, %reason, "partition log is corrupt; nothing at or past this offset is served");
+    }
+    sync_logs(&wal, &metadata.load(), id);
+    let shard = Shard::new(id, wal.clone(), metadata, mesh.clone(), settings, shutdown);
+    let handler_shard = shard.clone();
+    mesh.serve(inbox, move |request| {
+        let shard = handler_shard.clone();
+        async move { shard.execute(request).await }
+    });
+    let listener = glommio::net::TcpListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+    glommio::spawn_local(shard.clone().retention_loop()).detach();
+    let _ = ready.send(Ok(()));
+    crate::net::serve(shard.clone(), listener).await;
+    wal.close().await;
+    if let Err(error) = wal.checkpoint().await {
+        tracing::warn!(shard = %id, %error, "cannot write the WAL checkpoint at shutdown (next start rescans)");
+    }
+    tracing::info!(shard = %id, "shard stopped");
+    Ok(())
+}
+
+/// Makes the WAL's logs match the metadata: create missing logs, drop deleted ones.
+fn sync_logs(wal: &Wal, metadata: &NodeMetadata, shard: ShardId) {
+    let mut wanted = std::collections::HashSet::new();
+    for topic in metadata.topics.values() {
+        for placement in topic.partitions.iter().filter(|p| p.shard == shard) {
+            wanted.insert(placement.log_id);
+            wal.create_log(placement.log_id);
+        }
+    }
+    for log in wal.log_ids() {
+        if !wanted.contains(&log) {
+            wal.delete_log(log);
+        }
+    }
+}
+
+fn bind_error(listen: SocketAddr, error: &str) -> String {
+    if error.contains("in use") {
+        format!("cannot listen on {listen}: the address is in use (another broker?); choose another with --listen")
+    } else {
+        format!("cannot listen on {listen}: {error}")
+    }
+}
+
+/// Resolves port 0 to a free port (all shards must bind the same one).
+fn resolve_listen(listen: SocketAddr) -> Result<SocketAddr, String> {
+    let probe = StdListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+    let addr = probe.local_addr().map_err(|e| e.to_string())?;
+    drop(probe);
+    Ok(addr)
+}
+
+/// Checks what can be checked before starting executors, with advice.
+fn preflight(config: &BrokerConfig) -> Result<(), String> {
+    if config.shards == 0 || config.shards > crate::limits::SHARDS_MAX {
+        return Err(format!("--shards must be in 1..={}", crate::limits::SHARDS_MAX));
+    }
+    if let Ok(value) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if value.trim() != "0" {
+            return Err(format!(
+                "io_uring is disabled on this machine (kernel.io_uring_disabled = {}); Sluice needs it: run `sysctl kernel.io_uring_disabled=0`",
+                value.trim()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("cannot create data dir {}: {e}; choose another with --data-dir", config.data_dir.display()))?;
+    let probe = config.data_dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| format!("data dir {} is not writable: {e}; choose another with --data-dir", config.data_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    check_memlock(config)?;
+    Ok(())
+}
+
+/// glommio locks `io_memory` per shard plus its rings; too little locked memory
+/// makes executors fail to register buffers.
+fn check_memlock(config: &BrokerConfig) -> Result<(), String> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return Ok(());
+    }
+    let needed = (config.shards * (config.io_memory_bytes + (1 << 20))) as u64;
+    if limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur >= needed {
+        return Ok(());
+    }
+    // Try to raise the soft limit up to the hard limit.
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max.min(needed.max(limit.rlim_cur)),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    let ok = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if (ok && raised.rlim_cur >= needed) || root {
+        return Ok(());
+    }
+    Err(format!(
+        "the locked-memory limit (ulimit -l) is {} KiB; {} shards need about {} KiB for io_uring buffers. Raise it (`ulimit -l unlimited`, or LimitMEMLOCK=infinity in a systemd unit) or start fewer --shards",
+        limit.rlim_cur / 1024,
+        config.shards,
+        needed / 1024
+    ))
+}
+
+fn placement(config: &BrokerConfig) -> Result<PoolPlacement, String> {
+    let online = CpuSet::online().map_err(|e| format!("cannot read the online CPUs: {e}"))?;
+    if let Some(cpus) = &config.cpus {
+        if cpus.len() != config.shards {
+            return Err(format!("--cpus lists {} CPUs for {} shards", cpus.len(), config.shards));
+        }
+        let sets = cpus
+            .iter()
+            .map(|cpu| {
+                let set = online.clone().filter(|location| location.cpu == *cpu);
+                if set.is_empty() {
+                    Err(format!("CPU {cpu} is not online"))
+                } else {
+                    Ok(set)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(PoolPlacement::Custom(sets));
+    }
+    if config.shards <= online_cpus() {
+        Ok(PoolPlacement::MaxSpread(config.shards, Some(online)))
+    } else {
+        Ok(PoolPlacement::Fenced(config.shards, online))
+    }
+}
+
+/// Loads (or creates) the metadata and applies the provisioning file.
+fn prepare_metadata(config: &BrokerConfig) -> Result<NodeMetadata, String> {
+    let mut metadata = NodeMetadata::load_or_create(&config.data_dir, NodeId(config.node_id), config.shards as u16).map_err(|e| e.to_string())?;
+    let Some(path) = &config.provision else { return Ok(metadata) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read provisioning file {}: {e}", path.display()))?;
+    let topics = parse_provision(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut changed = false;
+    for topic in topics {
+        if metadata.topics.contains_key(&topic.name) {
+            continue;
+        }
+        let topic_config = TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        metadata.add_topic(&topic.name, topic.partitions, topic_config).map_err(|e| e.to_string())?;
+        tracing::info!(topic = %topic.name, partitions = topic.partitions, "provisioned topic");
+        changed = true;
+    }
+    if changed {
+        metadata.store(&config.data_dir).map_err(|e| e.to_string())?;
+    }
+    Ok(metadata)
+}

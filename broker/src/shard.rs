@@ -1,0 +1,317 @@
+//! One shard: its WAL, its view of the node metadata, its mesh end, and how it
+//! executes work for itself or for other shards.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sluice_schema::wire::ErrorCode;
+
+use crate::mesh::Mesh;
+use crate::metadata::{validate_topic_name, NodeMetadata, Topic, TopicConfig};
+use crate::shard_messages::{ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, ShardReply, ShardRequest};
+use crate::storage::{Retention, Wal};
+use crate::types::{Epoch, LogId, NodeId, ShardId};
+
+/// Settings every shard shares.
+#[derive(Clone, Debug)]
+pub struct ShardSettings {
+    /// The node.
+    pub node_id: NodeId,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Host clients should connect to (Metadata answers).
+    pub advertised_host: String,
+    /// Port clients should connect to.
+    pub advertised_port: u16,
+    /// How often retention runs.
+    pub retention_check: Duration,
+    /// Connections idle this long are closed.
+    pub idle_timeout: Duration,
+    /// Connections per shard, at most.
+    pub connections_max: usize,
+}
+
+/// The shard context, shared by the shard's tasks.
+pub struct Shard {
+    /// This shard.
+    pub id: ShardId,
+    /// Its WAL.
+    pub wal: Rc<Wal>,
+    /// The node metadata, shared by all shards (replaced whole on change).
+    pub metadata: Arc<ArcSwap<NodeMetadata>>,
+    /// Cross-shard lanes.
+    pub mesh: Rc<Mesh>,
+    /// Shared settings.
+    pub settings: Arc<ShardSettings>,
+    /// Set when the node is shutting down.
+    pub shutdown: Arc<AtomicBool>,
+    /// Serializes admin operations (shard 0 only).
+    admin_lock: Rc<glommio::sync::Semaphore>,
+}
+
+/// The metadata controller lives on shard 0.
+pub const CONTROLLER_SHARD: usize = 0;
+
+impl Shard {
+    /// Builds the context.
+    pub fn new(
+        id: ShardId,
+        wal: Rc<Wal>,
+        metadata: Arc<ArcSwap<NodeMetadata>>,
+        mesh: Rc<Mesh>,
+        settings: Arc<ShardSettings>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
+            id,
+            wal,
+            metadata,
+            mesh,
+            settings,
+            shutdown,
+            admin_lock: Rc::new(glommio::sync::Semaphore::new(1)),
+        })
+    }
+
+    /// True once shutdown started.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Runs `request` on shard `target`: here if local, else over the mesh.
+    pub async fn route(self: &Rc<Self>, target: ShardId, request: ShardRequest) -> ShardReply {
+        if target == self.id {
+            // Boxed: admin requests route again from inside `execute`.
+            Box::pin(self.execute(request)).await
+        } else {
+            self.mesh.call(usize::from(target.0), request).await
+        }
+    }
+
+    /// Executes a request on this shard.
+    pub async fn execute(self: &Rc<Self>, request: ShardRequest) -> ShardReply {
+        match request {
+            ShardRequest::Produce { log, batches } => {
+                ShardReply::Produced(self.wal.append(log, Epoch(0), &batches).await.map_err(ApiError::from))
+            }
+            ShardRequest::Read { log, offset, max_bytes } => {
+                ShardReply::Read(self.wal.read(log, offset, max_bytes).await.map_err(ApiError::from))
+            }
+            ShardRequest::WaitForData { log, offset, wait_ms } => {
+                self.wait_for_data(log, offset, Duration::from_millis(u64::from(wait_ms))).await;
+                ShardReply::Waited
+            }
+            ShardRequest::ListOffset { log, query } => ShardReply::Offset(self.list_offset(log, query)),
+            ShardRequest::Describe(logs) => ShardReply::Described(
+                logs.iter()
+                    .map(|log| {
+                        self.wal
+                            .log_offsets(*log)
+                            .map(|(log_start, high_watermark, size_bytes)| LogDescription {
+                                log_start,
+                                high_watermark,
+                                size_bytes,
+                            })
+                            .map_err(ApiError::from)
+                    })
+                    .collect(),
+            ),
+            ShardRequest::CreateLogs(logs) => {
+                for log in logs {
+                    self.wal.create_log(log);
+                }
+                ShardReply::Done
+            }
+            ShardRequest::DeleteLogs(logs) => {
+                for log in logs {
+                    self.wal.delete_log(log);
+                }
+                ShardReply::Done
+            }
+            ShardRequest::CreateTopics { topics, validate_only } => ShardReply::Admin(self.create_topics(topics, validate_only).await),
+            ShardRequest::DeleteTopics(names) => ShardReply::Admin(self.delete_topics(names).await),
+        }
+    }
+
+    /// Waits until `log`'s high watermark passes `offset`, the log goes away,
+    /// shutdown starts, or `wait` elapses. Never busy-polls: it sleeps on the WAL's
+    /// durability notifications.
+    pub async fn wait_for_data(&self, log: LogId, offset: u64, wait: Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.wal.log_offsets(log) {
+                Ok((_, high_watermark, _)) if high_watermark <= offset => {}
+                _ => return,
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline || self.shutting_down() {
+                return;
+            }
+            let _ = glommio::timer::timeout(deadline - now, async {
+                self.wal.durable_advanced().await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    fn list_offset(&self, log: LogId, query: OffsetQuery) -> Result<ListedOffset, ApiError> {
+        let (log_start, high_watermark, _) = self.wal.log_offsets(log)?;
+        let (offset, timestamp_ms) = match query {
+            OffsetQuery::Earliest => (log_start, -1),
+            OffsetQuery::Latest => (high_watermark, -1),
+            OffsetQuery::Timestamp(ts) => self.wal.offset_for_timestamp(log, ts)?.unwrap_or((high_watermark, -1)),
+        };
+        Ok(ListedOffset {
+            offset,
+            timestamp_ms,
+            log_start,
+            high_watermark,
+        })
+    }
+
+    /// The current metadata snapshot.
+    pub fn topics(&self) -> Arc<NodeMetadata> {
+        self.metadata.load_full()
+    }
+
+    async fn create_topics(self: &Rc<Self>, topics: Vec<NewTopic>, validate_only: bool) -> Vec<(String, Option<ApiError>)> {
+        let _permit = self.admin_lock.acquire_permit(1).await;
+        let mut metadata = (*self.topics()).clone();
+        let mut results = Vec::new();
+        let mut created: Vec<Topic> = Vec::new();
+        for topic in topics {
+            let error = match check_new_topic(&metadata, &topic) {
+                Err(error) => Some(error),
+                Ok(config) => match metadata.add_topic(&topic.name, topic.partitions, config) {
+                    Ok(added) => {
+                        created.push(added.clone());
+                        None
+                    }
+                    Err(error) => Some(ApiError::new(ErrorCode::InvalidRequest, error.to_string())),
+                },
+            };
+            results.push((topic.name, error));
+        }
+        if validate_only || created.is_empty() {
+            return results;
+        }
+        // Durable first: once a client hears "created", a restart keeps the topic.
+        if let Err(error) = self.store_metadata(metadata.clone()).await {
+            for (name, result) in results.iter_mut() {
+                if result.is_none() {
+                    *result = Some(ApiError::new(ErrorCode::StorageError, format!("cannot store metadata for '{name}': {error}")));
+                }
+            }
+            return results;
+        }
+        let mut by_shard: HashMap<ShardId, Vec<LogId>> = HashMap::new();
+        for topic in &created {
+            for placement in &topic.partitions {
+                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+            }
+        }
+        for (shard, logs) in by_shard {
+            self.route(shard, ShardRequest::CreateLogs(logs)).await;
+        }
+        self.metadata.store(Arc::new(metadata));
+        results
+    }
+
+    async fn delete_topics(self: &Rc<Self>, names: Vec<String>) -> Vec<(String, Option<ApiError>)> {
+        let _permit = self.admin_lock.acquire_permit(1).await;
+        let mut metadata = (*self.topics()).clone();
+        let mut results = Vec::new();
+        let mut removed = Vec::new();
+        for name in names {
+            match metadata.remove_topic(&name) {
+                Ok(topic) => {
+                    removed.push(topic);
+                    results.push((name, None));
+                }
+                Err(_) => results.push((name.clone(), Some(ApiError::new(ErrorCode::UnknownTopic, format!("unknown topic '{name}'"))))),
+            }
+        }
+        if removed.is_empty() {
+            return results;
+        }
+        if let Err(error) = self.store_metadata(metadata.clone()).await {
+            return results
+                .into_iter()
+                .map(|(name, result)| {
+                    let error = result.or_else(|| Some(ApiError::new(ErrorCode::StorageError, format!("cannot store metadata: {error}"))));
+                    (name, error)
+                })
+                .collect();
+        }
+        // Stop routing to the topic, then drop its logs (their batches become dead
+        // and retention reclaims their segments).
+        self.metadata.store(Arc::new(metadata));
+        let mut by_shard: HashMap<ShardId, Vec<LogId>> = HashMap::new();
+        for topic in &removed {
+            for placement in &topic.partitions {
+                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+            }
+        }
+        for (shard, logs) in by_shard {
+            self.route(shard, ShardRequest::DeleteLogs(logs)).await;
+        }
+        results
+    }
+
+    async fn store_metadata(&self, metadata: NodeMetadata) -> Result<(), String> {
+        let data_dir = self.settings.data_dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || metadata.store(&data_dir).map_err(|e| e.to_string()))
+            .await
+    }
+
+    /// Applies retention to this shard's logs and deletes dead segments, forever
+    /// (until shutdown), every `retention_check`.
+    pub async fn retention_loop(self: Rc<Self>) {
+        while !self.shutting_down() {
+            glommio::timer::sleep(self.settings.retention_check).await;
+            let metadata = self.topics();
+            let mut policies = HashMap::new();
+            for topic in metadata.topics.values() {
+                for placement in topic.partitions.iter().filter(|p| p.shard == self.id) {
+                    policies.insert(
+                        placement.log_id,
+                        Retention {
+                            retention_ms: topic.config.retention_ms,
+                            retention_bytes: topic.config.retention_bytes,
+                        },
+                    );
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            self.wal.apply_retention(&policies, now);
+            if let Err(error) = self.wal.delete_dead_segments().await {
+                tracing::warn!(shard = %self.id, %error, "retention could not delete segments");
+            }
+        }
+    }
+}
+
+/// Validates a topic to create against the current metadata.
+fn check_new_topic(metadata: &NodeMetadata, topic: &NewTopic) -> Result<TopicConfig, ApiError> {
+    validate_topic_name(&topic.name).map_err(|m| ApiError::new(ErrorCode::InvalidTopicName, m))?;
+    if metadata.topics.contains_key(&topic.name) {
+        return Err(ApiError::new(ErrorCode::TopicAlreadyExists, format!("topic '{}' already exists", topic.name)));
+    }
+    if topic.partitions == 0 || topic.partitions > crate::limits::PARTITIONS_PER_TOPIC_MAX {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPartitionCount,
+            format!("partition count {} outside [1, {}]", topic.partitions, crate::limits::PARTITIONS_PER_TOPIC_MAX),
+        ));
+    }
+    TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|m| ApiError::new(ErrorCode::InvalidConfig, m))
+}

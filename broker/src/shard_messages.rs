@@ -1,0 +1,174 @@
+//! Messages between shards (all `Send`: they cross threads on the mesh).
+
+use bytes::Bytes;
+use sluice_schema::wire::ErrorCode;
+
+use crate::storage::format::BatchInfo;
+use crate::storage::{Appended, ReadBatches, StorageError};
+use crate::types::{LogId, Offset};
+
+/// An error as the API reports it: a wire code, a message, and for out-of-range
+/// errors the valid range.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    /// Wire error code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+    /// Log start offset, when known.
+    pub log_start: Offset,
+    /// High watermark, when known.
+    pub high_watermark: Offset,
+}
+
+impl ApiError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+            log_start: 0,
+            high_watermark: 0,
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(error: StorageError) -> Self {
+        let code = match &error {
+            StorageError::DiskFull { .. } => ErrorCode::DiskFull,
+            StorageError::Corrupt { .. } => ErrorCode::CorruptLog,
+            StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            StorageError::UnknownLog(_) => ErrorCode::UnknownPartition,
+            StorageError::ShuttingDown => ErrorCode::ShuttingDown,
+            StorageError::BatchTooLarge { .. } => ErrorCode::RecordTooLarge,
+            StorageError::Io { .. } | StorageError::Failed(_) | StorageError::Incompatible { .. } => ErrorCode::StorageError,
+        };
+        let mut api = ApiError::new(code, error.to_string());
+        if let StorageError::OffsetOutOfRange {
+            log_start, high_watermark, ..
+        } = error
+        {
+            api.log_start = log_start;
+            api.high_watermark = high_watermark;
+        }
+        api
+    }
+}
+
+/// Which offset a ListOffsets asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum OffsetQuery {
+    /// Log start.
+    Earliest,
+    /// High watermark.
+    Latest,
+    /// First batch with max timestamp >= this.
+    Timestamp(i64),
+}
+
+/// A resolved offset.
+#[derive(Clone, Copy, Debug)]
+pub struct ListedOffset {
+    /// The offset.
+    pub offset: Offset,
+    /// Batch max timestamp (timestamp queries), else -1.
+    pub timestamp_ms: i64,
+    /// Log start.
+    pub log_start: Offset,
+    /// High watermark.
+    pub high_watermark: Offset,
+}
+
+/// A partition's offsets and size.
+#[derive(Clone, Copy, Debug)]
+pub struct LogDescription {
+    /// Log start.
+    pub log_start: Offset,
+    /// High watermark.
+    pub high_watermark: Offset,
+    /// Bytes stored.
+    pub size_bytes: u64,
+}
+
+/// A topic to create.
+#[derive(Clone, Debug)]
+pub struct NewTopic {
+    /// Name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// key=value configs.
+    pub configs: Vec<(String, String)>,
+}
+
+/// Work one shard asks another to do.
+pub enum ShardRequest {
+    /// Append verified batches to a log.
+    Produce {
+        /// Target log.
+        log: LogId,
+        /// Verified client batches.
+        batches: Vec<(Bytes, BatchInfo)>,
+    },
+    /// Read batches.
+    Read {
+        /// Log.
+        log: LogId,
+        /// From offset.
+        offset: Offset,
+        /// Byte budget.
+        max_bytes: usize,
+    },
+    /// Reply once the log's high watermark passes `offset`, or after `wait_ms`.
+    WaitForData {
+        /// Log.
+        log: LogId,
+        /// Offset the fetch is at.
+        offset: Offset,
+        /// Longest wait.
+        wait_ms: u32,
+    },
+    /// Resolve an offset.
+    ListOffset {
+        /// Log.
+        log: LogId,
+        /// Which.
+        query: OffsetQuery,
+    },
+    /// Offsets and sizes of logs.
+    Describe(Vec<LogId>),
+    /// Register new, empty logs.
+    CreateLogs(Vec<LogId>),
+    /// Forget logs.
+    DeleteLogs(Vec<LogId>),
+    /// Create topics (shard 0, the metadata controller).
+    CreateTopics {
+        /// Topics.
+        topics: Vec<NewTopic>,
+        /// Validate only.
+        validate_only: bool,
+    },
+    /// Delete topics (shard 0).
+    DeleteTopics(Vec<String>),
+}
+
+/// The answer.
+pub enum ShardReply {
+    /// Produce result.
+    Produced(Result<Appended, ApiError>),
+    /// Read result.
+    Read(Result<ReadBatches, ApiError>),
+    /// WaitForData finished (data or timeout).
+    Waited,
+    /// ListOffset result.
+    Offset(Result<ListedOffset, ApiError>),
+    /// Describe results, in request order.
+    Described(Vec<Result<LogDescription, ApiError>>),
+    /// CreateLogs / DeleteLogs done.
+    Done,
+    /// Per-topic admin results, in request order.
+    Admin(Vec<(String, Option<ApiError>)>),
+    /// The target shard could not be reached.
+    Unavailable(String),
+}
