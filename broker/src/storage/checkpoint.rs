@@ -226,6 +226,13 @@ impl Wal {
     /// when `is_idle`); otherwise it captures nothing newer than the last drain.
     pub async fn checkpoint(&self) -> Result<()> {
         self.drain().await?;
-        Snapshot::take(self).write(self.config()).await
+        Snapshot::take(self).write(self.config()).await?;
+        if self.is_closed() {
+            // Closed and checkpointed: the next open may skip zeroing past the tail.
+            let path = self.config.dir.join(super::recovery::CLEAN_MARKER);
+            std::fs::write(&path, b"clean\n").map_err(|e| StorageError::std("write clean-shutdown marker", &path, e))?;
+            super::segment::sync_directory(&self.config.dir).await?;
+        }
+        Ok(())
     }
 }

@@ -30,8 +30,13 @@ pub struct ReadBatches {
 /// Where a run's bytes come from.
 enum Source {
     Cached(Vec<Bytes>),
-    Disk(Rc<SegmentFile>, Run),
+    /// Runs of one segment read with one direct read spanning them all.
+    Disk(Rc<SegmentFile>, Vec<Run>),
 }
+
+/// Runs of one log in one segment closer than this are read with one read (the
+/// bytes between them belong to other partitions and are skipped).
+const COALESCE_GAP_BYTES: u64 = 1 << 20;
 
 impl Wal {
     /// Reads batches of `log` from `offset` on, up to about `max_bytes` (at least one
@@ -47,7 +52,7 @@ impl Wal {
         for source in plan {
             let frames = match source {
                 Source::Cached(frames) => frames,
-                Source::Disk(file, run) => read_run(&file, &run).await?,
+                Source::Disk(file, runs) => read_runs(&file, &runs).await?,
             };
             for frame in frames {
                 let header =
@@ -113,7 +118,18 @@ impl Wal {
                             ),
                         }
                     })?;
-                    plan.push(Source::Disk(segment.file.clone(), *run));
+                    if let Some(Source::Disk(file, runs)) = plan.last_mut() {
+                        let last = runs.last().copied().unwrap_or(*run);
+                        let near = run.position.segment() == last.position.segment()
+                            && run.position.0 >= last.end().0
+                            && run.position.0 - last.end().0 <= COALESCE_GAP_BYTES
+                            && run.end().0 - runs[0].position.0 <= READ_BYTES_MAX as u64;
+                        if near && Rc::ptr_eq(file, &segment.file) {
+                            runs.push(*run);
+                            continue;
+                        }
+                    }
+                    plan.push(Source::Disk(segment.file.clone(), vec![*run]));
                 }
             }
         }
@@ -121,34 +137,38 @@ impl Wal {
     }
 }
 
-/// Reads one run from disk and splits it into verified frames.
-async fn read_run(file: &SegmentFile, run: &Run) -> Result<Vec<Bytes>> {
-    let start = run.position.byte();
+/// Reads runs of one segment with one aligned direct read and splits them into
+/// verified frames.
+async fn read_runs(file: &SegmentFile, runs: &[Run]) -> Result<Vec<Bytes>> {
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return Ok(Vec::new());
+    };
+    let start = first.position.byte();
+    let end = last.end().byte();
     let aligned = start / SECTOR_BYTES * SECTOR_BYTES;
-    let end = start + u64::from(run.bytes);
     let aligned_end = end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
     let data = file.read(aligned, (aligned_end - aligned) as usize).await?;
-    let skip = (start - aligned) as usize;
-    if data.len() < skip + run.bytes as usize {
+    if (data.len() as u64) < end - aligned {
         return Err(StorageError::Corrupt {
             path: file.path.clone(),
             position: end,
             reason: "segment shorter than its index says".into(),
         });
     }
-    let bytes = Bytes::copy_from_slice(&data[skip..skip + run.bytes as usize]);
     let mut frames = Vec::new();
-    let mut at = 0usize;
-    while at < bytes.len() {
-        let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| {
-            StorageError::Corrupt {
+    for run in runs {
+        let from = (run.position.byte() - aligned) as usize;
+        let bytes = Bytes::copy_from_slice(&data[from..from + run.bytes as usize]);
+        let mut at = 0usize;
+        while at < bytes.len() {
+            let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| StorageError::Corrupt {
                 path: file.path.clone(),
-                position: start + at as u64,
+                position: run.position.byte() + at as u64,
                 reason: error.to_string(),
-            }
-        })?;
-        frames.push(bytes.slice(at..at + frame.frame_bytes));
-        at += frame.frame_bytes;
+            })?;
+            frames.push(bytes.slice(at..at + frame.frame_bytes));
+            at += frame.frame_bytes;
+        }
     }
     Ok(frames)
 }

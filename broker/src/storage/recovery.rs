@@ -110,6 +110,7 @@ impl Wal {
                 },
             );
         }
+        let clean = take_clean_marker(&config.dir).await?;
         let (mut logs, scan_from) = load_checkpoint(&config, &segments, &mut report);
         let mut corrupt = HashMap::new();
         let tail = scan(
@@ -121,7 +122,10 @@ impl Wal {
             &mut report,
         )
         .await?;
-        let (write_byte, tail_block) = finish_tail(&segments, tail).await?;
+        // After a clean shutdown with nothing written since the checkpoint, no write
+        // can have been in flight: skip zeroing the region after the tail.
+        let zero = !(clean && report.frames_scanned == 0 && report.torn_tail.is_none());
+        let (write_byte, tail_block) = finish_tail(&segments, tail, zero).await?;
         report.duration = started.elapsed();
         let wal = Wal::from_recovered(config, segments, write_byte, tail_block, logs, corrupt);
         super::roll::prepare_spare(wal.clone());
@@ -275,15 +279,32 @@ async fn scan(
     Ok(Tail {
         active,
         write_byte: segments[&active].end,
-        scanned: ids,
+        tail_segment,
     })
 }
 
-/// Where appends continue after recovery, and which segments were scanned.
+/// Where appends continue after recovery, and the newest segment holding frames.
 struct Tail {
     active: SegmentId,
     write_byte: u64,
-    scanned: Vec<SegmentId>,
+    tail_segment: Option<SegmentId>,
+}
+
+/// Name of the marker written after the final checkpoint of a clean shutdown.
+pub(super) const CLEAN_MARKER: &str = "clean-shutdown";
+
+/// Removes the clean-shutdown marker (durably, before any new write) and says
+/// whether it was there.
+async fn take_clean_marker(dir: &Path) -> Result<bool> {
+    let path = dir.join(CLEAN_MARKER);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            segment::sync_directory(dir).await?;
+            Ok(true)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(StorageError::std("remove clean-shutdown marker", &path, error)),
+    }
 }
 
 /// The newest of `ids` whose first frame slot is not zero (a zero-filled spare
@@ -465,11 +486,13 @@ async fn scan_segment(
 async fn finish_tail(
     segments: &BTreeMap<SegmentId, Segment>,
     tail: Tail,
+    zero: bool,
 ) -> Result<(u64, Vec<u8>)> {
-    // Only scanned segments can end in bytes that were never durable (every older
-    // segment was durable before its successor got a write).
-    for id in &tail.scanned {
-        zero_after(&segments[id]).await?;
+    // Only the newest segment holding frames can end in bytes that were never
+    // durable (every older segment was durable before its successor got a write,
+    // and a spare after it was never written).
+    if let Some(id) = tail.tail_segment.filter(|_| zero) {
+        zero_after(&segments[&id]).await?;
     }
     let Tail {
         active, write_byte, ..

@@ -694,6 +694,11 @@ impl Wal {
         was
     }
 
+    pub(super) fn is_closed(&self) -> bool {
+        let state = self.state.borrow();
+        state.closing && state.writer_done && state.durable_seq == state.written_seq
+    }
+
     pub(super) fn is_closing(&self) -> bool {
         self.state.borrow().closing
     }

@@ -66,7 +66,7 @@ pub async fn read_all(wal: &Wal, log: u32, from: u64) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut offset = from;
     loop {
-        let read = wal.read(LogId(log), offset, 256 * 1024).await.unwrap();
+        let read = wal.read(LogId(log), offset, 4 << 20).await.unwrap();
         if read.frames.is_empty() {
             return out;
         }
