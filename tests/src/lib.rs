@@ -1,1 +1,353 @@
-//! Test support: start and stop real brokers.
+//! Support for black-box tests: start real `sluice-broker` processes on free ports
+//! with data dirs on a real filesystem, run the `sluice` CLI, and speak the raw
+//! protocol to send bad input.
+//!
+//! Every broker a test starts is stopped when its [`Broker`] is dropped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use sluice_client::frame::FrameDecoder;
+use sluice_client::request::{encode_request_frame, RequestBody};
+use sluice_schema::wire;
+
+/// The workspace's target profile directory (where the binaries are).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary, building the binaries once if they are missing.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = bin_dir().join(name);
+    BUILT.get_or_init(|| {
+        if !bin_dir().join("sluice-broker").exists() || !bin_dir().join("sluice").exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "sluice-broker", "-p", "sluice-tools", "--bins"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the broker and CLI binaries failed");
+        }
+    });
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins`", path.display());
+    path
+}
+
+/// A fresh directory under the target dir (a real filesystem, not tmpfs).
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = bin_dir().join("..").join("tmp").join("black-box").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `sluice-broker` process.
+pub struct Broker {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Broker {
+    /// Starts a broker on a free port with a fresh data dir.
+    pub fn start(name: &str, extra: &[&str]) -> Broker {
+        let dir = scratch(name);
+        Broker::start_in(&dir.join("data"), free_port(), extra)
+    }
+
+    /// Starts a broker on `data_dir` and `port`.
+    pub fn start_in(data_dir: &Path, port: u16, extra: &[&str]) -> Broker {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+            "--segment-mib".to_string(),
+            "16".to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let broker = Broker::spawn(data_dir, addr, args);
+        broker.wait_ready();
+        broker
+    }
+
+    fn spawn(data_dir: &Path, addr: SocketAddr, args: Vec<String>) -> Broker {
+        std::fs::create_dir_all(data_dir.parent().unwrap_or(data_dir)).unwrap();
+        let log = data_dir.with_extension(format!("{}.log", addr.port()));
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(bin("sluice-broker"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start sluice-broker");
+        Broker {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            args,
+        }
+    }
+
+    /// Runs the broker binary with these args and returns its output (for start-up errors).
+    pub fn run_expecting_failure(args: &[&str]) -> Output {
+        Command::new(bin("sluice-broker")).args(args).output().unwrap()
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.addr).is_ok() {
+                // Every shard binds before the broker says it is ready; give the
+                // slowest a moment.
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("broker at {} did not start; log:\n{}", self.addr, self.log_text());
+    }
+
+    /// The broker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `--brokers` value for the CLI.
+    pub fn brokers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        status.is_some_and(|s| s.success())
+    }
+
+    /// SIGKILL (a crash) and wait.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same data dir and port with the same arguments.
+    pub fn restart(mut self) -> Broker {
+        self.terminate();
+        self.start_again()
+    }
+
+    /// Starts again after a kill or terminate.
+    pub fn start_again(mut self) -> Broker {
+        assert!(self.child.is_none(), "stop the broker first");
+        let args = std::mem::take(&mut self.args);
+        let broker = Broker::spawn(&self.data_dir, self.addr, args);
+        broker.wait_ready();
+        broker
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Runs the `sluice` CLI against this broker.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new(bin("sluice"));
+        command.arg("--brokers").arg(self.brokers()).args(args);
+        command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        if let Some(text) = stdin {
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI and returns stdout, failing the test on a non-zero exit.
+    pub fn cli_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.cli(args, stdin);
+        assert!(
+            output.status.success(),
+            "sluice {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    child.wait().ok();
+    None
+}
+
+/// A raw protocol connection, for sending exactly the bytes a test wants.
+pub struct Raw {
+    pub stream: TcpStream,
+    decoder: FrameDecoder,
+    next_id: u32,
+    /// The shard this connection landed on (after `handshake`).
+    pub shard: u16,
+    pub shard_count: u16,
+}
+
+/// A decoded response frame.
+pub struct Reply {
+    pub envelope: Bytes,
+    pub payload: Bytes,
+}
+
+impl Reply {
+    pub fn response(&self) -> wire::Response<'_> {
+        flatbuffers::root::<wire::Response>(&self.envelope).expect("broker sends valid envelopes")
+    }
+}
+
+impl Raw {
+    /// Connects (no handshake).
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            decoder: FrameDecoder::default(),
+            next_id: 1,
+            shard: 0,
+            shard_count: 0,
+        }
+    }
+
+    /// Connects and handshakes.
+    pub fn open(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr);
+        raw.handshake();
+        raw
+    }
+
+    /// Opens connections until one lands on `shard`.
+    pub fn open_on_shard(addr: SocketAddr, shard: u16) -> Raw {
+        for _ in 0..200 {
+            let raw = Raw::open(addr);
+            if raw.shard == shard {
+                return raw;
+            }
+        }
+        panic!("no connection landed on shard {shard}");
+    }
+
+    pub fn handshake(&mut self) {
+        let reply = self
+            .request(
+                &RequestBody::Handshake {
+                    version_min: 1,
+                    version_max: 1,
+                    client_software: Some("black-box-test".into()),
+                },
+                &[],
+            )
+            .expect("handshake reply");
+        let response = reply.response();
+        assert_eq!(response.error(), wire::ErrorCode::None);
+        let handshake = response.body_as_handshake_response().unwrap();
+        self.shard = handshake.shard();
+        self.shard_count = handshake.shard_count();
+    }
+
+    /// Encodes a request frame (head + payload) without sending it.
+    pub fn encode(&mut self, body: &RequestBody, payload: &[u8]) -> Vec<u8> {
+        let mut head = BytesMut::new();
+        let mut fbb = flatbuffers::FlatBufferBuilder::new();
+        let id = self.next_id;
+        self.next_id += 1;
+        encode_request_frame(&mut head, &mut fbb, id, "black-box", body, payload.len()).unwrap();
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    /// Sends a request and reads one reply (`None` if the broker closed).
+    pub fn request(&mut self, body: &RequestBody, payload: &[u8]) -> Option<Reply> {
+        let bytes = self.encode(body, payload);
+        self.send_raw(&bytes);
+        self.read_reply()
+    }
+
+    /// Writes bytes as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Reads one reply frame; `None` when the connection closed.
+    pub fn read_reply(&mut self) -> Option<Reply> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(frame) = self.decoder.next_frame().expect("broker frames are valid") {
+                return Some(Reply {
+                    envelope: frame.envelope,
+                    payload: frame.payload,
+                });
+            }
+            match self.stream.read(&mut buffer) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.decoder.push(&buffer[..n]),
+            }
+        }
+    }
+
+    /// True if the broker closed the connection (reads EOF within the timeout).
+    pub fn is_closed_by_broker(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(error) => return error.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    }
+}
