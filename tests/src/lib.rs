@@ -117,10 +117,8 @@ impl Broker {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            if TcpStream::connect(self.addr).is_ok() {
-                // Every shard binds before the broker says it is ready; give the
-                // slowest a moment.
-                std::thread::sleep(Duration::from_millis(50));
+            // A real handshake: the port alone may be a start-up probe.
+            if handshakes(self.addr) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -210,6 +208,25 @@ impl Drop for Broker {
             let _ = child.wait();
         }
     }
+}
+
+/// True if a handshake on `addr` succeeds.
+fn handshakes(addr: SocketAddr) -> bool {
+    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut raw = Raw {
+        stream,
+        decoder: FrameDecoder::default(),
+        next_id: 1,
+        shard: 0,
+        shard_count: 0,
+    };
+    let body = RequestBody::Handshake {
+        version_min: 1,
+        version_max: 1,
+        client_software: None,
+    };
+    raw.request(&body, &[]).is_some_and(|reply| reply.response().error() == wire::ErrorCode::None)
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
