@@ -25,19 +25,22 @@ fn bin_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
-/// Path of a workspace binary, building the binaries once if they are missing.
+/// Path of a workspace binary. The first call in a test process runs `cargo build`
+/// for the broker and CLI binaries (a no-op when they are current), so tests never
+/// run stale binaries.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let path = bin_dir().join(name);
     BUILT.get_or_init(|| {
-        if !bin_dir().join("sluice-broker").exists() || !bin_dir().join("sluice").exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "sluice-broker", "-p", "sluice-tools", "--bins"])
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building the broker and CLI binaries failed");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile = bin_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+        let mut command = Command::new(cargo);
+        command.args(["build", "--quiet", "-p", "sluice-broker", "-p", "sluice-tools", "--bins"]);
+        if profile == "release" {
+            command.arg("--release");
         }
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "building the broker and CLI binaries failed");
     });
     assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins`", path.display());
     path

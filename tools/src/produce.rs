@@ -36,6 +36,10 @@ pub struct ProduceArgs {
     /// Batch linger in milliseconds.
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
+    /// Give up on a record not acknowledged within this many milliseconds
+    /// (retries included).
+    #[arg(long, default_value_t = 120_000)]
+    delivery_timeout_ms: u64,
 }
 
 fn parse_acks(text: &str) -> Result<Acks, String> {
@@ -78,6 +82,7 @@ pub async fn run(brokers: &[String], args: ProduceArgs) -> CliResult {
     let config = ProducerConfig {
         acks: args.acks,
         linger: std::time::Duration::from_millis(args.linger_ms),
+        delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms.max(1)),
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);
@@ -126,6 +131,11 @@ async fn read_and_send(
         };
         let delivery = producer.send(record).await?;
         sent += 1;
+        if sent % 256 == 0 {
+            // Buffered stdin is always ready under a steady stream: let the
+            // producer's tasks and the ack tracker run on this one-thread runtime.
+            tokio::task::yield_now().await;
+        }
         pending.send(Pending {
             delivery,
             key,
