@@ -234,6 +234,7 @@ fn sync_logs(wal: &Wal, metadata: &NodeMetadata, shard: ShardId) {
         for placement in topic.partitions.iter().filter(|p| p.shard == shard) {
             wanted.insert(placement.log_id);
             wal.create_log(placement.log_id);
+            wal.set_segment_limit(placement.log_id, topic.config.segment_bytes);
         }
     }
     for log in wal.log_ids() {

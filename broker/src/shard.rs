@@ -122,8 +122,9 @@ impl Shard {
                     .collect(),
             ),
             ShardRequest::CreateLogs(logs) => {
-                for log in logs {
+                for (log, segment_bytes) in logs {
                     self.wal.create_log(log);
+                    self.wal.set_segment_limit(log, segment_bytes);
                 }
                 ShardReply::Done
             }
@@ -210,10 +211,10 @@ impl Shard {
             }
             return results;
         }
-        let mut by_shard: HashMap<ShardId, Vec<LogId>> = HashMap::new();
+        let mut by_shard: HashMap<ShardId, Vec<(LogId, u64)>> = HashMap::new();
         for topic in &created {
             for placement in &topic.partitions {
-                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+                by_shard.entry(placement.shard).or_default().push((placement.log_id, topic.config.segment_bytes));
             }
         }
         for (shard, logs) in by_shard {

@@ -138,8 +138,8 @@ pub enum ShardRequest {
     },
     /// Offsets and sizes of logs.
     Describe(Vec<LogId>),
-    /// Register new, empty logs.
-    CreateLogs(Vec<LogId>),
+    /// Register new, empty logs, each with its per-segment byte limit.
+    CreateLogs(Vec<(LogId, u64)>),
     /// Forget logs.
     DeleteLogs(Vec<LogId>),
     /// Create topics (shard 0, the metadata controller).

@@ -259,3 +259,23 @@ fn many_concurrent_appenders_share_fsyncs() {
         wal.close().await;
     });
 }
+
+#[test]
+fn a_log_segment_limit_rolls_the_wal() {
+    let dir = scratch("segment-limit");
+    let config = config(&dir, 16 << 20);
+    run(move || async move {
+        let (wal, _) = Wal::open(config).await.unwrap();
+        wal.create_log(LogId(1));
+        wal.set_segment_limit(LogId(1), 1 << 20);
+        for i in 0..300u64 {
+            append(&wal, 1, &batch(1, 10_000, i)).await;
+        }
+        // ~3 MiB of log 1 with at most 1 MiB per segment: at least 3 segments hold
+        // it, although each segment could hold 16 MiB.
+        let segments: std::collections::HashSet<_> = wal.segment_ids().into_iter().collect();
+        assert!(segments.len() >= 3, "{segments:?}");
+        assert_eq!(read_all(&wal, 1, 0).await.len(), 300);
+        wal.close().await;
+    });
+}

@@ -48,6 +48,7 @@ pub(super) async fn roll(wal: &Rc<Wal>) -> Result<()> {
         state.active = next_id;
         state.write_byte = SEGMENT_HEADER_BYTES;
         state.tail_block.clear();
+        state.active_log_bytes.clear();
         state.stats.rolls += 1;
     }
     tracing::debug!(shard = %wal.config().shard, segment = %next_id, "rolled WAL segment");

@@ -150,6 +150,10 @@ pub(super) struct State {
     written_seq: u64,
     durable_seq: u64,
     pub logs: HashMap<LogId, LogState>,
+    /// Per-log cap on bytes in one segment (topic `segment.bytes`).
+    pub segment_limits: HashMap<LogId, u64>,
+    /// Bytes of each log in the active segment.
+    pub active_log_bytes: HashMap<LogId, u64>,
     /// Logs found corrupt at recovery: offsets at and above this are not served.
     pub corrupt: HashMap<LogId, (Offset, StorageError)>,
     pub cache: TailCache,
@@ -194,6 +198,13 @@ impl Wal {
             .next_back()
             .expect("recovery always leaves an active segment");
         let cache = TailCache::new(config.tail_cache_bytes);
+        let mut active_log_bytes: HashMap<LogId, u64> = HashMap::new();
+        for (log, entry) in &logs {
+            let bytes: u64 = entry.runs.iter().filter(|r| r.position.segment() == active).map(|r| u64::from(r.bytes)).sum();
+            if bytes > 0 {
+                active_log_bytes.insert(*log, bytes);
+            }
+        }
         let wal = Rc::new(Wal {
             config,
             state: RefCell::new(State {
@@ -208,6 +219,8 @@ impl Wal {
                 written_seq: 0,
                 durable_seq: 0,
                 logs,
+                segment_limits: HashMap::new(),
+                active_log_bytes,
                 corrupt,
                 cache,
                 failed: None,
@@ -237,6 +250,12 @@ impl Wal {
     /// Registers a new, empty log. Idempotent.
     pub fn create_log(&self, log: LogId) {
         self.state.borrow_mut().logs.entry(log).or_default();
+    }
+
+    /// Caps how many bytes of `log` one segment may hold: the WAL rolls rather than
+    /// exceed it (so retention can free that log's space at this granularity).
+    pub fn set_segment_limit(&self, log: LogId, bytes: u64) {
+        self.state.borrow_mut().segment_limits.insert(log, bytes);
     }
 
     /// Forgets a log; its batches become dead and their segments reclaimable.
@@ -430,16 +449,29 @@ fn take_batch(state: &mut State) -> Vec<Pending> {
     let block_start = state.write_byte / SECTOR_BYTES * SECTOR_BYTES;
     let mut end = state.write_byte;
     let mut taken = Vec::new();
+    let mut added: HashMap<LogId, u64> = HashMap::new();
     while let Some(next) = state.pending.front() {
         let next_end = end + next.frame.len() as u64;
         let fits_write = next_end - block_start <= WRITE_BYTES_MAX as u64 || taken.is_empty();
-        if next_end > capacity || !fits_write {
+        let already = added.get(&next.log).copied().unwrap_or(0);
+        if next_end > capacity || !fits_write || over_log_limit(state, next.log, already, next.frame.len()) {
             break;
         }
+        *added.entry(next.log).or_default() += next.frame.len() as u64;
         end = next_end;
         taken.extend(state.pending.pop_front());
     }
     taken
+}
+
+/// True if `bytes` more of `log` (after `pending` bytes already laid out in this
+/// write) would take it past its per-segment limit in the active segment. A log
+/// with nothing in the segment yet is never over (a batch larger than the limit
+/// still gets a segment).
+fn over_log_limit(state: &State, log: LogId, pending: u64, bytes: usize) -> bool {
+    let Some(limit) = state.segment_limits.get(&log) else { return false };
+    let have = state.active_log_bytes.get(&log).copied().unwrap_or(0) + pending;
+    have > 0 && have + bytes as u64 > *limit
 }
 
 async fn writer_loop(wal: Rc<Wal>) {
@@ -480,7 +512,7 @@ async fn write_once(wal: &Rc<Wal>) {
         state
             .pending
             .front()
-            .is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity)
+            .is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity || over_log_limit(&state, p.log, 0, p.frame.len()))
     };
     if needs_roll {
         if let Err(error) = super::roll::roll(wal).await {
@@ -563,6 +595,7 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
         if let Some(segment) = state.segments.get_mut(&active) {
             segment.logs.insert(pending.log, pending.last_offset);
         }
+        *state.active_log_bytes.entry(pending.log).or_default() += u64::from(frame_bytes);
         match high_watermarks
             .iter_mut()
             .find(|(log, _)| *log == pending.log)
