@@ -146,6 +146,9 @@ pub(super) struct State {
     pending: VecDeque<Pending>,
     unsynced: VecDeque<Written>,
     pub inflight_bytes: usize,
+    next_ticket: u64,
+    serving_ticket: u64,
+    abandoned_tickets: std::collections::BTreeSet<u64>,
     next_seq: u64,
     written_seq: u64,
     durable_seq: u64,
@@ -215,6 +218,9 @@ impl Wal {
                 pending: VecDeque::new(),
                 unsynced: VecDeque::new(),
                 inflight_bytes: 0,
+                next_ticket: 0,
+                serving_ticket: 0,
+                abandoned_tickets: std::collections::BTreeSet::new(),
                 next_seq: 1,
                 written_seq: 0,
                 durable_seq: 0,
@@ -328,17 +334,35 @@ impl Wal {
     }
 
     /// Waits until `bytes` more fit under `INFLIGHT_BYTES_MAX` (backpressure).
+    ///
+    /// Admission is first come, first served (a ticket queue), so appends are
+    /// queued in the order they asked: a small append never overtakes a large one
+    /// waiting for space, which keeps a connection's pipelined batches in order.
     async fn reserve(&self, bytes: usize) -> Result<()> {
+        let mut ticket = Ticket {
+            wal: self,
+            number: {
+                let mut state = self.state.borrow_mut();
+                state.next_ticket += 1;
+                state.next_ticket - 1
+            },
+            served: false,
+        };
         loop {
             {
-                let state = self.state.borrow();
+                let mut state = self.state.borrow_mut();
                 if let Some(error) = &state.failed {
                     return Err(StorageError::Failed(error.to_string()));
                 }
                 if state.closing {
                     return Err(StorageError::ShuttingDown);
                 }
-                if state.inflight_bytes == 0 || state.inflight_bytes + bytes <= INFLIGHT_BYTES_MAX {
+                let fits = state.inflight_bytes == 0 || state.inflight_bytes + bytes <= INFLIGHT_BYTES_MAX;
+                if state.serving_ticket == ticket.number && fits {
+                    ticket.served = true;
+                    advance_tickets(&mut state);
+                    drop(state);
+                    self.space_freed.notify_all();
                     return Ok(());
                 }
             }
@@ -439,6 +463,38 @@ impl Wal {
             }
         }
         self.space_freed.notify_all();
+    }
+}
+
+/// A place in the admission queue; an abandoned place (its append was cancelled)
+/// is skipped so the queue never stalls.
+struct Ticket<'a> {
+    wal: &'a Wal,
+    number: u64,
+    served: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.served {
+            return;
+        }
+        let mut state = self.wal.state.borrow_mut();
+        if state.serving_ticket == self.number {
+            advance_tickets(&mut state);
+        } else {
+            state.abandoned_tickets.insert(self.number);
+        }
+        drop(state);
+        self.wal.space_freed.notify_all();
+    }
+}
+
+/// Moves the queue past the served ticket and any abandoned ones after it.
+fn advance_tickets(state: &mut State) {
+    state.serving_ticket += 1;
+    while state.abandoned_tickets.remove(&state.serving_ticket) {
+        state.serving_ticket += 1;
     }
 }
 
