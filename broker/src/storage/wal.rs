@@ -466,6 +466,32 @@ impl Wal {
     }
 }
 
+/// Large writes are split into chunks of this size issued concurrently.
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
+const _: () = assert!(WRITE_CHUNK_BYTES as u64 % SECTOR_BYTES == 0);
+
+/// Copies `bytes` into the chunk sequence at byte `at`; returns the new end.
+fn put(chunks: &mut [glommio::io::DmaBuffer], mut at: usize, mut bytes: &[u8]) -> usize {
+    while !bytes.is_empty() {
+        let (chunk, offset) = (at / WRITE_CHUNK_BYTES, at % WRITE_CHUNK_BYTES);
+        let out = chunks[chunk].as_bytes_mut();
+        let n = bytes.len().min(out.len() - offset);
+        out[offset..offset + n].copy_from_slice(&bytes[..n]);
+        at += n;
+        bytes = &bytes[n..];
+    }
+    at
+}
+
+/// Zeroes the chunk bytes from `at` to the end (the padding of the last block).
+fn zero_rest(chunks: &mut [glommio::io::DmaBuffer], at: usize) {
+    let first = at / WRITE_CHUNK_BYTES;
+    for (index, chunk) in chunks.iter_mut().enumerate().skip(first) {
+        let from = if index == first { at % WRITE_CHUNK_BYTES } else { 0 };
+        chunk.as_bytes_mut()[from..].fill(0);
+    }
+}
+
 /// A place in the admission queue; an abandoned place (its append was cancelled)
 /// is skipped so the queue never stalls.
 struct Ticket<'a> {
@@ -581,7 +607,7 @@ async fn write_once(wal: &Rc<Wal>) {
             return;
         }
     }
-    let (taken, file, block_start, buffer, end, new_tail) = {
+    let (taken, file, block_start, buffers, end, new_tail) = {
         let mut state = wal.state.borrow_mut();
         let taken = take_batch(&mut state);
         if taken.is_empty() {
@@ -592,22 +618,27 @@ async fn write_once(wal: &Rc<Wal>) {
         let block_start = state.write_byte / SECTOR_BYTES * SECTOR_BYTES;
         let frames_bytes: usize = taken.iter().map(|p| p.frame.len()).sum();
         let end = state.write_byte + frames_bytes as u64;
-        let buffer_bytes = (end - block_start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
-        let mut buffer = file.file.alloc_dma_buffer(buffer_bytes as usize);
-        let out = buffer.as_bytes_mut();
-        let mut at = state.tail_block.len();
-        out[..at].copy_from_slice(&state.tail_block);
+        let buffer_bytes = ((end - block_start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES) as usize;
+        let mut chunks: Vec<_> = (0..buffer_bytes.div_ceil(WRITE_CHUNK_BYTES))
+            .map(|i| file.file.alloc_dma_buffer(WRITE_CHUNK_BYTES.min(buffer_bytes - i * WRITE_CHUNK_BYTES)))
+            .collect();
+        let mut at = put(&mut chunks, 0, &state.tail_block);
         for pending in &taken {
-            out[at..at + pending.frame.len()].copy_from_slice(&pending.frame);
-            at += pending.frame.len();
+            at = put(&mut chunks, at, &pending.frame);
         }
-        out[at..].fill(0);
-        // The new partial last block, which the next write rewrites.
+        zero_rest(&mut chunks, at);
+        // The new partial last block, which the next write rewrites (a block never
+        // straddles two chunks: chunks are whole blocks).
         let new_tail_from = (end / SECTOR_BYTES * SECTOR_BYTES - block_start) as usize;
-        let new_tail = out[new_tail_from..at].to_vec();
-        (taken, file, block_start, buffer, end, new_tail)
+        let chunk = new_tail_from / WRITE_CHUNK_BYTES;
+        let base = chunk * WRITE_CHUNK_BYTES;
+        let new_tail = chunks[chunk].as_bytes()[new_tail_from - base..at - base].to_vec();
+        (taken, file, block_start, chunks, end, new_tail)
     };
-    let result = file.write(buffer, block_start).await;
+    // The chunks go out concurrently (queue depth for large writes); only the first
+    // block overlaps the previous write, which has completed.
+    let writes = buffers.into_iter().enumerate().map(|(i, chunk)| file.write(chunk, block_start + (i * WRITE_CHUNK_BYTES) as u64));
+    let result = futures::future::join_all(writes).await.into_iter().collect::<Result<Vec<()>>>().map(|_| ());
     let mut state = wal.state.borrow_mut();
     match result {
         Ok(()) => record_write(wal, &mut state, taken, end, new_tail),
