@@ -71,6 +71,14 @@ fn main() -> ExitCode {
     config.connections_max = args.max_connections.max(1);
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.advertised_host = args.advertised_host;
+    // A panic anywhere is a bug; a node with a dead shard must not limp on half
+    // working. Log it and abort: recovery on restart handles the rest.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("sluice-broker: internal error (a bug); aborting so that a restart recovers cleanly");
+        std::process::abort();
+    }));
     // Block SIGINT/SIGTERM in every thread (the shards inherit the mask) and take
     // them on one thread that starts the graceful shutdown.
     let signals = block_signals();

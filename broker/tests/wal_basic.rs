@@ -279,3 +279,38 @@ fn a_log_segment_limit_rolls_the_wal() {
         wal.close().await;
     });
 }
+
+/// A frame of exactly `bytes` bytes.
+fn frame_of(bytes: usize, seed: u64) -> bytes::Bytes {
+    let mut value = bytes - 100;
+    loop {
+        let frame = batch(1, value, seed);
+        match frame.len().cmp(&bytes) {
+            std::cmp::Ordering::Equal => return frame,
+            std::cmp::Ordering::Less => value += 1,
+            std::cmp::Ordering::Greater => value -= 1,
+        }
+    }
+}
+
+#[test]
+fn writes_ending_exactly_on_block_and_chunk_boundaries() {
+    let dir = scratch("boundaries");
+    let config = config(&dir, 16 << 20);
+    run(move || async move {
+        let (wal, _) = Wal::open(config).await.unwrap();
+        wal.create_log(LogId(1));
+        // A fresh segment's frames start at byte 4096: a 1 MiB frame ends exactly on
+        // a 1 MiB write-chunk boundary, a 4096-byte frame on a block boundary.
+        let frames = vec![frame_of(1 << 20, 1), frame_of(4096, 2), frame_of(2 << 20, 3), batch(1, 10, 4)];
+        for frame in &frames {
+            append(&wal, 1, frame).await;
+        }
+        let got = read_all(&wal, 1, 0).await;
+        assert_eq!(got.len(), frames.len());
+        for (stored, sent) in got.iter().zip(&frames) {
+            assert_eq!(client_bytes(stored), client_bytes(sent));
+        }
+        wal.close().await;
+    });
+}

@@ -630,9 +630,14 @@ async fn write_once(wal: &Rc<Wal>) {
         // The new partial last block, which the next write rewrites (a block never
         // straddles two chunks: chunks are whole blocks).
         let new_tail_from = (end / SECTOR_BYTES * SECTOR_BYTES - block_start) as usize;
-        let chunk = new_tail_from / WRITE_CHUNK_BYTES;
-        let base = chunk * WRITE_CHUNK_BYTES;
-        let new_tail = chunks[chunk].as_bytes()[new_tail_from - base..at - base].to_vec();
+        let new_tail = if new_tail_from == at {
+            // The write ends on a block boundary (possibly a chunk boundary too).
+            Vec::new()
+        } else {
+            let chunk = new_tail_from / WRITE_CHUNK_BYTES;
+            let base = chunk * WRITE_CHUNK_BYTES;
+            chunks[chunk].as_bytes()[new_tail_from - base..at - base].to_vec()
+        };
         (taken, file, block_start, chunks, end, new_tail)
     };
     // The chunks go out concurrently (queue depth for large writes); only the first

@@ -1,0 +1,468 @@
+//! The load itself: producers, consumers, end-to-end, against a broker address.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sluice_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo};
+use tokio::sync::mpsc;
+
+use crate::machine::CpuSplit;
+use crate::recorder::{progress, Interval, Recorder};
+
+/// Key distributions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keys {
+    /// No key; producer i writes to partition i mod partitions.
+    None,
+    /// Keys drawn uniformly from the key space.
+    Uniform,
+    /// Keys drawn from a Zipf distribution (s = 1) over the key space.
+    Zipfian,
+}
+
+/// What one case does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Producers only; latency = send → acknowledgement.
+    Produce,
+    /// Consumers read a pre-filled topic; latency = fetch wait per batch.
+    Consume,
+    /// Producers and consumers; latency = send → consumed.
+    E2e,
+}
+
+/// Workload knobs.
+#[derive(clap::Args, Clone, Debug, Serialize)]
+pub struct Workload {
+    /// Producers (each with its own connections).
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    /// Consumers (consume and e2e).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Topics (records spread over them round-robin).
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Partitions per topic.
+    #[arg(long, default_value_t = 1)]
+    pub partitions: u32,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 1024)]
+    pub message_bytes: usize,
+    /// Records per batch (sets the producer's batch size).
+    #[arg(long, default_value_t = 100)]
+    pub records_per_batch: usize,
+    /// Producer linger, milliseconds.
+    #[arg(long, default_value_t = 1)]
+    pub linger_ms: u64,
+    /// Batches in flight per partition, per producer.
+    #[arg(long, default_value_t = 5)]
+    pub max_in_flight: usize,
+    /// Acknowledgements: 0, 1 or all.
+    #[arg(long, default_value = "1")]
+    pub acks: String,
+    /// Key distribution.
+    #[arg(long, value_enum, default_value_t = Keys::None)]
+    pub keys: Keys,
+    /// Distinct keys for uniform/zipfian.
+    #[arg(long, default_value_t = 10_000)]
+    pub key_space: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u64,
+    /// Open loop: total records/s, latency measured from each record's intended
+    /// send time (coordinated omission corrected). Default: closed loop, max rate.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Records written before a consume run.
+    #[arg(long, default_value_t = 500_000)]
+    pub prefill_records: u64,
+}
+
+impl Workload {
+    /// The acks setting.
+    pub fn acks(&self) -> Result<Acks, String> {
+        match self.acks.as_str() {
+            "0" => Ok(Acks::None),
+            "1" => Ok(Acks::Leader),
+            "all" | "-1" => Ok(Acks::All),
+            other => Err(format!("--acks must be 0, 1 or all, not {other}")),
+        }
+    }
+
+    fn producer_config(&self) -> Result<ProducerConfig, String> {
+        Ok(ProducerConfig {
+            acks: self.acks()?,
+            batch_bytes: (self.records_per_batch.max(1) * (self.message_bytes + 24)).max(1024),
+            linger: Duration::from_millis(self.linger_ms),
+            max_in_flight: self.max_in_flight.max(1),
+            ..ProducerConfig::default()
+        })
+    }
+}
+
+/// Latency percentiles, µs.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// 99.99th.
+    pub p9999: u64,
+    /// Max.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// CPU used during the measured window.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct CpuUse {
+    /// Seconds of CPU used by the embedded broker's shards (null when external).
+    pub broker_seconds: Option<f64>,
+    /// Broker CPU seconds per wall second (1.0 = one core busy).
+    pub broker_cores: Option<f64>,
+    /// Seconds of CPU used by the load generator.
+    pub load_seconds: f64,
+    /// Load-generator CPU seconds per wall second.
+    pub load_cores: f64,
+}
+
+/// One measured case (the stable JSON schema; see BENCHMARKS.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct Case {
+    pub name: String,
+    pub kind: Kind,
+    pub regime: String,
+    pub partitions: u32,
+    pub topics: usize,
+    pub producers: usize,
+    pub consumers: usize,
+    pub message_bytes: usize,
+    pub records_per_batch: usize,
+    pub max_in_flight: usize,
+    pub acks: String,
+    pub keys: Keys,
+    pub rate: Option<f64>,
+    pub durability: String,
+    pub duration_secs: f64,
+    pub records: u64,
+    pub records_per_sec: f64,
+    pub bytes_per_sec: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub latency_us: Percentiles,
+    pub cpu: CpuUse,
+    pub per_second: Vec<Interval>,
+    #[serde(skip)]
+    pub histogram: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Runs one case against `brokers`.
+pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str, regime: &str, embedded: bool, tty: bool) -> Result<Case, String> {
+    let client = connect(brokers).await?;
+    let run_id = format!("{}-{}", std::process::id(), SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+    let topics: Vec<String> = (0..workload.topics.max(1)).map(|t| format!("bench-{name}-{t}-{run_id}")).collect();
+    for topic in &topics {
+        client.create_topic(topic, workload.partitions.max(1), vec![]).await.map_err(|e| format!("create topic {topic}: {e}"))?;
+    }
+    let recorder = Arc::new(Recorder::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    if kind == Kind::Consume {
+        prefill(&client, &topics, workload).await?;
+    }
+    let mut tasks = Vec::new();
+    if kind != Kind::Consume {
+        for index in 0..workload.producers.max(1) {
+            let task = producer_task(client.clone(), topics.clone(), index, workload.clone(), recorder.clone(), stop.clone(), kind == Kind::E2e);
+            tasks.push(tokio::spawn(task));
+        }
+    }
+    if kind != Kind::Produce {
+        for index in 0..workload.consumers.max(1) {
+            let task = consumer_task(client.clone(), topics.clone(), index, workload.clone(), recorder.clone(), stop.clone(), kind);
+            tasks.push(tokio::spawn(task));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(workload.warmup)).await;
+    recorder.start_measuring();
+    let cpu_before = CpuSplit::now();
+    let started = Instant::now();
+    let label = format!("{name} ({regime})");
+    let intervals = progress(&recorder, started, Duration::from_secs(workload.duration.max(1)), &label, tty).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    recorder.stop_measuring();
+    let cpu = CpuSplit::now().since(cpu_before);
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        if let Ok(Err(error)) = task.await {
+            recorder.error(error);
+        }
+    }
+    for topic in &topics {
+        let _ = client.delete_topic(topic).await;
+    }
+    let (records, bytes, errors, first_error, histogram) = recorder.totals();
+    let pct = |q: f64| if histogram.is_empty() { 0 } else { histogram.value_at_quantile(q) };
+    let acks = workload.acks()?;
+    Ok(Case {
+        name: name.to_string(),
+        kind,
+        regime: regime.to_string(),
+        partitions: workload.partitions,
+        topics: topics.len(),
+        producers: if kind == Kind::Consume { 0 } else { workload.producers },
+        consumers: if kind == Kind::Produce { 0 } else { workload.consumers },
+        message_bytes: workload.message_bytes,
+        records_per_batch: workload.records_per_batch,
+        max_in_flight: workload.max_in_flight,
+        acks: workload.acks.clone(),
+        keys: workload.keys,
+        rate: workload.rate,
+        durability: durability(acks),
+        duration_secs: elapsed,
+        records,
+        records_per_sec: records as f64 / elapsed,
+        bytes_per_sec: bytes as f64 / elapsed,
+        errors,
+        first_error,
+        latency_us: Percentiles {
+            p50: pct(0.5),
+            p90: pct(0.9),
+            p99: pct(0.99),
+            p999: pct(0.999),
+            p9999: pct(0.9999),
+            max: histogram.max(),
+            mean: if histogram.is_empty() { 0.0 } else { histogram.mean() },
+        },
+        cpu: CpuUse {
+            broker_seconds: embedded.then_some(cpu.broker_seconds),
+            broker_cores: embedded.then_some(cpu.broker_seconds / elapsed),
+            load_seconds: cpu.load_seconds,
+            load_cores: cpu.load_seconds / elapsed,
+        },
+        per_second: intervals,
+        histogram: Some(histogram),
+    })
+}
+
+/// The durability statement for an acks setting.
+pub fn durability(acks: Acks) -> String {
+    match acks {
+        Acks::None => "acks=0: not acknowledged (the broker still appends through its fdatasync'd WAL)".into(),
+        _ => "acks=1/all: acknowledged only after fdatasync of the broker's WAL".into(),
+    }
+}
+
+async fn connect(brokers: &str) -> Result<Client, String> {
+    let mut config = ClientConfig::new(brokers.split(',').map(str::to_string));
+    config.client_id = "sluice-bench".into();
+    Client::connect(config).await.map_err(|e| format!("cannot connect to {brokers}: {e}"))
+}
+
+/// A value of `bytes` random bytes (incompressible).
+fn random_value(bytes: usize, seed: u64) -> Bytes {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut value = vec![0u8; bytes];
+    rng.fill(&mut value[..]);
+    Bytes::from(value)
+}
+
+/// Zipf(s = 1) sampler over `0..n` by inverse CDF.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: u64) -> Zipf {
+        let n = n.clamp(1, 1_000_000) as usize;
+        let mut cdf = Vec::with_capacity(n);
+        let mut sum = 0.0;
+        for k in 1..=n {
+            sum += 1.0 / k as f64;
+            cdf.push(sum);
+        }
+        for value in cdf.iter_mut() {
+            *value /= sum;
+        }
+        Zipf { cdf }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> u64 {
+        let u: f64 = rng.gen();
+        self.cdf.partition_point(|c| *c < u) as u64
+    }
+}
+
+async fn producer_task(
+    client: Client,
+    topics: Vec<String>,
+    index: usize,
+    workload: Workload,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    stamp_values: bool,
+) -> Result<(), String> {
+    let producer = Producer::new(client, workload.producer_config()?);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, sluice_client::DeliveryFuture)>();
+    let collector_recorder = recorder.clone();
+    let value_bytes = workload.message_bytes;
+    let collector = tokio::spawn(async move {
+        while let Some((due, delivery)) = rx.recv().await {
+            match delivery.await {
+                Ok(_) if !stamp_values => collector_recorder.record(value_bytes, due.elapsed()),
+                Ok(_) => {}
+                Err(error) => collector_recorder.error(error.to_string()),
+            }
+        }
+    });
+    let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
+    let value = random_value(workload.message_bytes, index as u64 + 1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + index as u64);
+    let zipf = (workload.keys == Keys::Zipfian).then(|| Zipf::new(workload.key_space));
+    let per_producer_rate = workload.rate.map(|r| (r / workload.producers.max(1) as f64).max(1e-3));
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        // Open loop: the record is due at its slot whether or not we are late.
+        let due = match per_producer_rate {
+            Some(rate) => {
+                let due = started + Duration::from_secs_f64(sent as f64 / rate);
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                due
+            }
+            None => Instant::now(),
+        };
+        let topic = topics[(sent as usize) % topics.len()].clone();
+        let mut record = ProducerRecord::new(topic, stamped(&value, stamp_values));
+        match workload.keys {
+            Keys::None => record = record.with_partition(index as u32 % workload.partitions.max(1)),
+            Keys::Uniform => record = record.with_key(format!("key-{}", rng.gen_range(0..workload.key_space.max(1)))),
+            Keys::Zipfian => record = record.with_key(format!("key-{}", zipf.as_ref().map(|z| z.sample(&mut rng)).unwrap_or(0))),
+        }
+        match producer.send(record).await {
+            Ok(delivery) => {
+                if tx.send((due, delivery)).is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                recorder.error(error.to_string());
+                break;
+            }
+        }
+        sent += 1;
+        if sent % 1024 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let _ = producer.flush().await;
+    drop(tx);
+    let _ = collector.await;
+    producer.close().await.map_err(|e| e.to_string())
+}
+
+/// The value, with the send time (µs since the epoch) in its first 8 bytes for e2e.
+fn stamped(value: &Bytes, stamp: bool) -> Bytes {
+    if !stamp || value.len() < 8 {
+        return value.clone();
+    }
+    let mut out = BytesMut::with_capacity(value.len());
+    out.put_u64_le(now_micros());
+    out.extend_from_slice(&value[8..]);
+    out.freeze()
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+async fn prefill(client: &Client, topics: &[String], workload: &Workload) -> Result<(), String> {
+    let config = ProducerConfig {
+        max_in_flight: 8,
+        ..workload.producer_config()?
+    };
+    let producer = Producer::new(client.clone(), config);
+    let value = random_value(workload.message_bytes, 99);
+    let partitions = workload.partitions.max(1);
+    eprintln!("prefilling {} records of {} B...", workload.prefill_records, workload.message_bytes);
+    for i in 0..workload.prefill_records {
+        let topic = topics[(i as usize) % topics.len()].as_str();
+        let record = ProducerRecord::new(topic, value.clone()).with_partition((i % u64::from(partitions)) as u32);
+        producer.send_detached(record).await.map_err(|e| e.to_string())?;
+    }
+    producer.flush().await.map_err(|e| e.to_string())?;
+    producer.close().await.map_err(|e| e.to_string())
+}
+
+async fn consumer_task(
+    client: Client,
+    topics: Vec<String>,
+    index: usize,
+    workload: Workload,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    kind: Kind,
+) -> Result<(), String> {
+    let config = ConsumerConfig {
+        max_wait: Duration::from_millis(100),
+        start: if kind == Kind::E2e { SeekTo::End } else { SeekTo::Beginning },
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = Consumer::new(client, config);
+    let consumers = workload.consumers.max(1);
+    let mine: Vec<u32> = (0..workload.partitions.max(1)).filter(|p| *p as usize % consumers == index % consumers).collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    for topic in &topics {
+        consumer.assign(topic, &mine).await.map_err(|e| e.to_string())?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
+        let fetched = tokio::select! {
+            fetched = consumer.next_batches() => fetched,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+        };
+        let batches = match fetched {
+            Ok(batches) => batches,
+            Err(error) => {
+                recorder.error(error.to_string());
+                continue;
+            }
+        };
+        let waited = asked.elapsed();
+        for fetched in batches {
+            let first = fetched.first_offset.max(fetched.batch.header.base_offset);
+            let records = fetched.batch.header.next_offset().saturating_sub(first);
+            if kind == Kind::E2e {
+                let now = now_micros();
+                for record in fetched.records().flatten() {
+                    let sent = record.value.as_ref().filter(|v| v.len() >= 8).map(|v| u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+                    let latency = Duration::from_micros(now.saturating_sub(sent.unwrap_or(now)));
+                    recorder.record(record.value.as_ref().map(Bytes::len).unwrap_or(0), latency);
+                }
+            } else {
+                let bytes = fetched.batch.frame.len() * records as usize / fetched.batch.header.record_count.max(1) as usize;
+                recorder.record_many(records, bytes, waited);
+            }
+        }
+    }
+    Ok(())
+}
