@@ -45,7 +45,11 @@ impl Embedded {
 
     /// Stops the broker and removes its data.
     pub fn stop(mut self) -> Result<(), String> {
-        let result = self.handle.take().map(BrokerHandle::shutdown).unwrap_or(Ok(()));
+        let result = self
+            .handle
+            .take()
+            .map(BrokerHandle::shutdown)
+            .unwrap_or(Ok(()));
         let _ = std::fs::remove_dir_all(&self.data_dir);
         result
     }
@@ -62,7 +66,9 @@ impl Drop for Embedded {
 
 fn is_tmpfs(path: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use sluice_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo};
+use sluice_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    SeekTo,
+};
 use tokio::sync::mpsc;
 
 use crate::machine::CpuSplit;
@@ -64,6 +67,11 @@ pub struct Workload {
     /// Batches in flight per partition, per producer.
     #[arg(long, default_value_t = 5)]
     pub max_in_flight: usize,
+    /// Batches a producer may hold unacknowledged (buffered + in flight) before
+    /// `send` waits; default: a 64 MiB buffer. 1 = the seed's regime: send a
+    /// batch, wait for its acknowledgement, send the next.
+    #[arg(long)]
+    pub max_buffered_batches: Option<usize>,
     /// Acknowledgements: 0, 1 or all.
     #[arg(long, default_value = "1")]
     pub acks: String,
@@ -100,12 +108,20 @@ impl Workload {
     }
 
     fn producer_config(&self) -> Result<ProducerConfig, String> {
+        // A record costs its value plus about 10 bytes of varint framing: a batch
+        // seals once it holds `records_per_batch` records.
+        let batch_bytes = (self.records_per_batch.max(1) * (self.message_bytes + 10)).max(256);
+        let defaults = ProducerConfig::default();
         Ok(ProducerConfig {
             acks: self.acks()?,
-            batch_bytes: (self.records_per_batch.max(1) * (self.message_bytes + 24)).max(1024),
+            batch_bytes,
             linger: Duration::from_millis(self.linger_ms),
             max_in_flight: self.max_in_flight.max(1),
-            ..ProducerConfig::default()
+            buffer_bytes: self
+                .max_buffered_batches
+                .map(|n| n.max(1) * batch_bytes + self.message_bytes + 64)
+                .unwrap_or(defaults.buffer_bytes),
+            ..defaults
         })
     }
 }
@@ -173,12 +189,32 @@ pub struct Case {
 }
 
 /// Runs one case against `brokers`.
-pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str, regime: &str, embedded: bool, tty: bool) -> Result<Case, String> {
+pub async fn run_case(
+    brokers: &str,
+    kind: Kind,
+    workload: &Workload,
+    name: &str,
+    regime: &str,
+    embedded: bool,
+    tty: bool,
+) -> Result<Case, String> {
     let client = connect(brokers).await?;
-    let run_id = format!("{}-{}", std::process::id(), SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
-    let topics: Vec<String> = (0..workload.topics.max(1)).map(|t| format!("bench-{name}-{t}-{run_id}")).collect();
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let topics: Vec<String> = (0..workload.topics.max(1))
+        .map(|t| format!("bench-{name}-{t}-{run_id}"))
+        .collect();
     for topic in &topics {
-        client.create_topic(topic, workload.partitions.max(1), vec![]).await.map_err(|e| format!("create topic {topic}: {e}"))?;
+        client
+            .create_topic(topic, workload.partitions.max(1), vec![])
+            .await
+            .map_err(|e| format!("create topic {topic}: {e}"))?;
     }
     let recorder = Arc::new(Recorder::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -188,13 +224,29 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
     let mut tasks = Vec::new();
     if kind != Kind::Consume {
         for index in 0..workload.producers.max(1) {
-            let task = producer_task(client.clone(), topics.clone(), index, workload.clone(), recorder.clone(), stop.clone(), kind == Kind::E2e);
+            let task = producer_task(
+                client.clone(),
+                topics.clone(),
+                index,
+                workload.clone(),
+                recorder.clone(),
+                stop.clone(),
+                kind == Kind::E2e,
+            );
             tasks.push(tokio::spawn(task));
         }
     }
     if kind != Kind::Produce {
         for index in 0..workload.consumers.max(1) {
-            let task = consumer_task(client.clone(), topics.clone(), index, workload.clone(), recorder.clone(), stop.clone(), kind);
+            let task = consumer_task(
+                client.clone(),
+                topics.clone(),
+                index,
+                workload.clone(),
+                recorder.clone(),
+                stop.clone(),
+                kind,
+            );
             tasks.push(tokio::spawn(task));
         }
     }
@@ -203,7 +255,14 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
     let cpu_before = CpuSplit::now();
     let started = Instant::now();
     let label = format!("{name} ({regime})");
-    let intervals = progress(&recorder, started, Duration::from_secs(workload.duration.max(1)), &label, tty).await;
+    let intervals = progress(
+        &recorder,
+        started,
+        Duration::from_secs(workload.duration.max(1)),
+        &label,
+        tty,
+    )
+    .await;
     let elapsed = started.elapsed().as_secs_f64();
     recorder.stop_measuring();
     let cpu = CpuSplit::now().since(cpu_before);
@@ -217,7 +276,13 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
         let _ = client.delete_topic(topic).await;
     }
     let (records, bytes, errors, first_error, histogram) = recorder.totals();
-    let pct = |q: f64| if histogram.is_empty() { 0 } else { histogram.value_at_quantile(q) };
+    let pct = |q: f64| {
+        if histogram.is_empty() {
+            0
+        } else {
+            histogram.value_at_quantile(q)
+        }
+    };
     let acks = workload.acks()?;
     Ok(Case {
         name: name.to_string(),
@@ -225,8 +290,16 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
         regime: regime.to_string(),
         partitions: workload.partitions,
         topics: topics.len(),
-        producers: if kind == Kind::Consume { 0 } else { workload.producers },
-        consumers: if kind == Kind::Produce { 0 } else { workload.consumers },
+        producers: if kind == Kind::Consume {
+            0
+        } else {
+            workload.producers
+        },
+        consumers: if kind == Kind::Produce {
+            0
+        } else {
+            workload.consumers
+        },
         message_bytes: workload.message_bytes,
         records_per_batch: workload.records_per_batch,
         max_in_flight: workload.max_in_flight,
@@ -247,7 +320,11 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
             p999: pct(0.999),
             p9999: pct(0.9999),
             max: histogram.max(),
-            mean: if histogram.is_empty() { 0.0 } else { histogram.mean() },
+            mean: if histogram.is_empty() {
+                0.0
+            } else {
+                histogram.mean()
+            },
         },
         cpu: CpuUse {
             broker_seconds: embedded.then_some(cpu.broker_seconds),
@@ -263,7 +340,9 @@ pub async fn run_case(brokers: &str, kind: Kind, workload: &Workload, name: &str
 /// The durability statement for an acks setting.
 pub fn durability(acks: Acks) -> String {
     match acks {
-        Acks::None => "acks=0: not acknowledged (the broker still appends through its fdatasync'd WAL)".into(),
+        Acks::None => {
+            "acks=0: not acknowledged (the broker still appends through its fdatasync'd WAL)".into()
+        }
         _ => "acks=1/all: acknowledged only after fdatasync of the broker's WAL".into(),
     }
 }
@@ -271,7 +350,9 @@ pub fn durability(acks: Acks) -> String {
 async fn connect(brokers: &str) -> Result<Client, String> {
     let mut config = ClientConfig::new(brokers.split(',').map(str::to_string));
     config.client_id = "sluice-bench".into();
-    Client::connect(config).await.map_err(|e| format!("cannot connect to {brokers}: {e}"))
+    Client::connect(config)
+        .await
+        .map_err(|e| format!("cannot connect to {brokers}: {e}"))
 }
 
 /// A value of `bytes` random bytes (incompressible).
@@ -334,7 +415,9 @@ async fn producer_task(
     let value = random_value(workload.message_bytes, index as u64 + 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + index as u64);
     let zipf = (workload.keys == Keys::Zipfian).then(|| Zipf::new(workload.key_space));
-    let per_producer_rate = workload.rate.map(|r| (r / workload.producers.max(1) as f64).max(1e-3));
+    let per_producer_rate = workload
+        .rate
+        .map(|r| (r / workload.producers.max(1) as f64).max(1e-3));
     let started = Instant::now();
     let mut sent: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -353,8 +436,18 @@ async fn producer_task(
         let mut record = ProducerRecord::new(topic, stamped(&value, stamp_values));
         match workload.keys {
             Keys::None => record = record.with_partition(index as u32 % workload.partitions.max(1)),
-            Keys::Uniform => record = record.with_key(format!("key-{}", rng.gen_range(0..workload.key_space.max(1)))),
-            Keys::Zipfian => record = record.with_key(format!("key-{}", zipf.as_ref().map(|z| z.sample(&mut rng)).unwrap_or(0))),
+            Keys::Uniform => {
+                record = record.with_key(format!(
+                    "key-{}",
+                    rng.gen_range(0..workload.key_space.max(1))
+                ))
+            }
+            Keys::Zipfian => {
+                record = record.with_key(format!(
+                    "key-{}",
+                    zipf.as_ref().map(|z| z.sample(&mut rng)).unwrap_or(0)
+                ))
+            }
         }
         match producer.send(record).await {
             Ok(delivery) => {
@@ -368,7 +461,7 @@ async fn producer_task(
             }
         }
         sent += 1;
-        if sent % 1024 == 0 {
+        if sent.is_multiple_of(1024) {
             tokio::task::yield_now().await;
         }
     }
@@ -390,7 +483,10 @@ fn stamped(value: &Bytes, stamp: bool) -> Bytes {
 }
 
 fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 async fn prefill(client: &Client, topics: &[String], workload: &Workload) -> Result<(), String> {
@@ -401,11 +497,18 @@ async fn prefill(client: &Client, topics: &[String], workload: &Workload) -> Res
     let producer = Producer::new(client.clone(), config);
     let value = random_value(workload.message_bytes, 99);
     let partitions = workload.partitions.max(1);
-    eprintln!("prefilling {} records of {} B...", workload.prefill_records, workload.message_bytes);
+    eprintln!(
+        "prefilling {} records of {} B...",
+        workload.prefill_records, workload.message_bytes
+    );
     for i in 0..workload.prefill_records {
         let topic = topics[(i as usize) % topics.len()].as_str();
-        let record = ProducerRecord::new(topic, value.clone()).with_partition((i % u64::from(partitions)) as u32);
-        producer.send_detached(record).await.map_err(|e| e.to_string())?;
+        let record = ProducerRecord::new(topic, value.clone())
+            .with_partition((i % u64::from(partitions)) as u32);
+        producer
+            .send_detached(record)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     producer.flush().await.map_err(|e| e.to_string())?;
     producer.close().await.map_err(|e| e.to_string())
@@ -422,17 +525,26 @@ async fn consumer_task(
 ) -> Result<(), String> {
     let config = ConsumerConfig {
         max_wait: Duration::from_millis(100),
-        start: if kind == Kind::E2e { SeekTo::End } else { SeekTo::Beginning },
+        start: if kind == Kind::E2e {
+            SeekTo::End
+        } else {
+            SeekTo::Beginning
+        },
         ..ConsumerConfig::default()
     };
     let mut consumer = Consumer::new(client, config);
     let consumers = workload.consumers.max(1);
-    let mine: Vec<u32> = (0..workload.partitions.max(1)).filter(|p| *p as usize % consumers == index % consumers).collect();
+    let mine: Vec<u32> = (0..workload.partitions.max(1))
+        .filter(|p| *p as usize % consumers == index % consumers)
+        .collect();
     if mine.is_empty() {
         return Ok(());
     }
     for topic in &topics {
-        consumer.assign(topic, &mine).await.map_err(|e| e.to_string())?;
+        consumer
+            .assign(topic, &mine)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     while !stop.load(Ordering::Relaxed) {
         let asked = Instant::now();
@@ -454,12 +566,17 @@ async fn consumer_task(
             if kind == Kind::E2e {
                 let now = now_micros();
                 for record in fetched.records().flatten() {
-                    let sent = record.value.as_ref().filter(|v| v.len() >= 8).map(|v| u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
+                    let sent = record
+                        .value
+                        .as_ref()
+                        .filter(|v| v.len() >= 8)
+                        .map(|v| u64::from_le_bytes(v[..8].try_into().unwrap_or_default()));
                     let latency = Duration::from_micros(now.saturating_sub(sent.unwrap_or(now)));
                     recorder.record(record.value.as_ref().map(Bytes::len).unwrap_or(0), latency);
                 }
             } else {
-                let bytes = fetched.batch.frame.len() * records as usize / fetched.batch.header.record_count.max(1) as usize;
+                let bytes = fetched.batch.frame.len() * records as usize
+                    / fetched.batch.header.record_count.max(1) as usize;
                 recorder.record_many(records, bytes, waited);
             }
         }

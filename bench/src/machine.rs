@@ -25,10 +25,17 @@ impl Machine {
             .and_then(|l| l.split(':').nth(1))
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|| "unknown".into());
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         let memory_gib = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal")).and_then(|l| l.split_whitespace().nth(1)).and_then(|kb| kb.parse::<f64>().ok()))
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
             .map(|kb| (kb / 1024.0 / 1024.0 * 10.0).round() / 10.0)
             .unwrap_or(0.0);
         Machine {
@@ -56,17 +63,26 @@ impl CpuSplit {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let mut split = CpuSplit::default();
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return split };
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return split;
+        };
         for task in tasks.flatten() {
             let path = task.path();
             let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue;
+            };
             // Fields after the parenthesised command name; utime and stime are the
             // 14th and 15th fields overall.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else { continue };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+                continue;
+            };
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            let (Some(utime), Some(stime)) = (fields.get(11), fields.get(12)) else { continue };
-            let seconds = (utime.parse::<f64>().unwrap_or(0.0) + stime.parse::<f64>().unwrap_or(0.0)) / ticks;
+            let (Some(utime), Some(stime)) = (fields.get(11), fields.get(12)) else {
+                continue;
+            };
+            let seconds =
+                (utime.parse::<f64>().unwrap_or(0.0) + stime.parse::<f64>().unwrap_or(0.0)) / ticks;
             if comm.starts_with("sluice-shard") || comm.starts_with("blocking") {
                 split.broker_seconds += seconds;
             } else {

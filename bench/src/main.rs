@@ -25,7 +25,11 @@ use load::{Case, Kind, Workload};
 use report::{Placement, Report};
 
 #[derive(Parser)]
-#[command(name = "sluice-bench", version, about = "Sluice load generator with latency histograms")]
+#[command(
+    name = "sluice-bench",
+    version,
+    about = "Sluice load generator with latency histograms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,7 +94,10 @@ fn main() {
 /// Splits the online CPUs: the broker gets the first half, the load generator the rest.
 fn default_cpus(run: &Run) -> (Vec<usize>, Vec<usize>) {
     let cpus = crate::machine::online_cpus();
-    let broker = run.broker_cpus.clone().unwrap_or_else(|| (0..(cpus / 2).max(1)).collect());
+    let broker = run
+        .broker_cpus
+        .clone()
+        .unwrap_or_else(|| (0..(cpus / 2).max(1)).collect());
     let load = run.load_cpus.clone().unwrap_or_else(|| {
         let rest: Vec<usize> = (0..cpus).filter(|c| !broker.contains(c)).collect();
         if rest.is_empty() {
@@ -108,11 +115,20 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
         Some(_) => None,
         None => Some(embedded::Embedded::start(&run.data_dir, &broker_cpus)?),
     };
-    let brokers = run.brokers.clone().unwrap_or_else(|| embedded.as_ref().map(|e| e.addr.to_string()).unwrap_or_default());
+    let brokers = run.brokers.clone().unwrap_or_else(|| {
+        embedded
+            .as_ref()
+            .map(|e| e.addr.to_string())
+            .unwrap_or_default()
+    });
     let placement = Placement {
         embedded_broker: embedded.is_some(),
         brokers: brokers.clone(),
-        broker_cpus: if embedded.is_some() { broker_cpus.clone() } else { Vec::new() },
+        broker_cpus: if embedded.is_some() {
+            broker_cpus.clone()
+        } else {
+            Vec::new()
+        },
         load_cpus: load_cpus.clone(),
     };
     let runtime = runtime(&load_cpus)?;
@@ -123,7 +139,16 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
             scaling(&brokers, &run.workload, is_embedded, tty).await
         } else {
             let name = format!("{command}-{}p", run.workload.partitions);
-            let case = load::run_case(&brokers, kind, &run.workload, &name, "as configured", is_embedded, tty).await?;
+            let case = load::run_case(
+                &brokers,
+                kind,
+                &run.workload,
+                &name,
+                "as configured",
+                is_embedded,
+                tty,
+            )
+            .await?;
             report::print_summary(&case);
             Ok(vec![case])
         }
@@ -133,7 +158,8 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
         embedded.stop()?;
     }
     let cases = cases?;
-    let notes = notes(command, &placement);
+    let mut notes = notes(command, &placement);
+    notes.extend(cpu_notes(&cases, &placement));
     for note in &notes {
         println!("note: {note}");
     }
@@ -159,7 +185,10 @@ fn runtime(cpus: &[usize]) -> Result<tokio::runtime::Runtime, String> {
     if cpus.len() <= 1 {
         let cpu = cpus.first().copied().unwrap_or(0);
         machine::pin_current_thread(cpu);
-        return tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string());
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string());
     }
     let cpus = cpus.to_vec();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -186,7 +215,10 @@ fn notes(command: &str, placement: &Placement) -> Vec<String> {
             cpus
         ));
     } else {
-        notes.push(format!("external broker at {}; load generator pinned to CPU {:?}", placement.brokers, placement.load_cpus));
+        notes.push(format!(
+            "external broker at {}; load generator pinned to CPU {:?}",
+            placement.brokers, placement.load_cpus
+        ));
     }
     if command == "scaling" && cpus < 3 + 1 {
         notes.push(format!(
@@ -196,20 +228,81 @@ fn notes(command: &str, placement: &Placement) -> Vec<String> {
     notes
 }
 
+/// Says which cases ran out of CPU (either side at >= 90% of its cores).
+fn cpu_notes(cases: &[Case], placement: &Placement) -> Vec<String> {
+    let mut notes = Vec::new();
+    for case in cases {
+        let load_cores = placement.load_cpus.len().max(1) as f64;
+        let mut bound = Vec::new();
+        if case.cpu.load_cores >= 0.9 * load_cores {
+            bound.push(format!(
+                "load generator {:.2} of {load_cores} cores",
+                case.cpu.load_cores
+            ));
+        }
+        if let Some(broker) = case.cpu.broker_cores {
+            let broker_cores = placement.broker_cpus.len().max(1) as f64;
+            if broker >= 0.9 * broker_cores {
+                bound.push(format!("broker {broker:.2} of {broker_cores} cores"));
+            }
+        }
+        if !bound.is_empty() {
+            notes.push(format!(
+                "{} ({}) is CPU-bound: {}",
+                case.name,
+                case.regime,
+                bound.join(", ")
+            ));
+        }
+    }
+    notes
+}
+
 /// 1 vs 3 partitions in both regimes.
-async fn scaling(brokers: &str, base: &Workload, embedded: bool, tty: bool) -> Result<Vec<Case>, String> {
+async fn scaling(
+    brokers: &str,
+    base: &Workload,
+    embedded: bool,
+    tty: bool,
+) -> Result<Vec<Case>, String> {
     let mut cases = Vec::new();
     let saturation_in_flight = base.max_in_flight.max(8);
-    for (regime, in_flight) in [("latency-bound", 1usize), ("saturation", saturation_in_flight)] {
+    // Latency-bound: each producer holds one batch: send it, wait for the ack, send
+    // the next (the seed's regime). Saturation: many batches in flight and a deep
+    // buffer.
+    for (regime, in_flight, buffered) in [
+        ("latency-bound", 1usize, Some(1usize)),
+        ("saturation", saturation_in_flight, None),
+    ] {
         for partitions in [1u32, 3] {
             let workload = Workload {
                 partitions,
                 producers: partitions as usize,
                 max_in_flight: in_flight,
+                max_buffered_batches: buffered,
+                // With one batch buffered, the batch goes out as soon as the
+                // previous one is acknowledged; lingering would only add delay.
+                linger_ms: if buffered.is_some() {
+                    0
+                } else {
+                    base.linger_ms
+                },
                 ..base.clone()
             };
-            let name = format!("{partitions}-partition{}", if partitions == 1 { "" } else { "s" });
-            let case = load::run_case(brokers, Kind::Produce, &workload, &name, regime, embedded, tty).await?;
+            let name = format!(
+                "{partitions}-partition{}",
+                if partitions == 1 { "" } else { "s" }
+            );
+            let case = load::run_case(
+                brokers,
+                Kind::Produce,
+                &workload,
+                &name,
+                regime,
+                embedded,
+                tty,
+            )
+            .await?;
             report::print_summary(&case);
             cases.push(case);
         }
@@ -222,12 +315,24 @@ fn print_scaling_table(cases: &[Case]) {
     println!();
     println!(
         "{:<14} {:>10} {:>9} {:>12} {:>9} {:>8} {:>8} {:>8} {:>11}",
-        "regime", "partitions", "producers", "records/s", "MB/s", "p50 us", "p99 us", "p99.9 us", "ratio 3p/1p"
+        "regime",
+        "partitions",
+        "producers",
+        "records/s",
+        "MB/s",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "ratio 3p/1p"
     );
     for case in cases {
-        let one = cases.iter().find(|c| c.regime == case.regime && c.partitions == 1);
+        let one = cases
+            .iter()
+            .find(|c| c.regime == case.regime && c.partitions == 1);
         let ratio = match (case.partitions, one) {
-            (3, Some(one)) if one.records_per_sec > 0.0 => format!("{:.2}x", case.records_per_sec / one.records_per_sec),
+            (3, Some(one)) if one.records_per_sec > 0.0 => {
+                format!("{:.2}x", case.records_per_sec / one.records_per_sec)
+            }
             _ => String::new(),
         };
         println!(

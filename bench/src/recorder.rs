@@ -68,7 +68,9 @@ impl Default for Recorder {
 
 impl Recorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Starts counting (after the warm-up).
@@ -136,15 +138,30 @@ impl Recorder {
     /// Totals: (records, bytes, errors, first error, latency histogram).
     pub fn totals(&self) -> (u64, u64, u64, Option<String>, Histogram<u64>) {
         let inner = self.lock();
-        (inner.records, inner.bytes, inner.errors, inner.first_error.clone(), inner.total.clone())
+        (
+            inner.records,
+            inner.bytes,
+            inner.errors,
+            inner.first_error.clone(),
+            inner.total.clone(),
+        )
     }
 }
 
 /// Prints a progress line every second and collects intervals until `until`.
-pub async fn progress(recorder: &Recorder, started: Instant, duration: Duration, label: &str, tty: bool) -> Vec<Interval> {
+pub async fn progress(
+    recorder: &Recorder,
+    started: Instant,
+    duration: Duration,
+    label: &str,
+    tty: bool,
+) -> Vec<Interval> {
     let mut intervals = Vec::new();
     let mut last = Instant::now();
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     while started.elapsed() < duration {
         ticker.tick().await;
         let now = Instant::now();
@@ -161,7 +178,11 @@ pub async fn progress(recorder: &Recorder, started: Instant, duration: Duration,
         if tty {
             let done = (started.elapsed().as_secs_f64() / duration.as_secs_f64()).min(1.0);
             let filled = (done * 20.0) as usize;
-            eprint!("\r[{}{}] {line}", "#".repeat(filled), " ".repeat(20 - filled));
+            eprint!(
+                "\r[{}{}] {line}",
+                "#".repeat(filled),
+                " ".repeat(20 - filled)
+            );
         } else {
             println!("{line}");
         }

@@ -45,12 +45,20 @@ pub struct Report {
 
 impl Report {
     /// A report for these cases.
-    pub fn new(command: &str, placement: Placement, notes: Vec<String>, cases: Vec<Case>) -> Report {
+    pub fn new(
+        command: &str,
+        placement: Placement,
+        notes: Vec<String>,
+        cases: Vec<Case>,
+    ) -> Report {
         Report {
             schema_version: 1,
             tool: concat!("sluice-bench ", env!("CARGO_PKG_VERSION")).to_string(),
             command: command.to_string(),
-            finished_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            finished_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             machine: Machine::read(),
             placement,
             notes,
@@ -87,8 +95,15 @@ pub fn print_summary(case: &Case) {
             String::new()
         }
     );
-    let broker = case.cpu.broker_cores.map(|c| format!("{c:.2} cores")).unwrap_or_else(|| "n/a (external)".into());
-    println!("    CPU: broker {broker}, load generator {:.2} cores; {}", case.cpu.load_cores, case.durability);
+    let broker = case
+        .cpu
+        .broker_cores
+        .map(|c| format!("{c:.2} cores"))
+        .unwrap_or_else(|| "n/a (external)".into());
+    println!(
+        "    CPU: broker {broker}, load generator {:.2} cores; {}",
+        case.cpu.load_cores, case.durability
+    );
 }
 
 /// Writes every case's per-second histograms as an HdrHistogram interval log.
@@ -103,13 +118,28 @@ pub fn write_hdr_log(path: &Path, cases: &[Case]) -> Result<(), String> {
         .begin_log_with(&mut file, &mut serializer)
         .map_err(|e| e.to_string())?;
     for case in cases {
-        let tag_text: String = case.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        let tag_text: String = case
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let mut previous = 0.0;
         for interval in &case.per_second {
             if let Some(histogram) = &interval.histogram {
                 let tag = Tag::new(&tag_text);
                 writer
-                    .write_histogram(histogram, Duration::from_secs_f64(previous), Duration::from_secs_f64(interval.t - previous), tag)
+                    .write_histogram(
+                        histogram,
+                        Duration::from_secs_f64(previous),
+                        Duration::from_secs_f64(interval.t - previous),
+                        tag,
+                    )
                     .map_err(|e| format!("{e:?}"))?;
             }
             previous = interval.t;
@@ -119,7 +149,9 @@ pub fn write_hdr_log(path: &Path, cases: &[Case]) -> Result<(), String> {
     file.flush().map_err(|e| e.to_string())
 }
 
-const COLORS: [&str; 8] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const COLORS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 /// Writes an SVG with the latency percentile curves and throughput over time.
 pub fn write_chart(path: &Path, title: &str, cases: &[Case]) -> Result<(), String> {
@@ -134,30 +166,56 @@ pub fn write_chart(path: &Path, title: &str, cases: &[Case]) -> Result<(), Strin
     );
     // Left: latency by percentile (x: 0, 90, 99, 99.9, 99.99, 99.999 equally spaced).
     let (lx, ly, lw, lh) = (60.0, 40.0, 400.0, 320.0);
-    let max_latency = cases.iter().filter_map(|c| c.histogram.as_ref()).map(|h| h.max()).max().unwrap_or(1).max(10) as f64;
+    let max_latency = cases
+        .iter()
+        .filter_map(|c| c.histogram.as_ref())
+        .map(|h| h.max())
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64;
     let y_of = |us: f64| ly + lh - (us.max(1.0).log10() / max_latency.log10()) * lh;
     svg += &axes(lx, ly, lw, lh, "percentile", "latency (µs, log)");
-    for (label, nines) in [("50", 0.30103), ("90", 1.0), ("99", 2.0), ("99.9", 3.0), ("99.99", 4.0), ("99.999", 5.0)] {
+    for (label, nines) in [
+        ("50", std::f64::consts::LOG10_2),
+        ("90", 1.0),
+        ("99", 2.0),
+        ("99.9", 3.0),
+        ("99.99", 4.0),
+        ("99.999", 5.0),
+    ] {
         let x = lx + nines / 5.0 * lw;
-        svg += &format!("<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n", ly + lh + 14.0);
+        svg += &format!(
+            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>\n",
+            ly + lh + 14.0
+        );
     }
     let mut decade = 1.0;
     while decade <= max_latency * 1.01 {
-        svg += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{decade}</text>\n", lx - 4.0, y_of(decade) + 4.0);
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{decade}</text>\n",
+            lx - 4.0,
+            y_of(decade) + 4.0
+        );
         decade *= 10.0;
     }
     for (index, case) in cases.iter().enumerate() {
-        let Some(histogram) = case.histogram.as_ref().filter(|h| !h.is_empty()) else { continue };
+        let Some(histogram) = case.histogram.as_ref().filter(|h| !h.is_empty()) else {
+            continue;
+        };
         let color = COLORS[index % COLORS.len()];
         let points: Vec<String> = (0..=100)
             .map(|i| {
-                let nines = 0.30103 + (5.0 - 0.30103) * i as f64 / 100.0;
+                let nines = std::f64::consts::LOG10_2
+                    + (5.0 - std::f64::consts::LOG10_2) * i as f64 / 100.0;
                 let quantile = 1.0 - 10f64.powf(-nines);
                 let us = histogram.value_at_quantile(quantile) as f64;
                 format!("{:.1},{:.1}", lx + nines / 5.0 * lw, y_of(us))
             })
             .collect();
-        svg += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", points.join(" "));
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            points.join(" ")
+        );
         svg += &format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{}</text>\n",
             lx + 6.0,
@@ -167,20 +225,45 @@ pub fn write_chart(path: &Path, title: &str, cases: &[Case]) -> Result<(), Strin
     }
     // Right: throughput over time.
     let (rx, ry, rw, rh) = (540.0, 40.0, 380.0, 320.0);
-    let max_rate = cases.iter().flat_map(|c| c.per_second.iter().map(|i| i.records_per_sec)).fold(1.0, f64::max);
-    let max_t = cases.iter().flat_map(|c| c.per_second.iter().map(|i| i.t)).fold(1.0, f64::max);
+    let max_rate = cases
+        .iter()
+        .flat_map(|c| c.per_second.iter().map(|i| i.records_per_sec))
+        .fold(1.0, f64::max);
+    let max_t = cases
+        .iter()
+        .flat_map(|c| c.per_second.iter().map(|i| i.t))
+        .fold(1.0, f64::max);
     svg += &axes(rx, ry, rw, rh, "seconds", "records/s");
-    svg += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n", rx - 4.0, ry + 4.0, max_rate);
-    svg += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n", rx + rw, ry + rh + 14.0, max_t);
+    svg += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n",
+        rx - 4.0,
+        ry + 4.0,
+        max_rate
+    );
+    svg += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n",
+        rx + rw,
+        ry + rh + 14.0,
+        max_t
+    );
     for (index, case) in cases.iter().enumerate() {
         let color = COLORS[index % COLORS.len()];
         let points: Vec<String> = case
             .per_second
             .iter()
-            .map(|i| format!("{:.1},{:.1}", rx + i.t / max_t * rw, ry + rh - i.records_per_sec / max_rate * rh))
+            .map(|i| {
+                format!(
+                    "{:.1},{:.1}",
+                    rx + i.t / max_t * rw,
+                    ry + rh - i.records_per_sec / max_rate * rh
+                )
+            })
             .collect();
         if !points.is_empty() {
-            svg += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", points.join(" "));
+            svg += &format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+                points.join(" ")
+            );
         }
     }
     svg += "</svg>\n";
@@ -202,5 +285,7 @@ fn axes(x: f64, y: f64, w: f64, h: f64, x_label: &str, y_label: &str) -> String 
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

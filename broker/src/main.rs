@@ -53,7 +53,9 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let mut config = BrokerConfig::new(&args.data_dir, args.listen);
@@ -76,7 +78,9 @@ fn main() -> ExitCode {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        eprintln!("sluice-broker: internal error (a bug); aborting so that a restart recovers cleanly");
+        eprintln!(
+            "sluice-broker: internal error (a bug); aborting so that a restart recovers cleanly"
+        );
         std::process::abort();
     }));
     // Block SIGINT/SIGTERM in every thread (the shards inherit the mask) and take

@@ -62,8 +62,16 @@ impl Mesh {
     /// Joins both meshes (waits for every shard), starts the reply drain, and
     /// returns the mesh plus the request inbox to serve with [`Mesh::serve`].
     pub async fn join(builders: MeshBuilders) -> Result<(Rc<Mesh>, Inbox), String> {
-        let (requests, request_receivers) = builders.requests.join().await.map_err(|_| "cannot join the request mesh")?;
-        let (replies, mut reply_receivers) = builders.replies.join().await.map_err(|_| "cannot join the reply mesh")?;
+        let (requests, request_receivers) = builders
+            .requests
+            .join()
+            .await
+            .map_err(|_| "cannot join the request mesh")?;
+        let (replies, mut reply_receivers) = builders
+            .replies
+            .join()
+            .await
+            .map_err(|_| "cannot join the reply mesh")?;
         let shard_count = requests.nr_consumers();
         let mesh = Rc::new(Mesh {
             requests,
@@ -84,7 +92,12 @@ impl Mesh {
             })
             .detach();
         }
-        Ok((mesh, Inbox { receivers: request_receivers }))
+        Ok((
+            mesh,
+            Inbox {
+                receivers: request_receivers,
+            },
+        ))
     }
 
     /// This shard's index.
@@ -139,7 +152,16 @@ impl Mesh {
                     let handler = handler.clone();
                     glommio::spawn_local(async move {
                         let body = handler(request.body).await;
-                        let _ = mesh.replies.send_to(request.reply_to, MeshReply { id: request.id, body }).await;
+                        let _ = mesh
+                            .replies
+                            .send_to(
+                                request.reply_to,
+                                MeshReply {
+                                    id: request.id,
+                                    body,
+                                },
+                            )
+                            .await;
                     })
                     .detach();
                 }

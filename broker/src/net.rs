@@ -62,7 +62,10 @@ impl Connections {
         while self.count() > 0 {
             let now = std::time::Instant::now();
             if now >= deadline {
-                tracing::warn!(open = self.count(), "connections still open at the end of shutdown");
+                tracing::warn!(
+                    open = self.count(),
+                    "connections still open at the end of shutdown"
+                );
                 return;
             }
             let _ = glommio::timer::timeout(deadline - now, async {
@@ -78,7 +81,8 @@ impl Connections {
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
     let connections = Rc::new(Connections::default());
     while !shard.shutting_down() {
-        let accepted = glommio::timer::timeout(SHUTDOWN_CHECK, async { listener.accept().await }).await;
+        let accepted =
+            glommio::timer::timeout(SHUTDOWN_CHECK, async { listener.accept().await }).await;
         let stream = match accepted {
             Ok(stream) => stream,
             Err(glommio::GlommioError::TimedOut(_)) => continue,
@@ -97,7 +101,10 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
         connections.open.borrow_mut().insert(fd);
         let (shard, connections) = (shard.clone(), connections.clone());
         glommio::spawn_local(async move {
-            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             if let Err(reason) = connection(shard.clone(), stream).await {
                 tracing::debug!(shard = %shard.id, %peer, %reason, "connection closed");
             }
@@ -113,7 +120,11 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
 
 /// Tells a connection over the limit why it is closed, then closes it.
 async fn refuse(mut stream: TcpStream) {
-    let response = error_response(0, ErrorCode::TooManyConnections, "the broker's connection limit is reached; try again later");
+    let response = error_response(
+        0,
+        ErrorCode::TooManyConnections,
+        "the broker's connection limit is reached; try again later",
+    );
     let _ = glommio::timer::timeout(Duration::from_millis(100), async {
         stream.write_all(&response.head).await?;
         Ok(())
@@ -154,12 +165,22 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), String> {
     result
 }
 
-async fn read_loop<R: futures_lite::AsyncRead + Unpin>(shard: &Rc<Shard>, reader: &mut R, outbox: &Rc<Outbox>) -> Result<(), String> {
+async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
+    shard: &Rc<Shard>,
+    reader: &mut R,
+    outbox: &Rc<Outbox>,
+) -> Result<(), String> {
     let mut frames = FrameReader::default();
     let mut handshaken = false;
     loop {
         let idle = shard.settings.idle_timeout;
-        let next = glommio::timer::timeout(idle, async { frames.next(reader).await.map_err(|e| glommio::GlommioError::IoError(framing_to_io(e))) }).await;
+        let next = glommio::timer::timeout(idle, async {
+            frames
+                .next(reader)
+                .await
+                .map_err(|e| glommio::GlommioError::IoError(framing_to_io(e)))
+        })
+        .await;
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => return Ok(()),
@@ -209,7 +230,8 @@ fn framing_to_io(error: FramingError) -> std::io::Error {
 
 /// The first request must be a Handshake; anything else gets HandshakeRequired.
 fn handshake(shard: &Rc<Shard>, envelope: &[u8]) -> Result<Outgoing, Outgoing> {
-    let request = api::parse(envelope).map_err(|m| error_response(0, ErrorCode::MalformedRequest, &m))?;
+    let request =
+        api::parse(envelope).map_err(|m| error_response(0, ErrorCode::MalformedRequest, &m))?;
     match request.body_as_handshake_request() {
         Some(handshake) if request.body_type() == wire::RequestBody::HandshakeRequest => {
             let response = api::handshake_response(shard, request.correlation_id(), handshake);
@@ -239,11 +261,15 @@ async fn write_loop<W: futures_lite::AsyncWrite + Unpin>(mut writer: W, outbox: 
         for outgoing in batch {
             for piece in std::iter::once(&outgoing.head).chain(outgoing.payload.iter()) {
                 if piece.len() >= COALESCE_BYTES {
-                    if write(&mut writer, &mut pending).await.is_err() || writer.write_all(piece).await.is_err() {
+                    if write(&mut writer, &mut pending).await.is_err()
+                        || writer.write_all(piece).await.is_err()
+                    {
                         return;
                     }
                 } else {
-                    if pending.len() + piece.len() > COALESCE_BYTES && write(&mut writer, &mut pending).await.is_err() {
+                    if pending.len() + piece.len() > COALESCE_BYTES
+                        && write(&mut writer, &mut pending).await.is_err()
+                    {
                         return;
                     }
                     pending.extend_from_slice(piece);
@@ -256,7 +282,10 @@ async fn write_loop<W: futures_lite::AsyncWrite + Unpin>(mut writer: W, outbox: 
     }
 }
 
-async fn write<W: futures_lite::AsyncWrite + Unpin>(writer: &mut W, pending: &mut BytesMut) -> std::io::Result<()> {
+async fn write<W: futures_lite::AsyncWrite + Unpin>(
+    writer: &mut W,
+    pending: &mut BytesMut,
+) -> std::io::Result<()> {
     if pending.is_empty() {
         return Ok(());
     }

@@ -54,7 +54,10 @@ impl Default for FrameReader {
 
 impl FrameReader {
     /// The next frame, `None` at a clean end of stream.
-    pub async fn next<R: AsyncRead + Unpin>(&mut self, stream: &mut R) -> Result<Option<Frame>, FramingError> {
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut R,
+    ) -> Result<Option<Frame>, FramingError> {
         loop {
             if let Some(frame) = self.try_frame()? {
                 return Ok(Some(frame));
@@ -84,7 +87,8 @@ impl FrameReader {
     /// Bytes to read next: the rest of the frame in progress, or a chunk.
     fn bytes_wanted(&self) -> usize {
         if self.buffer.len() >= FRAME_PREFIX_BYTES {
-            let declared = u32::from_le_bytes(self.buffer[..4].try_into().unwrap_or_default()) as usize;
+            let declared =
+                u32::from_le_bytes(self.buffer[..4].try_into().unwrap_or_default()) as usize;
             let total = FRAME_PREFIX_BYTES + declared;
             if total > self.buffer.len() {
                 return (total - self.buffer.len()).max(64 * 1024);
@@ -103,7 +107,9 @@ impl FrameReader {
             return Err(FramingError::TooLarge(total));
         }
         if declared < ENVELOPE_LENGTH_BYTES {
-            return Err(FramingError::Malformed(format!("frame length {declared} cannot hold an envelope length")));
+            return Err(FramingError::Malformed(format!(
+                "frame length {declared} cannot hold an envelope length"
+            )));
         }
         if self.buffer.len() < total {
             return Ok(None);
@@ -111,7 +117,9 @@ impl FrameReader {
         let mut frame = self.buffer.split_to(total);
         let _ = frame.split_to(FRAME_PREFIX_BYTES);
         let envelope_bytes = u32::from_le_bytes(frame[..4].try_into().unwrap_or_default()) as usize;
-        if envelope_bytes > frame.len() - ENVELOPE_LENGTH_BYTES || envelope_bytes > ENVELOPE_BYTES_MAX {
+        if envelope_bytes > frame.len() - ENVELOPE_LENGTH_BYTES
+            || envelope_bytes > ENVELOPE_BYTES_MAX
+        {
             return Err(FramingError::Malformed(format!(
                 "envelope length {envelope_bytes} does not fit a frame of {declared} bytes"
             )));
@@ -168,7 +176,8 @@ pub fn finish(
     fbb.finish(response, None);
     let envelope = fbb.finished_data();
     let payload_bytes: usize = payload.iter().map(Bytes::len).sum();
-    let mut head = BytesMut::with_capacity(FRAME_PREFIX_BYTES + ENVELOPE_LENGTH_BYTES + envelope.len());
+    let mut head =
+        BytesMut::with_capacity(FRAME_PREFIX_BYTES + ENVELOPE_LENGTH_BYTES + envelope.len());
     head.put_u32_le((ENVELOPE_LENGTH_BYTES + envelope.len() + payload_bytes) as u32);
     head.put_u32_le(envelope.len() as u32);
     head.put_slice(envelope);
@@ -180,5 +189,12 @@ pub fn finish(
 
 /// A request-level error response (no body).
 pub fn error_response(correlation_id: u32, error: ErrorCode, message: &str) -> Outgoing {
-    finish(FlatBufferBuilder::with_capacity(256), correlation_id, error, Some(message), None, Vec::new())
+    finish(
+        FlatBufferBuilder::with_capacity(256),
+        correlation_id,
+        error,
+        Some(message),
+        None,
+        Vec::new(),
+    )
 }

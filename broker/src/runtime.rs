@@ -71,7 +71,9 @@ impl BrokerConfig {
 
 /// CPUs online.
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// A running broker.
@@ -100,7 +102,9 @@ impl BrokerHandle {
     }
 
     fn join_inner(&mut self) -> Result<(), String> {
-        let Some(pool) = self.pool.take() else { return Ok(()) };
+        let Some(pool) = self.pool.take() else {
+            return Ok(());
+        };
         let mut first_error = None;
         for result in pool.join_all() {
             let error = match result {
@@ -133,7 +137,10 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
     let settings = Arc::new(ShardSettings {
         node_id: NodeId(config.node_id),
         data_dir: config.data_dir.clone(),
-        advertised_host: config.advertised_host.clone().unwrap_or_else(|| listen.ip().to_string()),
+        advertised_host: config
+            .advertised_host
+            .clone()
+            .unwrap_or_else(|| listen.ip().to_string()),
         advertised_port: listen.port(),
         retention_check: config.retention_check,
         idle_timeout: config.idle_timeout,
@@ -200,7 +207,9 @@ async fn run_shard(
         segment_bytes: config.segment_bytes,
         tail_cache_bytes: config.tail_cache_bytes,
     };
-    let (wal, report) = Wal::open(wal_config).await.map_err(|e| format!("shard {id}: cannot open its write-ahead log: {e}"))?;
+    let (wal, report) = Wal::open(wal_config)
+        .await
+        .map_err(|e| format!("shard {id}: cannot open its write-ahead log: {e}"))?;
     tracing::info!(shard = %id, frames = report.frames_scanned, bytes = report.bytes_scanned, checkpoint = report.checkpoint_used, duration_ms = report.duration.as_millis() as u64, "WAL recovered");
     if let Some((segment, position, reason)) = &report.torn_tail {
         tracing::warn!(shard = %id, %segment, position, %reason, "cut a torn WAL tail (never acknowledged)");
@@ -215,7 +224,8 @@ async fn run_shard(
         let shard = handler_shard.clone();
         async move { shard.execute(request).await }
     });
-    let listener = glommio::net::TcpListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+    let listener =
+        glommio::net::TcpListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
     glommio::spawn_local(shard.clone().retention_loop()).detach();
     let _ = ready.send(Ok(()));
     crate::net::serve(shard.clone(), listener).await;
@@ -263,7 +273,10 @@ fn resolve_listen(listen: SocketAddr) -> Result<SocketAddr, String> {
 /// Checks what can be checked before starting executors, with advice.
 fn preflight(config: &BrokerConfig) -> Result<(), String> {
     if config.shards == 0 || config.shards > crate::limits::SHARDS_MAX {
-        return Err(format!("--shards must be in 1..={}", crate::limits::SHARDS_MAX));
+        return Err(format!(
+            "--shards must be in 1..={}",
+            crate::limits::SHARDS_MAX
+        ));
     }
     if let Ok(value) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
         if value.trim() != "0" {
@@ -273,9 +286,19 @@ fn preflight(config: &BrokerConfig) -> Result<(), String> {
             ));
         }
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("cannot create data dir {}: {e}; choose another with --data-dir", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot create data dir {}: {e}; choose another with --data-dir",
+            config.data_dir.display()
+        )
+    })?;
     let probe = config.data_dir.join(".write-test");
-    std::fs::write(&probe, b"ok").map_err(|e| format!("data dir {} is not writable: {e}; choose another with --data-dir", config.data_dir.display()))?;
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        format!(
+            "data dir {} is not writable: {e}; choose another with --data-dir",
+            config.data_dir.display()
+        )
+    })?;
     let _ = std::fs::remove_file(&probe);
     check_memlock(config)?;
     Ok(())
@@ -284,7 +307,10 @@ fn preflight(config: &BrokerConfig) -> Result<(), String> {
 /// glommio locks `io_memory` per shard plus its rings; too little locked memory
 /// makes executors fail to register buffers.
 fn check_memlock(config: &BrokerConfig) -> Result<(), String> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
         return Ok(());
@@ -317,7 +343,11 @@ fn placement(config: &BrokerConfig) -> Result<PoolPlacement, String> {
     let online = CpuSet::online().map_err(|e| format!("cannot read the online CPUs: {e}"))?;
     if let Some(cpus) = &config.cpus {
         if cpus.len() != config.shards {
-            return Err(format!("--cpus lists {} CPUs for {} shards", cpus.len(), config.shards));
+            return Err(format!(
+                "--cpus lists {} CPUs for {} shards",
+                cpus.len(),
+                config.shards
+            ));
         }
         let sets = cpus
             .iter()
@@ -341,22 +371,35 @@ fn placement(config: &BrokerConfig) -> Result<PoolPlacement, String> {
 
 /// Loads (or creates) the metadata and applies the provisioning file.
 fn prepare_metadata(config: &BrokerConfig) -> Result<NodeMetadata, String> {
-    let mut metadata = NodeMetadata::load_or_create(&config.data_dir, NodeId(config.node_id), config.shards as u16).map_err(|e| e.to_string())?;
-    let Some(path) = &config.provision else { return Ok(metadata) };
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read provisioning file {}: {e}", path.display()))?;
+    let mut metadata = NodeMetadata::load_or_create(
+        &config.data_dir,
+        NodeId(config.node_id),
+        config.shards as u16,
+    )
+    .map_err(|e| e.to_string())?;
+    let Some(path) = &config.provision else {
+        return Ok(metadata);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read provisioning file {}: {e}", path.display()))?;
     let topics = parse_provision(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut changed = false;
     for topic in topics {
         if metadata.topics.contains_key(&topic.name) {
             continue;
         }
-        let topic_config = TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-        metadata.add_topic(&topic.name, topic.partitions, topic_config).map_err(|e| e.to_string())?;
+        let topic_config =
+            TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        metadata
+            .add_topic(&topic.name, topic.partitions, topic_config)
+            .map_err(|e| e.to_string())?;
         tracing::info!(topic = %topic.name, partitions = topic.partitions, "provisioned topic");
         changed = true;
     }
     if changed {
-        metadata.store(&config.data_dir).map_err(|e| e.to_string())?;
+        metadata
+            .store(&config.data_dir)
+            .map_err(|e| e.to_string())?;
     }
     Ok(metadata)
 }

@@ -13,7 +13,9 @@ use sluice_schema::wire::ErrorCode;
 
 use crate::mesh::Mesh;
 use crate::metadata::{validate_topic_name, NodeMetadata, Topic, TopicConfig};
-use crate::shard_messages::{ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, ShardReply, ShardRequest};
+use crate::shard_messages::{
+    ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, ShardReply, ShardRequest,
+};
 use crate::storage::{Retention, Wal};
 use crate::types::{Epoch, LogId, NodeId, ShardId};
 
@@ -96,17 +98,34 @@ impl Shard {
     /// Executes a request on this shard.
     pub async fn execute(self: &Rc<Self>, request: ShardRequest) -> ShardReply {
         match request {
-            ShardRequest::Produce { log, batches } => {
-                ShardReply::Produced(self.wal.append(log, Epoch(0), &batches).await.map_err(ApiError::from))
-            }
-            ShardRequest::Read { log, offset, max_bytes } => {
-                ShardReply::Read(self.wal.read(log, offset, max_bytes).await.map_err(ApiError::from))
-            }
-            ShardRequest::WaitForData { log, offset, wait_ms } => {
-                self.wait_for_data(log, offset, Duration::from_millis(u64::from(wait_ms))).await;
+            ShardRequest::Produce { log, batches } => ShardReply::Produced(
+                self.wal
+                    .append(log, Epoch(0), &batches)
+                    .await
+                    .map_err(ApiError::from),
+            ),
+            ShardRequest::Read {
+                log,
+                offset,
+                max_bytes,
+            } => ShardReply::Read(
+                self.wal
+                    .read(log, offset, max_bytes)
+                    .await
+                    .map_err(ApiError::from),
+            ),
+            ShardRequest::WaitForData {
+                log,
+                offset,
+                wait_ms,
+            } => {
+                self.wait_for_data(log, offset, Duration::from_millis(u64::from(wait_ms)))
+                    .await;
                 ShardReply::Waited
             }
-            ShardRequest::ListOffset { log, query } => ShardReply::Offset(self.list_offset(log, query)),
+            ShardRequest::ListOffset { log, query } => {
+                ShardReply::Offset(self.list_offset(log, query))
+            }
             ShardRequest::Describe(logs) => ShardReply::Described(
                 logs.iter()
                     .map(|log| {
@@ -134,7 +153,10 @@ impl Shard {
                 }
                 ShardReply::Done
             }
-            ShardRequest::CreateTopics { topics, validate_only } => ShardReply::Admin(self.create_topics(topics, validate_only).await),
+            ShardRequest::CreateTopics {
+                topics,
+                validate_only,
+            } => ShardReply::Admin(self.create_topics(topics, validate_only).await),
             ShardRequest::DeleteTopics(names) => ShardReply::Admin(self.delete_topics(names).await),
         }
     }
@@ -166,7 +188,10 @@ impl Shard {
         let (offset, timestamp_ms) = match query {
             OffsetQuery::Earliest => (log_start, -1),
             OffsetQuery::Latest => (high_watermark, -1),
-            OffsetQuery::Timestamp(ts) => self.wal.offset_for_timestamp(log, ts)?.unwrap_or((high_watermark, -1)),
+            OffsetQuery::Timestamp(ts) => self
+                .wal
+                .offset_for_timestamp(log, ts)?
+                .unwrap_or((high_watermark, -1)),
         };
         Ok(ListedOffset {
             offset,
@@ -181,7 +206,11 @@ impl Shard {
         self.metadata.load_full()
     }
 
-    async fn create_topics(self: &Rc<Self>, topics: Vec<NewTopic>, validate_only: bool) -> Vec<(String, Option<ApiError>)> {
+    async fn create_topics(
+        self: &Rc<Self>,
+        topics: Vec<NewTopic>,
+        validate_only: bool,
+    ) -> Vec<(String, Option<ApiError>)> {
         let _permit = self.admin_lock.acquire_permit(1).await;
         let mut metadata = (*self.topics()).clone();
         let mut results = Vec::new();
@@ -206,7 +235,10 @@ impl Shard {
         if let Err(error) = self.store_metadata(metadata.clone()).await {
             for (name, result) in results.iter_mut() {
                 if result.is_none() {
-                    *result = Some(ApiError::new(ErrorCode::StorageError, format!("cannot store metadata for '{name}': {error}")));
+                    *result = Some(ApiError::new(
+                        ErrorCode::StorageError,
+                        format!("cannot store metadata for '{name}': {error}"),
+                    ));
                 }
             }
             return results;
@@ -214,7 +246,10 @@ impl Shard {
         let mut by_shard: HashMap<ShardId, Vec<(LogId, u64)>> = HashMap::new();
         for topic in &created {
             for placement in &topic.partitions {
-                by_shard.entry(placement.shard).or_default().push((placement.log_id, topic.config.segment_bytes));
+                by_shard
+                    .entry(placement.shard)
+                    .or_default()
+                    .push((placement.log_id, topic.config.segment_bytes));
             }
         }
         for (shard, logs) in by_shard {
@@ -235,7 +270,13 @@ impl Shard {
                     removed.push(topic);
                     results.push((name, None));
                 }
-                Err(_) => results.push((name.clone(), Some(ApiError::new(ErrorCode::UnknownTopic, format!("unknown topic '{name}'"))))),
+                Err(_) => results.push((
+                    name.clone(),
+                    Some(ApiError::new(
+                        ErrorCode::UnknownTopic,
+                        format!("unknown topic '{name}'"),
+                    )),
+                )),
             }
         }
         if removed.is_empty() {
@@ -245,7 +286,12 @@ impl Shard {
             return results
                 .into_iter()
                 .map(|(name, result)| {
-                    let error = result.or_else(|| Some(ApiError::new(ErrorCode::StorageError, format!("cannot store metadata: {error}"))));
+                    let error = result.or_else(|| {
+                        Some(ApiError::new(
+                            ErrorCode::StorageError,
+                            format!("cannot store metadata: {error}"),
+                        ))
+                    });
                     (name, error)
                 })
                 .collect();
@@ -256,7 +302,10 @@ impl Shard {
         let mut by_shard: HashMap<ShardId, Vec<LogId>> = HashMap::new();
         for topic in &removed {
             for placement in &topic.partitions {
-                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+                by_shard
+                    .entry(placement.shard)
+                    .or_default()
+                    .push(placement.log_id);
             }
         }
         for (shard, logs) in by_shard {
@@ -306,13 +355,21 @@ impl Shard {
 fn check_new_topic(metadata: &NodeMetadata, topic: &NewTopic) -> Result<TopicConfig, ApiError> {
     validate_topic_name(&topic.name).map_err(|m| ApiError::new(ErrorCode::InvalidTopicName, m))?;
     if metadata.topics.contains_key(&topic.name) {
-        return Err(ApiError::new(ErrorCode::TopicAlreadyExists, format!("topic '{}' already exists", topic.name)));
+        return Err(ApiError::new(
+            ErrorCode::TopicAlreadyExists,
+            format!("topic '{}' already exists", topic.name),
+        ));
     }
     if topic.partitions == 0 || topic.partitions > crate::limits::PARTITIONS_PER_TOPIC_MAX {
         return Err(ApiError::new(
             ErrorCode::InvalidPartitionCount,
-            format!("partition count {} outside [1, {}]", topic.partitions, crate::limits::PARTITIONS_PER_TOPIC_MAX),
+            format!(
+                "partition count {} outside [1, {}]",
+                topic.partitions,
+                crate::limits::PARTITIONS_PER_TOPIC_MAX
+            ),
         ));
     }
-    TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|m| ApiError::new(ErrorCode::InvalidConfig, m))
+    TopicConfig::from_entries(topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|m| ApiError::new(ErrorCode::InvalidConfig, m))
 }

@@ -42,11 +42,15 @@ impl From<StorageError> for ApiError {
             StorageError::UnknownLog(_) => ErrorCode::UnknownPartition,
             StorageError::ShuttingDown => ErrorCode::ShuttingDown,
             StorageError::BatchTooLarge { .. } => ErrorCode::RecordTooLarge,
-            StorageError::Io { .. } | StorageError::Failed(_) | StorageError::Incompatible { .. } => ErrorCode::StorageError,
+            StorageError::Io { .. }
+            | StorageError::Failed(_)
+            | StorageError::Incompatible { .. } => ErrorCode::StorageError,
         };
         let mut api = ApiError::new(code, error.to_string());
         if let StorageError::OffsetOutOfRange {
-            log_start, high_watermark, ..
+            log_start,
+            high_watermark,
+            ..
         } = error
         {
             api.log_start = log_start;

@@ -302,7 +302,12 @@ fn writes_ending_exactly_on_block_and_chunk_boundaries() {
         wal.create_log(LogId(1));
         // A fresh segment's frames start at byte 4096: a 1 MiB frame ends exactly on
         // a 1 MiB write-chunk boundary, a 4096-byte frame on a block boundary.
-        let frames = vec![frame_of(1 << 20, 1), frame_of(4096, 2), frame_of(2 << 20, 3), batch(1, 10, 4)];
+        let frames = vec![
+            frame_of(1 << 20, 1),
+            frame_of(4096, 2),
+            frame_of(2 << 20, 3),
+            batch(1, 10, 4),
+        ];
         for frame in &frames {
             append(&wal, 1, frame).await;
         }

@@ -125,7 +125,10 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
             match parts.as_slice() {
                 ["T", log, seed] => {
                     let (log, seed): (u32, u64) = (log.parse().unwrap(), seed.parse().unwrap());
-                    attempted.entry(log).or_default().insert(fingerprint(&batch_for(seed)));
+                    attempted
+                        .entry(log)
+                        .or_default()
+                        .insert(fingerprint(&batch_for(seed)));
                 }
                 ["A", log, seed, base, last] => {
                     let seed: u64 = seed.parse().unwrap();
@@ -144,7 +147,11 @@ fn crash_recovery_keeps_every_acknowledged_batch() {
         }
         verify(&dir, &attempted, &acked, round, round_acks);
     }
-    assert!(acked.len() > 100, "the crash test must acknowledge a meaningful number of batches: {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "the crash test must acknowledge a meaningful number of batches: {}",
+        acked.len()
+    );
 }
 
 /// An acknowledged batch, with a fingerprint of its client bytes.
@@ -163,12 +170,20 @@ fn fingerprint(frame: &[u8]) -> (u32, usize) {
     (crc32fast::hash(&client_bytes(frame)), frame.len())
 }
 
-fn verify(dir: &std::path::Path, attempted: &HashMap<u32, HashSet<(u32, usize)>>, acked: &[Ack], round: u64, round_acks: usize) {
+fn verify(
+    dir: &std::path::Path,
+    attempted: &HashMap<u32, HashSet<(u32, usize)>>,
+    acked: &[Ack],
+    round: u64,
+    round_acks: usize,
+) {
     let config = config(dir, SEGMENT_BYTES);
     let acked = acked.to_vec();
     let attempted = attempted.clone();
     run(move || async move {
-        let (wal, report) = Wal::open(config).await.unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
+        let (wal, report) = Wal::open(config)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
         let mut stored: HashMap<(u32, u64), bytes::Bytes> = HashMap::new();
         for log in 0..LOGS {
             if wal.log_offsets(LogId(log)).is_err() {
@@ -178,25 +193,46 @@ fn verify(dir: &std::path::Path, attempted: &HashMap<u32, HashSet<(u32, usize)>>
             for frame in read_all(&wal, log, 0).await {
                 let header = format::header(&frame).unwrap();
                 let base = header.base_offset.get();
-                assert_eq!(base, expected_next, "round {round}: log {log} offsets are contiguous");
+                assert_eq!(
+                    base, expected_next,
+                    "round {round}: log {log} offsets are contiguous"
+                );
                 expected_next = base + u64::from(header.last_offset_delta.get()) + 1;
-                let known = attempted.get(&log).is_some_and(|set| set.contains(&fingerprint(&frame)));
-                assert!(known, "round {round}: log {log} offset {base} holds a batch that was never appended");
+                let known = attempted
+                    .get(&log)
+                    .is_some_and(|set| set.contains(&fingerprint(&frame)));
+                assert!(
+                    known,
+                    "round {round}: log {log} offset {base} holds a batch that was never appended"
+                );
                 stored.insert((log, base), frame);
             }
         }
         for ack in &acked {
             let (log, base) = (ack.log, ack.base);
-            let frame = stored
-                .get(&(log, base))
-                .unwrap_or_else(|| panic!("round {round}: acknowledged batch log {log} offset {base} lost ({report:?})"));
-            assert_eq!(fingerprint(frame), ack.fingerprint, "round {round}: bytes differ at log {log} offset {base}");
+            let frame = stored.get(&(log, base)).unwrap_or_else(|| {
+                panic!(
+                    "round {round}: acknowledged batch log {log} offset {base} lost ({report:?})"
+                )
+            });
+            assert_eq!(
+                fingerprint(frame),
+                ack.fingerprint,
+                "round {round}: bytes differ at log {log} offset {base}"
+            );
             if ack.round == round {
                 let sent = batch_for(ack.seed);
-                assert_eq!(client_bytes(frame), client_bytes(&sent), "round {round}: bytes differ at log {log} offset {base}");
+                assert_eq!(
+                    client_bytes(frame),
+                    client_bytes(&sent),
+                    "round {round}: bytes differ at log {log} offset {base}"
+                );
             }
             let header = format::header(frame).unwrap();
-            assert_eq!(header.base_offset.get() + u64::from(header.last_offset_delta.get()), ack.last);
+            assert_eq!(
+                header.base_offset.get() + u64::from(header.last_offset_delta.get()),
+                ack.last
+            );
         }
         wal.close().await;
         eprintln!(

@@ -22,7 +22,10 @@ use sluice_schema::wire;
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of a workspace binary. The first call in a test process runs `cargo build`
@@ -33,22 +36,45 @@ pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let profile = bin_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+        let profile = bin_dir()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug")
+            .to_string();
         let mut command = Command::new(cargo);
-        command.args(["build", "--quiet", "-p", "sluice-broker", "-p", "sluice-tools", "--bins"]);
+        command.args([
+            "build",
+            "--quiet",
+            "-p",
+            "sluice-broker",
+            "-p",
+            "sluice-tools",
+            "--bins",
+        ]);
         if profile == "release" {
             command.arg("--release");
         }
         let status = command.status().expect("run cargo build");
-        assert!(status.success(), "building the broker and CLI binaries failed");
+        assert!(
+            status.success(),
+            "building the broker and CLI binaries failed"
+        );
     });
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
     path
 }
 
 /// A fresh directory under the target dir (a real filesystem, not tmpfs).
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = bin_dir().join("..").join("tmp").join("black-box").join(format!("{name}-{}", std::process::id()));
+    let dir = bin_dir()
+        .join("..")
+        .join("tmp")
+        .join("black-box")
+        .join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -56,7 +82,11 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `sluice-broker` process.
@@ -95,7 +125,11 @@ impl Broker {
     fn spawn(data_dir: &Path, addr: SocketAddr, args: Vec<String>) -> Broker {
         std::fs::create_dir_all(data_dir.parent().unwrap_or(data_dir)).unwrap();
         let log = data_dir.with_extension(format!("{}.log", addr.port()));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(bin("sluice-broker"))
             .args(&args)
             .env("RUST_LOG", "info")
@@ -114,7 +148,10 @@ impl Broker {
 
     /// Runs the broker binary with these args and returns its output (for start-up errors).
     pub fn run_expecting_failure(args: &[&str]) -> Output {
-        Command::new(bin("sluice-broker")).args(args).output().unwrap()
+        Command::new(bin("sluice-broker"))
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     fn wait_ready(&self) {
@@ -126,7 +163,11 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("broker at {} did not start; log:\n{}", self.addr, self.log_text());
+        panic!(
+            "broker at {} did not start; log:\n{}",
+            self.addr,
+            self.log_text()
+        );
     }
 
     /// The broker's log so far.
@@ -141,7 +182,9 @@ impl Broker {
 
     /// SIGTERM and wait; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else { return true };
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
@@ -175,18 +218,29 @@ impl Broker {
 
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Runs the `sluice` CLI against this broker.
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut command = Command::new(bin("sluice"));
         command.arg("--brokers").arg(self.brokers()).args(args);
-        command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        command.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
         if let Some(text) = stdin {
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
         }
         child.wait_with_output().unwrap()
     }
@@ -215,7 +269,9 @@ impl Drop for Broker {
 
 /// True if a handshake on `addr` succeeds.
 fn handshakes(addr: SocketAddr) -> bool {
-    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut raw = Raw {
         stream,
@@ -229,7 +285,8 @@ fn handshakes(addr: SocketAddr) -> bool {
         version_max: 1,
         client_software: None,
     };
-    raw.request(&body, &[]).is_some_and(|reply| reply.response().error() == wire::ErrorCode::None)
+    raw.request(&body, &[])
+        .is_some_and(|reply| reply.response().error() == wire::ErrorCode::None)
 }
 
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -271,7 +328,9 @@ impl Raw {
     /// Connects (no handshake).
     pub fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,

@@ -8,14 +8,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;
 use sluice_client::batch::BatchBuilder;
-use sluice_client::request::{FetchPartitionSpec, ListOffsetsSpec, NewTopic, OffsetQuery, ProducePartitionRange, ProduceTopicRanges, RequestBody};
+use sluice_client::request::{
+    FetchPartitionSpec, ListOffsetsSpec, NewTopic, OffsetQuery, ProducePartitionRange,
+    ProduceTopicRanges, RequestBody,
+};
 use sluice_schema::wire::{self, ErrorCode};
 use sluice_tests::{Broker, Raw};
 
 fn batch(values: &[&[u8]]) -> Bytes {
     let mut builder = BatchBuilder::with_capacity(1024);
     for value in values {
-        builder.append(1_700_000_000_000, None, Some(value), &[]).unwrap();
+        builder
+            .append(1_700_000_000_000, None, Some(value), &[])
+            .unwrap();
     }
     builder.finish().unwrap()
 }
@@ -25,18 +30,31 @@ fn create(raw: &mut Raw, name: &str, partitions: u32, configs: &[(&str, &str)]) 
         topics: vec![NewTopic {
             name: name.into(),
             partitions,
-            configs: configs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }],
         validate_only: false,
     };
     let reply = raw.request(&body, &[]).unwrap();
     let response = reply.response();
-    let results = response.body_as_create_topics_response().unwrap().results().unwrap();
+    let results = response
+        .body_as_create_topics_response()
+        .unwrap()
+        .results()
+        .unwrap();
     results.get(0).error()
 }
 
 /// Produces `payload` to one partition; returns (error, base offset, message).
-fn produce(raw: &mut Raw, topic: &str, partition: u32, payload: &[u8], acks: i8) -> (ErrorCode, u64, String) {
+fn produce(
+    raw: &mut Raw,
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+    acks: i8,
+) -> (ErrorCode, u64, String) {
     let body = RequestBody::Produce {
         acks,
         timeout_ms: 10_000,
@@ -51,9 +69,26 @@ fn produce(raw: &mut Raw, topic: &str, partition: u32, payload: &[u8], acks: i8)
     };
     let reply = raw.request(&body, payload).unwrap();
     let response = reply.response();
-    assert_eq!(response.error(), ErrorCode::None, "{:?}", response.message());
-    let result = response.body_as_produce_response().unwrap().topics().unwrap().get(0).partitions().unwrap().get(0);
-    (result.error(), result.base_offset(), result.message().unwrap_or_default().to_string())
+    assert_eq!(
+        response.error(),
+        ErrorCode::None,
+        "{:?}",
+        response.message()
+    );
+    let result = response
+        .body_as_produce_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0);
+    (
+        result.error(),
+        result.base_offset(),
+        result.message().unwrap_or_default().to_string(),
+    )
 }
 
 /// Fetches from an offset; returns (error, high watermark, log start, payload bytes).
@@ -62,21 +97,56 @@ fn fetch(raw: &mut Raw, topic: &str, partition: u32, offset: u64) -> (ErrorCode,
         max_wait_ms: 0,
         min_bytes: 0,
         max_bytes: 1 << 20,
-        topics: vec![(topic.into(), vec![FetchPartitionSpec { partition, offset, max_bytes: 1 << 20 }])],
+        topics: vec![(
+            topic.into(),
+            vec![FetchPartitionSpec {
+                partition,
+                offset,
+                max_bytes: 1 << 20,
+            }],
+        )],
     };
     let reply = raw.request(&body, &[]).unwrap();
     let response = reply.response();
-    let result = response.body_as_fetch_response().unwrap().topics().unwrap().get(0).partitions().unwrap().get(0);
-    (result.error(), result.high_watermark(), result.log_start_offset(), result.payload_bytes() as usize)
+    let result = response
+        .body_as_fetch_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0);
+    (
+        result.error(),
+        result.high_watermark(),
+        result.log_start_offset(),
+        result.payload_bytes() as usize,
+    )
 }
 
 fn high_watermark(raw: &mut Raw, topic: &str, partition: u32) -> u64 {
     let body = RequestBody::ListOffsets {
-        topics: vec![(topic.into(), vec![ListOffsetsSpec { partition, query: OffsetQuery::Latest }])],
+        topics: vec![(
+            topic.into(),
+            vec![ListOffsetsSpec {
+                partition,
+                query: OffsetQuery::Latest,
+            }],
+        )],
     };
     let reply = raw.request(&body, &[]).unwrap();
     let response = reply.response();
-    response.body_as_list_offsets_response().unwrap().topics().unwrap().get(0).partitions().unwrap().get(0).offset()
+    response
+        .body_as_list_offsets_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0)
+        .offset()
 }
 
 /// A request envelope with a chosen union tag and version.
@@ -110,19 +180,40 @@ fn framed(envelope: &[u8], payload: &[u8]) -> Vec<u8> {
 fn bad_requests_get_typed_errors_and_append_nothing() {
     let broker = Broker::start("bad-requests", &["--shards", "2"]);
     let mut raw = Raw::open(broker.addr);
-    assert_eq!(create(&mut raw, "t", 2, &[("max.message.bytes", "2000")]), ErrorCode::None);
+    assert_eq!(
+        create(&mut raw, "t", 2, &[("max.message.bytes", "2000")]),
+        ErrorCode::None
+    );
     assert_eq!(create(&mut raw, "t", 2, &[]), ErrorCode::TopicAlreadyExists);
-    assert_eq!(create(&mut raw, "bad/name", 1, &[]), ErrorCode::InvalidTopicName);
-    assert_eq!(create(&mut raw, "zero", 0, &[]), ErrorCode::InvalidPartitionCount);
-    assert_eq!(create(&mut raw, "conf", 1, &[("retention.ms", "soon")]), ErrorCode::InvalidConfig);
-    assert_eq!(create(&mut raw, "conf", 1, &[("no.such.key", "1")]), ErrorCode::InvalidConfig);
+    assert_eq!(
+        create(&mut raw, "bad/name", 1, &[]),
+        ErrorCode::InvalidTopicName
+    );
+    assert_eq!(
+        create(&mut raw, "zero", 0, &[]),
+        ErrorCode::InvalidPartitionCount
+    );
+    assert_eq!(
+        create(&mut raw, "conf", 1, &[("retention.ms", "soon")]),
+        ErrorCode::InvalidConfig
+    );
+    assert_eq!(
+        create(&mut raw, "conf", 1, &[("no.such.key", "1")]),
+        ErrorCode::InvalidConfig
+    );
 
     let good = batch(&[b"a", b"b"]);
     assert_eq!(produce(&mut raw, "t", 0, &good, 1).0, ErrorCode::None);
     assert_eq!(high_watermark(&mut raw, "t", 0), 2);
 
-    assert_eq!(produce(&mut raw, "missing", 0, &good, 1).0, ErrorCode::UnknownTopic);
-    assert_eq!(produce(&mut raw, "t", 9, &good, 1).0, ErrorCode::UnknownPartition);
+    assert_eq!(
+        produce(&mut raw, "missing", 0, &good, 1).0,
+        ErrorCode::UnknownTopic
+    );
+    assert_eq!(
+        produce(&mut raw, "t", 9, &good, 1).0,
+        ErrorCode::UnknownPartition
+    );
     // A flipped byte in the records: the payload CRC fails.
     let mut corrupt = good.to_vec();
     let last = corrupt.len() - 1;
@@ -130,30 +221,58 @@ fn bad_requests_get_typed_errors_and_append_nothing() {
     let (error, _, message) = produce(&mut raw, "t", 0, &corrupt, 1);
     assert_eq!(error, ErrorCode::CorruptBatch, "{message}");
     // Garbage where a batch should be.
-    assert_eq!(produce(&mut raw, "t", 0, &[7u8; 200], 1).0, ErrorCode::InvalidBatch);
+    assert_eq!(
+        produce(&mut raw, "t", 0, &[7u8; 200], 1).0,
+        ErrorCode::InvalidBatch
+    );
     // A good batch followed by a truncated one: all or nothing for the partition.
     let mut partial = good.to_vec();
     partial.extend_from_slice(&good[..40]);
-    assert_eq!(produce(&mut raw, "t", 0, &partial, 1).0, ErrorCode::InvalidBatch);
+    assert_eq!(
+        produce(&mut raw, "t", 0, &partial, 1).0,
+        ErrorCode::InvalidBatch
+    );
     // Over max.message.bytes (2000 for this topic).
     let big = batch(&[&[1u8; 3000]]);
     let (error, _, message) = produce(&mut raw, "t", 0, &big, 1);
     assert_eq!(error, ErrorCode::RecordTooLarge, "{message}");
     assert!(message.contains("max.message.bytes"), "{message}");
     // Bad acks and a payload range outside the payload.
-    let reply = raw.request(&RequestBody::Produce { acks: 5, timeout_ms: 1000, topics: vec![] }, &[]).unwrap();
+    let reply = raw
+        .request(
+            &RequestBody::Produce {
+                acks: 5,
+                timeout_ms: 1000,
+                topics: vec![],
+            },
+            &[],
+        )
+        .unwrap();
     assert_eq!(reply.response().error(), ErrorCode::InvalidRequest);
     let body = RequestBody::Produce {
         acks: 1,
         timeout_ms: 1000,
         topics: vec![ProduceTopicRanges {
             name: "t".into(),
-            partitions: vec![ProducePartitionRange { partition: 0, payload_offset: 10, payload_bytes: 1_000_000 }],
+            partitions: vec![ProducePartitionRange {
+                partition: 0,
+                payload_offset: 10,
+                payload_bytes: 1_000_000,
+            }],
         }],
     };
     let reply = raw.request(&body, &good).unwrap();
     let response = reply.response();
-    let code = response.body_as_produce_response().unwrap().topics().unwrap().get(0).partitions().unwrap().get(0).error();
+    let code = response
+        .body_as_produce_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0)
+        .error();
     assert_eq!(code, ErrorCode::InvalidRequest);
     // None of it was appended.
     assert_eq!(high_watermark(&mut raw, "t", 0), 2);
@@ -170,9 +289,15 @@ fn bad_requests_get_typed_errors_and_append_nothing() {
     assert_eq!(reply.response().error(), ErrorCode::UnknownRequestKind);
     assert_eq!(reply.response().correlation_id(), 77);
     raw.send_raw(&envelope(wire::RequestBody::ListTopicsRequest.0, 9));
-    assert_eq!(raw.read_reply().unwrap().response().error(), ErrorCode::UnsupportedVersion);
+    assert_eq!(
+        raw.read_reply().unwrap().response().error(),
+        ErrorCode::UnsupportedVersion
+    );
     raw.send_raw(&framed(&[0xff; 64], &[]));
-    assert_eq!(raw.read_reply().unwrap().response().error(), ErrorCode::MalformedRequest);
+    assert_eq!(
+        raw.read_reply().unwrap().response().error(),
+        ErrorCode::MalformedRequest
+    );
     // The connection still works after all of that.
     assert_eq!(produce(&mut raw, "t", 1, &good, -1).0, ErrorCode::None);
 }
@@ -200,12 +325,25 @@ fn broken_framing_closes_only_that_connection() {
     assert_eq!(reply.response().error(), ErrorCode::HandshakeRequired);
     assert!(rude.is_closed_by_broker());
     // The healthy connection never noticed.
-    assert_eq!(produce(&mut healthy, "t", 0, &batch(&[b"x"]), 1).0, ErrorCode::None);
+    assert_eq!(
+        produce(&mut healthy, "t", 0, &batch(&[b"x"]), 1).0,
+        ErrorCode::None
+    );
 }
 
 #[test]
 fn idle_connections_time_out_and_connections_are_bounded() {
-    let broker = Broker::start("limits", &["--shards", "1", "--idle-timeout-secs", "1", "--max-connections", "2"]);
+    let broker = Broker::start(
+        "limits",
+        &[
+            "--shards",
+            "1",
+            "--idle-timeout-secs",
+            "1",
+            "--max-connections",
+            "2",
+        ],
+    );
     let mut first = Raw::open(broker.addr);
     let mut second = Raw::open(broker.addr);
     // A third connection is refused with a reason.
@@ -228,12 +366,32 @@ fn a_connection_on_one_shard_produces_to_a_partition_owned_by_another() {
     let broker = Broker::start("cross-shard", &["--shards", "2"]);
     let mut admin = Raw::open(broker.addr);
     assert_eq!(create(&mut admin, "x", 2, &[]), ErrorCode::None);
-    let reply = admin.request(&RequestBody::Metadata { topics: vec!["x".into()] }, &[]).unwrap();
+    let reply = admin
+        .request(
+            &RequestBody::Metadata {
+                topics: vec!["x".into()],
+            },
+            &[],
+        )
+        .unwrap();
     let response = reply.response();
-    let partitions = response.body_as_metadata_response().unwrap().topics().unwrap().get(0).partitions().unwrap();
-    let owners: Vec<(u32, u16)> = partitions.iter().map(|p| (p.partition(), p.shard())).collect();
+    let partitions = response
+        .body_as_metadata_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap();
+    let owners: Vec<(u32, u16)> = partitions
+        .iter()
+        .map(|p| (p.partition(), p.shard()))
+        .collect();
     assert_eq!(owners.len(), 2);
-    assert_ne!(owners[0].1, owners[1].1, "two partitions on two shards: {owners:?}");
+    assert_ne!(
+        owners[0].1, owners[1].1,
+        "two partitions on two shards: {owners:?}"
+    );
     for (partition, owner) in owners {
         let other = 1 - owner;
         let mut raw = Raw::open_on_shard(broker.addr, other);
@@ -250,19 +408,41 @@ fn start_up_errors_are_one_readable_line() {
     let broker = Broker::start("startup", &["--shards", "2"]);
     let data = broker.data_dir.to_str().unwrap().to_string();
     // Port in use.
-    let output = Broker::run_expecting_failure(&["--data-dir", "/tmp/sluice-unused-dir", "--listen", &broker.brokers(), "--shards", "1"]);
+    let output = Broker::run_expecting_failure(&[
+        "--data-dir",
+        "/tmp/sluice-unused-dir",
+        "--listen",
+        &broker.brokers(),
+        "--shards",
+        "1",
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("in use") && stderr.contains("--listen"), "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains("--listen"),
+        "{stderr}"
+    );
     // Another shard count on an existing data dir.
     let port = sluice_tests::free_port().to_string();
-    let output = Broker::run_expecting_failure(&["--data-dir", &data, "--listen", &format!("127.0.0.1:{port}"), "--shards", "3"]);
+    let output = Broker::run_expecting_failure(&[
+        "--data-dir",
+        &data,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--shards",
+        "3",
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--shards 2"), "{stderr}");
     // A data dir that cannot be written.
     let file = sluice_tests::scratch("startup-file").join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
-    let output = Broker::run_expecting_failure(&["--data-dir", file.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")]);
+    let output = Broker::run_expecting_failure(&[
+        "--data-dir",
+        file.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--data-dir"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

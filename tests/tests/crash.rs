@@ -17,7 +17,16 @@ fn kill_9_loses_no_acknowledged_record() {
     let dir = sluice_tests::scratch("kill9-acks");
     let ack_log = dir.join("acks.log");
     let mut producer = Command::new(bin("sluice"))
-        .args(["--brokers", &broker.brokers(), "produce", "orders", "--key-separator", ":", "--acks", "all"])
+        .args([
+            "--brokers",
+            &broker.brokers(),
+            "produce",
+            "orders",
+            "--key-separator",
+            ":",
+            "--acks",
+            "all",
+        ])
         .args(["--delivery-timeout-ms", "3000"])
         .arg("--ack-log")
         .arg(&ack_log)
@@ -43,8 +52,15 @@ fn kill_9_loses_no_acknowledged_record() {
     });
     // Let acknowledgements pile up, then crash the broker mid-stream.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&ack_log).map(|t| t.lines().count()).unwrap_or(0) < 2000 {
-        assert!(Instant::now() < deadline, "the producer is not getting acks");
+    while std::fs::read_to_string(&ack_log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2000
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the producer is not getting acks"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     broker.kill9();
@@ -52,9 +68,15 @@ fn kill_9_loses_no_acknowledged_record() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().unwrap();
     let output = producer.wait_with_output().unwrap();
-    assert!(!output.status.success(), "the producer reports the lost broker");
+    assert!(
+        !output.status.success(),
+        "the producer reports the lost broker"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 
     let broker = broker.start_again();
     let acked: Vec<(u32, u64, String)> = std::fs::read_to_string(&ack_log)
@@ -69,8 +91,21 @@ fn kill_9_loses_no_acknowledged_record() {
             (partition, offset, format!("{key}:{value}"))
         })
         .collect();
-    assert!(acked.len() >= 2000 && acked.len() as u64 <= written, "{} acks of {written} lines", acked.len());
-    let consumed = broker.cli_ok(&["consume", "orders", "--exit-at-end", "--format", "%p %o %k:%v\\n"], None);
+    assert!(
+        acked.len() >= 2000 && acked.len() as u64 <= written,
+        "{} acks of {written} lines",
+        acked.len()
+    );
+    let consumed = broker.cli_ok(
+        &[
+            "consume",
+            "orders",
+            "--exit-at-end",
+            "--format",
+            "%p %o %k:%v\\n",
+        ],
+        None,
+    );
     let stored: HashMap<(u32, u64), String> = consumed
         .lines()
         .map(|line| {
@@ -81,12 +116,23 @@ fn kill_9_loses_no_acknowledged_record() {
         })
         .collect();
     for (partition, offset, record) in &acked {
-        assert_eq!(stored.get(&(*partition, *offset)), Some(record), "acknowledged record at partition {partition} offset {offset}");
+        assert_eq!(
+            stored.get(&(*partition, *offset)),
+            Some(record),
+            "acknowledged record at partition {partition} offset {offset}"
+        );
     }
     // Offsets are dense per partition: nothing invented, nothing skipped.
     for partition in 0..3u32 {
-        let mut offsets: Vec<u64> = stored.keys().filter(|(p, _)| *p == partition).map(|(_, o)| *o).collect();
+        let mut offsets: Vec<u64> = stored
+            .keys()
+            .filter(|(p, _)| *p == partition)
+            .map(|(_, o)| *o)
+            .collect();
         offsets.sort();
-        assert!(offsets.iter().enumerate().all(|(i, o)| *o == i as u64), "partition {partition} offsets are dense");
+        assert!(
+            offsets.iter().enumerate().all(|(i, o)| *o == i as u64),
+            "partition {partition} offsets are dense"
+        );
     }
 }

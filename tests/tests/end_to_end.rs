@@ -7,15 +7,23 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use sluice_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo};
+use sluice_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
+    SeekTo,
+};
 use sluice_tests::Broker;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn client(broker: &Broker) -> Client {
-    Client::connect(ClientConfig::new([broker.brokers()])).await.unwrap()
+    Client::connect(ClientConfig::new([broker.brokers()]))
+        .await
+        .unwrap()
 }
 
 #[test]
@@ -26,7 +34,13 @@ fn produce_and_consume_through_the_client_with_every_acks_mode() {
         client.create_topic("events", 3, vec![]).await.unwrap();
         let mut sent: HashMap<(u32, u64), (Option<Bytes>, Bytes)> = HashMap::new();
         for (acks, count) in [(Acks::Leader, 300u32), (Acks::All, 300), (Acks::None, 300)] {
-            let producer = Producer::new(client.clone(), ProducerConfig { acks, ..ProducerConfig::default() });
+            let producer = Producer::new(
+                client.clone(),
+                ProducerConfig {
+                    acks,
+                    ..ProducerConfig::default()
+                },
+            );
             let mut deliveries = Vec::new();
             for i in 0..count {
                 let key = Bytes::from(format!("key-{}", i % 17));
@@ -40,7 +54,10 @@ fn produce_and_consume_through_the_client_with_every_acks_mode() {
                 match acks {
                     Acks::None => assert_eq!(metadata.offset, None, "acks=0 gets no offset"),
                     _ => {
-                        sent.insert((metadata.partition, metadata.offset.unwrap()), (Some(key), value));
+                        sent.insert(
+                            (metadata.partition, metadata.offset.unwrap()),
+                            (Some(key), value),
+                        );
                     }
                 }
             }
@@ -52,7 +69,11 @@ fn produce_and_consume_through_the_client_with_every_acks_mode() {
         let mut seen = 0;
         let deadline = Instant::now() + Duration::from_secs(30);
         while seen < 900 && Instant::now() < deadline {
-            let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.unwrap().unwrap().unwrap();
+            let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Some((key, value)) = sent.get(&(record.partition, record.offset)) {
                 assert_eq!(record.key.as_ref(), key.as_ref());
                 assert_eq!(record.value.as_ref(), Some(value));
@@ -90,14 +111,24 @@ fn the_seed_ordering_example_and_null_key_distribution() {
         );
         let mut per_partition = [0u32; 3];
         for i in 0..300 {
-            let metadata = round_robin.send(ProducerRecord::new("spread", format!("v{i}"))).await.unwrap().await.unwrap();
+            let metadata = round_robin
+                .send(ProducerRecord::new("spread", format!("v{i}")))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
             per_partition[metadata.partition as usize] += 1;
         }
         assert!(per_partition.iter().all(|n| *n >= 50), "{per_partition:?}");
         // Consuming partition of order-100 returns the three steps in order.
         let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-        consumer.assign("orders", &[placed[0].partition]).await.unwrap();
-        consumer.seek("orders", placed[0].partition, SeekTo::Offset(offsets[0])).unwrap();
+        consumer
+            .assign("orders", &[placed[0].partition])
+            .await
+            .unwrap();
+        consumer
+            .seek("orders", placed[0].partition, SeekTo::Offset(offsets[0]))
+            .unwrap();
         let mut steps = Vec::new();
         while steps.len() < 3 {
             let record = consumer.recv().await.unwrap().unwrap();
@@ -125,42 +156,88 @@ fn a_long_poll_fetch_wakes_when_data_arrives() {
         let started = Instant::now();
         let produce = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            producer.send(ProducerRecord::new("waits", "wake up")).await.unwrap().await.unwrap();
+            producer
+                .send(ProducerRecord::new("waits", "wake up"))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
         };
         let (record, ()) = tokio::join!(consumer.recv(), produce);
         let record = record.unwrap().unwrap();
         assert_eq!(record.value.unwrap(), "wake up");
         let waited = started.elapsed();
-        assert!(waited >= Duration::from_millis(250), "the fetch waited for the record: {waited:?}");
-        assert!(waited < Duration::from_secs(10), "the fetch woke on the produce, not at max_wait: {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(250),
+            "the fetch waited for the record: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(10),
+            "the fetch woke on the produce, not at max_wait: {waited:?}"
+        );
     });
 }
 
 #[test]
 fn the_cli_creates_produces_consumes_and_describes() {
     let broker = Broker::start("cli", &["--shards", "2"]);
-    broker.cli_ok(&["topic", "create", "user-events", "--partitions", "3", "--config", "retention.ms=3600000"], None);
+    broker.cli_ok(
+        &[
+            "topic",
+            "create",
+            "user-events",
+            "--partitions",
+            "3",
+            "--config",
+            "retention.ms=3600000",
+        ],
+        None,
+    );
     let list = broker.cli_ok(&["topic", "list"], None);
     assert!(list.contains("user-events"), "{list}");
     let dir = sluice_tests::scratch("cli-acks");
     let ack_log = dir.join("acks.log");
     let input = "user-1:signed-up\nuser-2:logged-in\nuser-1:clicked\n";
     broker.cli_ok(
-        &["produce", "user-events", "--key-separator", ":", "--acks", "all", "--ack-log", ack_log.to_str().unwrap()],
+        &[
+            "produce",
+            "user-events",
+            "--key-separator",
+            ":",
+            "--acks",
+            "all",
+            "--ack-log",
+            ack_log.to_str().unwrap(),
+        ],
         Some(input),
     );
     let acks = std::fs::read_to_string(&ack_log).unwrap();
     assert_eq!(acks.lines().count(), 3, "{acks}");
-    let consumed = broker.cli_ok(&["consume", "user-events", "--exit-at-end", "--format", "%k=%v@%p/%o\\n"], None);
+    let consumed = broker.cli_ok(
+        &[
+            "consume",
+            "user-events",
+            "--exit-at-end",
+            "--format",
+            "%k=%v@%p/%o\\n",
+        ],
+        None,
+    );
     let mut lines: Vec<&str> = consumed.lines().collect();
     lines.sort();
     assert_eq!(lines.len(), 3, "{consumed}");
     assert!(lines.iter().any(|l| l.starts_with("user-1=signed-up@")));
     // user-1's two records share a partition, in order.
-    let user1: Vec<&str> = consumed.lines().filter(|l| l.starts_with("user-1=")).collect();
+    let user1: Vec<&str> = consumed
+        .lines()
+        .filter(|l| l.starts_with("user-1="))
+        .collect();
     assert_eq!(user1.len(), 2);
     assert!(user1[0].contains("signed-up") && user1[1].contains("clicked"));
-    let describe = broker.cli_ok(&["topic", "describe", "user-events", "--format", "json"], None);
+    let describe = broker.cli_ok(
+        &["topic", "describe", "user-events", "--format", "json"],
+        None,
+    );
     assert!(describe.contains("3600000"), "{describe}");
     broker.cli_ok(&["topic", "delete", "user-events"], None);
     let missing = broker.cli(&["topic", "describe", "user-events"], None);
@@ -174,22 +251,62 @@ fn the_cli_creates_produces_consumes_and_describes() {
 fn restart_keeps_topics_and_data_and_provisioning_creates_the_seed_topics() {
     let dir = sluice_tests::scratch("restart");
     let provision = dir.join("topics.txt");
-    std::fs::write(&provision, "user-events 3\norders 3\npayments 5\nnotifications 1\norder-processing.DLQ 3\n").unwrap();
-    let broker = Broker::start_in(&dir.join("data"), sluice_tests::free_port(), &["--shards", "2", "--provision", provision.to_str().unwrap()]);
+    std::fs::write(
+        &provision,
+        "user-events 3\norders 3\npayments 5\nnotifications 1\norder-processing.DLQ 3\n",
+    )
+    .unwrap();
+    let broker = Broker::start_in(
+        &dir.join("data"),
+        sluice_tests::free_port(),
+        &["--shards", "2", "--provision", provision.to_str().unwrap()],
+    );
     let list = broker.cli_ok(&["topic", "list", "--format", "json"], None);
-    for topic in ["user-events", "orders", "payments", "notifications", "order-processing.DLQ"] {
+    for topic in [
+        "user-events",
+        "orders",
+        "payments",
+        "notifications",
+        "order-processing.DLQ",
+    ] {
         assert!(list.contains(topic), "{list}");
     }
     let input: String = (0..200).map(|i| format!("k{i}:v{i}\n")).collect();
-    broker.cli_ok(&["produce", "payments", "--key-separator", ":"], Some(&input));
-    let before = broker.cli_ok(&["consume", "payments", "--exit-at-end", "--format", "%p %o %k %v\\n"], None);
+    broker.cli_ok(
+        &["produce", "payments", "--key-separator", ":"],
+        Some(&input),
+    );
+    let before = broker.cli_ok(
+        &[
+            "consume",
+            "payments",
+            "--exit-at-end",
+            "--format",
+            "%p %o %k %v\\n",
+        ],
+        None,
+    );
     let mut broker = broker.restart();
-    let after = broker.cli_ok(&["consume", "payments", "--exit-at-end", "--format", "%p %o %k %v\\n"], None);
-    let (mut a, mut b): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+    let after = broker.cli_ok(
+        &[
+            "consume",
+            "payments",
+            "--exit-at-end",
+            "--format",
+            "%p %o %k %v\\n",
+        ],
+        None,
+    );
+    let (mut a, mut b): (Vec<&str>, Vec<&str>) =
+        (before.lines().collect(), after.lines().collect());
     a.sort();
     b.sort();
     assert_eq!(a.len(), 200);
     assert_eq!(a, b);
-    assert!(broker.terminate(), "SIGTERM shuts down cleanly:\n{}", broker.log_text());
+    assert!(
+        broker.terminate(),
+        "SIGTERM shuts down cleanly:\n{}",
+        broker.log_text()
+    );
     assert!(broker.log_text().contains("shutting down"));
 }

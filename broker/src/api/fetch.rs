@@ -31,7 +31,11 @@ struct Wanted {
     target: Result<PartitionPlacement, ApiError>,
 }
 
-pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::FetchRequest<'_>) -> Outgoing {
+pub(super) async fn handle(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: wire::FetchRequest<'_>,
+) -> Outgoing {
     let wait = Duration::from_millis(u64::from(request.max_wait_ms().min(FETCH_WAIT_MS_MAX)));
     let min_bytes = request.min_bytes() as usize;
     let max_bytes = match request.max_bytes() as usize {
@@ -42,7 +46,8 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::FetchReque
     let mut wanted = Vec::new();
     for topic in request.topics().iter().flatten() {
         for partition in topic.partitions().iter().flatten() {
-            let target = locate(&metadata, topic.name(), partition.partition()).map(|(placement, _)| placement);
+            let target = locate(&metadata, topic.name(), partition.partition())
+                .map(|(placement, _)| placement);
             wanted.push(Wanted {
                 topic: topic.name().to_string(),
                 partition: partition.partition(),
@@ -58,7 +63,10 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::FetchReque
     let deadline = Instant::now() + wait;
     loop {
         let results = read_all(shard, &wanted).await;
-        let available: usize = results.iter().map(|r| r.as_ref().map(|b| b.bytes).unwrap_or(0)).sum();
+        let available: usize = results
+            .iter()
+            .map(|r| r.as_ref().map(|b| b.bytes).unwrap_or(0))
+            .sum();
         let any_error = results.iter().any(Result::is_err);
         let now = Instant::now();
         if any_error || available >= min_bytes.max(1) || now >= deadline || shard.shutting_down() {
@@ -94,12 +102,23 @@ async fn wait_any(shard: &Rc<Shard>, wanted: &[Wanted], wait: Duration) {
     let wait_ms = wait.as_millis().min(u128::from(FETCH_WAIT_MS_MAX)) as u32;
     let waits: Vec<_> = wanted
         .iter()
-        .filter_map(|want| want.target.as_ref().ok().map(|placement| (*placement, want.offset)))
+        .filter_map(|want| {
+            want.target
+                .as_ref()
+                .ok()
+                .map(|placement| (*placement, want.offset))
+        })
         .map(|(placement, offset)| {
             let shard = shard.clone();
             async move {
                 if placement.shard == shard.id {
-                    shard.wait_for_data(placement.log_id, offset, Duration::from_millis(u64::from(wait_ms))).await;
+                    shard
+                        .wait_for_data(
+                            placement.log_id,
+                            offset,
+                            Duration::from_millis(u64::from(wait_ms)),
+                        )
+                        .await;
                 } else {
                     let request = ShardRequest::WaitForData {
                         log: placement.log_id,
@@ -119,7 +138,12 @@ async fn wait_any(shard: &Rc<Shard>, wanted: &[Wanted], wait: Duration) {
     futures::future::select_all(waits).await;
 }
 
-fn respond(id: u32, wanted: &[Wanted], results: Vec<Result<ReadBatches, ApiError>>, max_bytes: usize) -> Outgoing {
+fn respond(
+    id: u32,
+    wanted: &[Wanted],
+    results: Vec<Result<ReadBatches, ApiError>>,
+    max_bytes: usize,
+) -> Outgoing {
     let mut fbb = FlatBufferBuilder::with_capacity(256 + 96 * wanted.len());
     let mut payload: Vec<Bytes> = Vec::new();
     let mut payload_bytes = 0usize;
@@ -180,6 +204,18 @@ fn respond(id: u32, wanted: &[Wanted], results: Vec<Result<ReadBatches, ApiError
         })
         .collect();
     let topics = fbb.create_vector(&topics);
-    let body = wire::FetchResponse::create(&mut fbb, &wire::FetchResponseArgs { topics: Some(topics) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::FetchResponse, body.as_union_value())), payload)
+    let body = wire::FetchResponse::create(
+        &mut fbb,
+        &wire::FetchResponseArgs {
+            topics: Some(topics),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((wire::ResponseBody::FetchResponse, body.as_union_value())),
+        payload,
+    )
 }

@@ -11,7 +11,11 @@ use crate::protocol::{error_response, finish, Outgoing};
 use crate::shard::Shard;
 
 /// Answers a handshake (also used by the connection to enforce it comes first).
-pub fn handshake_response(shard: &Rc<Shard>, id: u32, request: wire::HandshakeRequest<'_>) -> Outgoing {
+pub fn handshake_response(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: wire::HandshakeRequest<'_>,
+) -> Outgoing {
     let (low, high) = (request.version_min(), request.version_max());
     let version = high.min(PROTOCOL_VERSION_MAX);
     if low > high || version < low.max(PROTOCOL_VERSION_MIN) {
@@ -33,7 +37,14 @@ pub fn handshake_response(shard: &Rc<Shard>, id: u32, request: wire::HandshakeRe
             broker_software: Some(software),
         },
     );
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::HandshakeResponse, body.as_union_value())), Vec::new())
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((wire::ResponseBody::HandshakeResponse, body.as_union_value())),
+        Vec::new(),
+    )
 }
 
 pub(super) fn handle(shard: &Rc<Shard>, id: u32, request: wire::HandshakeRequest<'_>) -> Outgoing {

@@ -10,9 +10,17 @@ use crate::protocol::{error_response, finish, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ListedOffset, OffsetQuery, ShardReply, ShardRequest};
 
-pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::ListOffsetsRequest<'_>>) -> Outgoing {
+pub(super) async fn handle(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: Option<wire::ListOffsetsRequest<'_>>,
+) -> Outgoing {
     let Some(request) = request else {
-        return error_response(id, ErrorCode::MalformedRequest, "list-offsets request without a body");
+        return error_response(
+            id,
+            ErrorCode::MalformedRequest,
+            "list-offsets request without a body",
+        );
     };
     let metadata = shard.topics();
     let mut asks = Vec::new();
@@ -22,9 +30,14 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::Lis
                 wire::OffsetSpec::Earliest => Ok(OffsetQuery::Earliest),
                 wire::OffsetSpec::Latest => Ok(OffsetQuery::Latest),
                 wire::OffsetSpec::Timestamp => Ok(OffsetQuery::Timestamp(partition.timestamp_ms())),
-                other => Err(ApiError::new(ErrorCode::InvalidRequest, format!("unknown offset spec {}", other.0))),
+                other => Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("unknown offset spec {}", other.0),
+                )),
             };
-            let target = query.and_then(|q| locate(&metadata, topic.name(), partition.partition()).map(|(p, _)| (p, q)));
+            let target = query.and_then(|q| {
+                locate(&metadata, topic.name(), partition.partition()).map(|(p, _)| (p, q))
+            });
             asks.push((topic.name().to_string(), partition.partition(), target));
         }
     }
@@ -33,7 +46,16 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::Lis
         let target = target.clone();
         async move {
             let (placement, query) = target?;
-            match shard.route(placement.shard, ShardRequest::ListOffset { log: placement.log_id, query }).await {
+            match shard
+                .route(
+                    placement.shard,
+                    ShardRequest::ListOffset {
+                        log: placement.log_id,
+                        query,
+                    },
+                )
+                .await
+            {
                 ShardReply::Offset(result) => result,
                 _ => Err(ApiError::new(ErrorCode::Internal, "shard unavailable")),
             }
@@ -82,6 +104,21 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::Lis
         })
         .collect();
     let topics = fbb.create_vector(&topics);
-    let body = wire::ListOffsetsResponse::create(&mut fbb, &wire::ListOffsetsResponseArgs { topics: Some(topics) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::ListOffsetsResponse, body.as_union_value())), Vec::new())
+    let body = wire::ListOffsetsResponse::create(
+        &mut fbb,
+        &wire::ListOffsetsResponseArgs {
+            topics: Some(topics),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((
+            wire::ResponseBody::ListOffsetsResponse,
+            body.as_union_value(),
+        )),
+        Vec::new(),
+    )
 }

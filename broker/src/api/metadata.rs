@@ -8,7 +8,11 @@ use sluice_schema::wire::{self, ErrorCode};
 use crate::protocol::{finish, Outgoing};
 use crate::shard::Shard;
 
-pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::MetadataRequest<'_>>) -> Outgoing {
+pub(super) async fn handle(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: Option<wire::MetadataRequest<'_>>,
+) -> Outgoing {
     let metadata = shard.topics();
     let names: Vec<String> = match request.and_then(|r| r.topics()) {
         Some(list) if !list.is_empty() => list.iter().map(str::to_string).collect(),
@@ -68,5 +72,12 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: Option<wire::Met
             topics: Some(topics),
         },
     );
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::MetadataResponse, body.as_union_value())), Vec::new())
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((wire::ResponseBody::MetadataResponse, body.as_union_value())),
+        Vec::new(),
+    )
 }

@@ -30,7 +30,8 @@ fn verifier_options() -> VerifierOptions {
 
 /// Verifies a request envelope.
 pub fn parse(envelope: &[u8]) -> Result<wire::Request<'_>, String> {
-    flatbuffers::root_with_opts::<wire::Request>(&verifier_options(), envelope).map_err(|e| format!("request envelope failed verification: {e}"))
+    flatbuffers::root_with_opts::<wire::Request>(&verifier_options(), envelope)
+        .map_err(|e| format!("request envelope failed verification: {e}"))
 }
 
 /// Serves one request; `None` when no response is due (produce with acks=0).
@@ -41,33 +42,66 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
     };
     let id = request.correlation_id();
     if request.version() != 1 {
-        let message = format!("request version {} is not supported (this broker speaks version 1)", request.version());
+        let message = format!(
+            "request version {} is not supported (this broker speaks version 1)",
+            request.version()
+        );
         return Some(error_response(id, ErrorCode::UnsupportedVersion, &message));
     }
     if shard.shutting_down() {
-        return Some(error_response(id, ErrorCode::ShuttingDown, "the broker is shutting down"));
+        return Some(error_response(
+            id,
+            ErrorCode::ShuttingDown,
+            "the broker is shutting down",
+        ));
     }
     use wire::RequestBody as Kind;
     match request.body_type() {
         Kind::HandshakeRequest => match request.body_as_handshake_request() {
             Some(handshake) => Some(handshake::handle(shard, id, handshake)),
-            None => Some(error_response(id, ErrorCode::MalformedRequest, "handshake request without a body")),
+            None => Some(error_response(
+                id,
+                ErrorCode::MalformedRequest,
+                "handshake request without a body",
+            )),
         },
-        Kind::MetadataRequest => Some(metadata::handle(shard, id, request.body_as_metadata_request()).await),
-        Kind::CreateTopicsRequest => Some(topics::create(shard, id, request.body_as_create_topics_request()).await),
-        Kind::DeleteTopicsRequest => Some(topics::delete(shard, id, request.body_as_delete_topics_request()).await),
+        Kind::MetadataRequest => {
+            Some(metadata::handle(shard, id, request.body_as_metadata_request()).await)
+        }
+        Kind::CreateTopicsRequest => {
+            Some(topics::create(shard, id, request.body_as_create_topics_request()).await)
+        }
+        Kind::DeleteTopicsRequest => {
+            Some(topics::delete(shard, id, request.body_as_delete_topics_request()).await)
+        }
         Kind::ListTopicsRequest => Some(topics::list(shard, id)),
-        Kind::DescribeTopicsRequest => Some(topics::describe(shard, id, request.body_as_describe_topics_request()).await),
+        Kind::DescribeTopicsRequest => {
+            Some(topics::describe(shard, id, request.body_as_describe_topics_request()).await)
+        }
         Kind::ProduceRequest => match request.body_as_produce_request() {
             Some(produce) => produce::handle(shard, id, produce, &frame.payload).await,
-            None => Some(error_response(id, ErrorCode::MalformedRequest, "produce request without a body")),
+            None => Some(error_response(
+                id,
+                ErrorCode::MalformedRequest,
+                "produce request without a body",
+            )),
         },
         Kind::FetchRequest => match request.body_as_fetch_request() {
             Some(fetch) => Some(fetch::handle(shard, id, fetch).await),
-            None => Some(error_response(id, ErrorCode::MalformedRequest, "fetch request without a body")),
+            None => Some(error_response(
+                id,
+                ErrorCode::MalformedRequest,
+                "fetch request without a body",
+            )),
         },
-        Kind::ListOffsetsRequest => Some(list_offsets::handle(shard, id, request.body_as_list_offsets_request()).await),
-        other => Some(error_response(id, ErrorCode::UnknownRequestKind, &format!("unknown request kind {}", other.0))),
+        Kind::ListOffsetsRequest => {
+            Some(list_offsets::handle(shard, id, request.body_as_list_offsets_request()).await)
+        }
+        other => Some(error_response(
+            id,
+            ErrorCode::UnknownRequestKind,
+            &format!("unknown request kind {}", other.0),
+        )),
     }
 }
 
@@ -76,16 +110,24 @@ pub(crate) fn locate(
     metadata: &crate::metadata::NodeMetadata,
     topic: &str,
     partition: u32,
-) -> Result<(crate::metadata::PartitionPlacement, crate::metadata::TopicConfig), crate::shard_messages::ApiError> {
+) -> Result<
+    (
+        crate::metadata::PartitionPlacement,
+        crate::metadata::TopicConfig,
+    ),
+    crate::shard_messages::ApiError,
+> {
     use crate::shard_messages::ApiError;
-    let found = metadata
-        .topics
-        .get(topic)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownTopic, format!("unknown topic '{topic}'")))?;
+    let found = metadata.topics.get(topic).ok_or_else(|| {
+        ApiError::new(ErrorCode::UnknownTopic, format!("unknown topic '{topic}'"))
+    })?;
     let placement = found.partitions.get(partition as usize).ok_or_else(|| {
         ApiError::new(
             ErrorCode::UnknownPartition,
-            format!("topic '{topic}' has {} partitions; no partition {partition}", found.partitions.len()),
+            format!(
+                "topic '{topic}' has {} partitions; no partition {partition}",
+                found.partitions.len()
+            ),
         )
     })?;
     Ok((*placement, found.config.clone()))

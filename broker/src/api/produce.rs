@@ -27,12 +27,23 @@ struct PartitionPlan {
     target: Result<(crate::metadata::PartitionPlacement, Vec<(Bytes, BatchInfo)>), ApiError>,
 }
 
-pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::ProduceRequest<'_>, payload: &Bytes) -> Option<Outgoing> {
+pub(super) async fn handle(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: wire::ProduceRequest<'_>,
+    payload: &Bytes,
+) -> Option<Outgoing> {
     let acks = request.acks();
-    if !matches!(acks, 0 | 1 | -1) {
-        return Some(error_response(id, ErrorCode::InvalidRequest, &format!("acks must be 0, 1 or -1 (all), not {acks}")));
+    if !(-1..=1).contains(&acks) {
+        return Some(error_response(
+            id,
+            ErrorCode::InvalidRequest,
+            &format!("acks must be 0, 1 or -1 (all), not {acks}"),
+        ));
     }
-    let timeout = Duration::from_millis(u64::from(request.timeout_ms().clamp(1, PRODUCE_TIMEOUT_MS_MAX)));
+    let timeout = Duration::from_millis(u64::from(
+        request.timeout_ms().clamp(1, PRODUCE_TIMEOUT_MS_MAX),
+    ));
     let metadata = shard.topics();
     let mut plan: Vec<(String, Vec<PartitionPlan>)> = Vec::new();
     for topic in request.topics().iter().flatten() {
@@ -49,19 +60,40 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::ProduceReq
     }
     // Appends start in request order (join_all polls in order), so batches of one
     // partition keep their order within and across requests on this connection.
-    let appends = plan.iter().flat_map(|(_, partitions)| partitions).map(|partition| {
-        let shard = shard.clone();
-        let target = partition.target.as_ref().map(|(placement, batches)| (*placement, batches.clone())).map_err(Clone::clone);
-        async move {
-            let (placement, batches) = target?;
-            match shard.route(placement.shard, ShardRequest::Produce { log: placement.log_id, batches }).await {
-                ShardReply::Produced(result) => result,
-                ShardReply::Unavailable(message) => Err(ApiError::new(ErrorCode::Internal, message)),
-                _ => Err(ApiError::new(ErrorCode::Internal, "unexpected reply")),
+    let appends = plan
+        .iter()
+        .flat_map(|(_, partitions)| partitions)
+        .map(|partition| {
+            let shard = shard.clone();
+            let target = partition
+                .target
+                .as_ref()
+                .map(|(placement, batches)| (*placement, batches.clone()))
+                .map_err(Clone::clone);
+            async move {
+                let (placement, batches) = target?;
+                match shard
+                    .route(
+                        placement.shard,
+                        ShardRequest::Produce {
+                            log: placement.log_id,
+                            batches,
+                        },
+                    )
+                    .await
+                {
+                    ShardReply::Produced(result) => result,
+                    ShardReply::Unavailable(message) => {
+                        Err(ApiError::new(ErrorCode::Internal, message))
+                    }
+                    _ => Err(ApiError::new(ErrorCode::Internal, "unexpected reply")),
+                }
             }
-        }
-    });
-    let outcome = glommio::timer::timeout(timeout, async { Ok(futures::future::join_all(appends).await) }).await;
+        });
+    let outcome = glommio::timer::timeout(timeout, async {
+        Ok(futures::future::join_all(appends).await)
+    })
+    .await;
     if acks == 0 {
         return None;
     }
@@ -69,7 +101,10 @@ pub(super) async fn handle(shard: &Rc<Shard>, id: u32, request: wire::ProduceReq
         Ok(results) => results,
         Err(_) => {
             let count = plan.iter().map(|(_, p)| p.len()).sum();
-            let timed_out = ApiError::new(ErrorCode::RequestTimedOut, format!("not durable within {} ms", timeout.as_millis()));
+            let timed_out = ApiError::new(
+                ErrorCode::RequestTimedOut,
+                format!("not durable within {} ms", timeout.as_millis()),
+            );
             vec![Err(timed_out); count]
         }
     };
@@ -84,44 +119,67 @@ fn check_partition(
     payload: &Bytes,
 ) -> Result<(crate::metadata::PartitionPlacement, Vec<(Bytes, BatchInfo)>), ApiError> {
     let start = partition.payload_offset() as usize;
-    let end = start.checked_add(partition.payload_bytes() as usize).filter(|end| *end <= payload.len()).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("payload range {}+{} outside a payload of {} bytes", start, partition.payload_bytes(), payload.len()),
-        )
-    })?;
+    let end = start
+        .checked_add(partition.payload_bytes() as usize)
+        .filter(|end| *end <= payload.len())
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "payload range {}+{} outside a payload of {} bytes",
+                    start,
+                    partition.payload_bytes(),
+                    payload.len()
+                ),
+            )
+        })?;
     let (placement, config) = locate(metadata, topic, partition.partition())?;
     let batches = split_batches(payload.slice(start..end), config.max_message_bytes as usize)?;
     Ok((placement, batches))
 }
 
 /// Splits a partition's payload into verified batches; any bad batch refuses all.
-pub(crate) fn split_batches(bytes: Bytes, max_message_bytes: usize) -> Result<Vec<(Bytes, BatchInfo)>, ApiError> {
+pub(crate) fn split_batches(
+    bytes: Bytes,
+    max_message_bytes: usize,
+) -> Result<Vec<(Bytes, BatchInfo)>, ApiError> {
     let mut batches = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
-        let info = format::verify_client_batch(&bytes[at..], max_message_bytes).map_err(|error| {
-            let code = match &error {
-                FrameError::PayloadCrc { .. } => ErrorCode::CorruptBatch,
-                FrameError::BadLength { frame_bytes, max, .. } if frame_bytes > max => ErrorCode::RecordTooLarge,
-                _ => ErrorCode::InvalidBatch,
-            };
-            let message = match code {
-                ErrorCode::RecordTooLarge => format!("{error} (the topic's max.message.bytes is {max_message_bytes})"),
-                _ => format!("batch at payload byte {at}: {error}"),
-            };
-            ApiError::new(code, message)
-        })?;
+        let info =
+            format::verify_client_batch(&bytes[at..], max_message_bytes).map_err(|error| {
+                let code = match &error {
+                    FrameError::PayloadCrc { .. } => ErrorCode::CorruptBatch,
+                    FrameError::BadLength {
+                        frame_bytes, max, ..
+                    } if frame_bytes > max => ErrorCode::RecordTooLarge,
+                    _ => ErrorCode::InvalidBatch,
+                };
+                let message = match code {
+                    ErrorCode::RecordTooLarge => {
+                        format!("{error} (the topic's max.message.bytes is {max_message_bytes})")
+                    }
+                    _ => format!("batch at payload byte {at}: {error}"),
+                };
+                ApiError::new(code, message)
+            })?;
         batches.push((bytes.slice(at..at + info.frame_bytes), info));
         at += info.frame_bytes;
     }
     if batches.is_empty() {
-        return Err(ApiError::new(ErrorCode::InvalidBatch, "no record batch for the partition"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidBatch,
+            "no record batch for the partition",
+        ));
     }
     Ok(batches)
 }
 
-fn respond(id: u32, plan: &[(String, Vec<PartitionPlan>)], results: Vec<Result<Appended, ApiError>>) -> Outgoing {
+fn respond(
+    id: u32,
+    plan: &[(String, Vec<PartitionPlan>)],
+    results: Vec<Result<Appended, ApiError>>,
+) -> Outgoing {
     let mut fbb = FlatBufferBuilder::with_capacity(256 + 64 * results.len());
     let mut results = results.into_iter();
     let mut topics = Vec::with_capacity(plan.len());
@@ -129,9 +187,16 @@ fn respond(id: u32, plan: &[(String, Vec<PartitionPlan>)], results: Vec<Result<A
         let items: Vec<_> = partitions
             .iter()
             .map(|partition| {
-                let result = results.next().unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "missing result")));
+                let result = results
+                    .next()
+                    .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "missing result")));
                 let (error, base_offset, log_start_offset, message) = match result {
-                    Ok(appended) => (ErrorCode::None, appended.base_offset, appended.log_start, None),
+                    Ok(appended) => (
+                        ErrorCode::None,
+                        appended.base_offset,
+                        appended.log_start,
+                        None,
+                    ),
                     Err(error) => (error.code, 0, error.log_start, Some(error.message)),
                 };
                 let message = message.map(|m| fbb.create_string(&m));
@@ -158,6 +223,18 @@ fn respond(id: u32, plan: &[(String, Vec<PartitionPlan>)], results: Vec<Result<A
         ));
     }
     let topics = fbb.create_vector(&topics);
-    let body = wire::ProduceResponse::create(&mut fbb, &wire::ProduceResponseArgs { topics: Some(topics) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::ProduceResponse, body.as_union_value())), Vec::new())
+    let body = wire::ProduceResponse::create(
+        &mut fbb,
+        &wire::ProduceResponseArgs {
+            topics: Some(topics),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((wire::ResponseBody::ProduceResponse, body.as_union_value())),
+        Vec::new(),
+    )
 }

@@ -12,7 +12,10 @@ use crate::shard::{Shard, CONTROLLER_SHARD};
 use crate::shard_messages::{ApiError, LogDescription, NewTopic, ShardReply, ShardRequest};
 use crate::types::ShardId;
 
-fn results<'a>(fbb: &mut FlatBufferBuilder<'a>, results: &[(String, Option<ApiError>)]) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::TopicResult<'a>>>> {
+fn results<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    results: &[(String, Option<ApiError>)],
+) -> WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::TopicResult<'a>>>> {
     let items: Vec<_> = results
         .iter()
         .map(|(name, error)| {
@@ -31,7 +34,10 @@ fn results<'a>(fbb: &mut FlatBufferBuilder<'a>, results: &[(String, Option<ApiEr
     fbb.create_vector(&items)
 }
 
-async fn to_controller(shard: &Rc<Shard>, request: ShardRequest) -> Result<Vec<(String, Option<ApiError>)>, String> {
+async fn to_controller(
+    shard: &Rc<Shard>,
+    request: ShardRequest,
+) -> Result<Vec<(String, Option<ApiError>)>, String> {
     match shard.route(ShardId(CONTROLLER_SHARD as u16), request).await {
         ShardReply::Admin(results) => Ok(results),
         ShardReply::Unavailable(message) => Err(message),
@@ -39,9 +45,17 @@ async fn to_controller(shard: &Rc<Shard>, request: ShardRequest) -> Result<Vec<(
     }
 }
 
-pub(super) async fn create(shard: &Rc<Shard>, id: u32, request: Option<wire::CreateTopicsRequest<'_>>) -> Outgoing {
+pub(super) async fn create(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: Option<wire::CreateTopicsRequest<'_>>,
+) -> Outgoing {
     let Some(request) = request else {
-        return error_response(id, ErrorCode::MalformedRequest, "create-topics request without a body");
+        return error_response(
+            id,
+            ErrorCode::MalformedRequest,
+            "create-topics request without a body",
+        );
     };
     let topics: Vec<NewTopic> = request
         .topics()
@@ -52,7 +66,11 @@ pub(super) async fn create(shard: &Rc<Shard>, id: u32, request: Option<wire::Cre
                     partitions: topic.partitions(),
                     configs: topic
                         .configs()
-                        .map(|c| c.iter().map(|e| (e.key().to_string(), e.value().to_string())).collect())
+                        .map(|c| {
+                            c.iter()
+                                .map(|e| (e.key().to_string(), e.value().to_string()))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 })
                 .collect()
@@ -72,20 +90,57 @@ pub(super) async fn create(shard: &Rc<Shard>, id: u32, request: Option<wire::Cre
     };
     let mut fbb = FlatBufferBuilder::with_capacity(512);
     let results = results(&mut fbb, &list);
-    let body = wire::CreateTopicsResponse::create(&mut fbb, &wire::CreateTopicsResponseArgs { results: Some(results) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::CreateTopicsResponse, body.as_union_value())), Vec::new())
+    let body = wire::CreateTopicsResponse::create(
+        &mut fbb,
+        &wire::CreateTopicsResponseArgs {
+            results: Some(results),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((
+            wire::ResponseBody::CreateTopicsResponse,
+            body.as_union_value(),
+        )),
+        Vec::new(),
+    )
 }
 
-pub(super) async fn delete(shard: &Rc<Shard>, id: u32, request: Option<wire::DeleteTopicsRequest<'_>>) -> Outgoing {
-    let names: Vec<String> = request.and_then(|r| r.names()).map(|n| n.iter().map(str::to_string).collect()).unwrap_or_default();
+pub(super) async fn delete(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: Option<wire::DeleteTopicsRequest<'_>>,
+) -> Outgoing {
+    let names: Vec<String> = request
+        .and_then(|r| r.names())
+        .map(|n| n.iter().map(str::to_string).collect())
+        .unwrap_or_default();
     let list = match to_controller(shard, ShardRequest::DeleteTopics(names)).await {
         Ok(list) => list,
         Err(message) => return error_response(id, ErrorCode::Internal, &message),
     };
     let mut fbb = FlatBufferBuilder::with_capacity(512);
     let results = results(&mut fbb, &list);
-    let body = wire::DeleteTopicsResponse::create(&mut fbb, &wire::DeleteTopicsResponseArgs { results: Some(results) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::DeleteTopicsResponse, body.as_union_value())), Vec::new())
+    let body = wire::DeleteTopicsResponse::create(
+        &mut fbb,
+        &wire::DeleteTopicsResponseArgs {
+            results: Some(results),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((
+            wire::ResponseBody::DeleteTopicsResponse,
+            body.as_union_value(),
+        )),
+        Vec::new(),
+    )
 }
 
 pub(super) fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
@@ -106,11 +161,30 @@ pub(super) fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
         })
         .collect();
     let topics = fbb.create_vector(&items);
-    let body = wire::ListTopicsResponse::create(&mut fbb, &wire::ListTopicsResponseArgs { topics: Some(topics) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::ListTopicsResponse, body.as_union_value())), Vec::new())
+    let body = wire::ListTopicsResponse::create(
+        &mut fbb,
+        &wire::ListTopicsResponseArgs {
+            topics: Some(topics),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((
+            wire::ResponseBody::ListTopicsResponse,
+            body.as_union_value(),
+        )),
+        Vec::new(),
+    )
 }
 
-pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::DescribeTopicsRequest<'_>>) -> Outgoing {
+pub(super) async fn describe(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: Option<wire::DescribeTopicsRequest<'_>>,
+) -> Outgoing {
     let metadata = shard.topics();
     let names: Vec<String> = match request.and_then(|r| r.names()) {
         Some(list) if !list.is_empty() => list.iter().map(str::to_string).collect(),
@@ -121,23 +195,35 @@ pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::D
     for name in &names {
         if let Some(topic) = metadata.topics.get(name) {
             for placement in &topic.partitions {
-                by_shard.entry(placement.shard).or_default().push(placement.log_id);
+                by_shard
+                    .entry(placement.shard)
+                    .or_default()
+                    .push(placement.log_id);
             }
         }
     }
     let queries = by_shard.into_iter().map(|(target, logs)| {
         let shard = shard.clone();
         async move {
-            let reply = shard.route(target, ShardRequest::Describe(logs.clone())).await;
+            let reply = shard
+                .route(target, ShardRequest::Describe(logs.clone()))
+                .await;
             let described = match reply {
                 ShardReply::Described(list) => list,
-                _ => logs.iter().map(|_| Err(ApiError::new(ErrorCode::Internal, "shard unavailable"))).collect(),
+                _ => logs
+                    .iter()
+                    .map(|_| Err(ApiError::new(ErrorCode::Internal, "shard unavailable")))
+                    .collect(),
             };
             logs.into_iter().zip(described).collect::<Vec<_>>()
         }
     });
     let offsets: HashMap<crate::types::LogId, Result<LogDescription, ApiError>> =
-        futures::future::join_all(queries).await.into_iter().flatten().collect();
+        futures::future::join_all(queries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
     let mut fbb = FlatBufferBuilder::with_capacity(2048);
     let mut items = Vec::new();
     for name in &names {
@@ -163,7 +249,13 @@ pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::D
             .map(|(key, value)| {
                 let key = fbb.create_string(key);
                 let value = fbb.create_string(value);
-                wire::ConfigEntry::create(&mut fbb, &wire::ConfigEntryArgs { key: Some(key), value: Some(value) })
+                wire::ConfigEntry::create(
+                    &mut fbb,
+                    &wire::ConfigEntryArgs {
+                        key: Some(key),
+                        value: Some(value),
+                    },
+                )
             })
             .collect();
         let configs = fbb.create_vector(&configs);
@@ -174,8 +266,22 @@ pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::D
             .map(|(index, placement)| {
                 let (offsets, error) = match offsets.get(&placement.log_id) {
                     Some(Ok(d)) => (*d, ErrorCode::None),
-                    Some(Err(e)) => (LogDescription { log_start: 0, high_watermark: 0, size_bytes: 0 }, e.code),
-                    None => (LogDescription { log_start: 0, high_watermark: 0, size_bytes: 0 }, ErrorCode::Internal),
+                    Some(Err(e)) => (
+                        LogDescription {
+                            log_start: 0,
+                            high_watermark: 0,
+                            size_bytes: 0,
+                        },
+                        e.code,
+                    ),
+                    None => (
+                        LogDescription {
+                            log_start: 0,
+                            high_watermark: 0,
+                            size_bytes: 0,
+                        },
+                        ErrorCode::Internal,
+                    ),
                 };
                 wire::PartitionDescription::create(
                     &mut fbb,
@@ -204,6 +310,21 @@ pub(super) async fn describe(shard: &Rc<Shard>, id: u32, request: Option<wire::D
         ));
     }
     let topics = fbb.create_vector(&items);
-    let body = wire::DescribeTopicsResponse::create(&mut fbb, &wire::DescribeTopicsResponseArgs { topics: Some(topics) });
-    finish(fbb, id, ErrorCode::None, None, Some((wire::ResponseBody::DescribeTopicsResponse, body.as_union_value())), Vec::new())
+    let body = wire::DescribeTopicsResponse::create(
+        &mut fbb,
+        &wire::DescribeTopicsResponseArgs {
+            topics: Some(topics),
+        },
+    );
+    finish(
+        fbb,
+        id,
+        ErrorCode::None,
+        None,
+        Some((
+            wire::ResponseBody::DescribeTopicsResponse,
+            body.as_union_value(),
+        )),
+        Vec::new(),
+    )
 }

@@ -230,7 +230,8 @@ impl Wal {
         if self.is_closed() {
             // Closed and checkpointed: the next open may skip zeroing past the tail.
             let path = self.config.dir.join(super::recovery::CLEAN_MARKER);
-            std::fs::write(&path, b"clean\n").map_err(|e| StorageError::std("write clean-shutdown marker", &path, e))?;
+            std::fs::write(&path, b"clean\n")
+                .map_err(|e| StorageError::std("write clean-shutdown marker", &path, e))?;
             super::segment::sync_directory(&self.config.dir).await?;
         }
         Ok(())

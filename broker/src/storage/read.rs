@@ -161,10 +161,12 @@ async fn read_runs(file: &SegmentFile, runs: &[Run]) -> Result<Vec<Bytes>> {
         let bytes = Bytes::copy_from_slice(&data[from..from + run.bytes as usize]);
         let mut at = 0usize;
         while at < bytes.len() {
-            let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| StorageError::Corrupt {
-                path: file.path.clone(),
-                position: run.position.byte() + at as u64,
-                reason: error.to_string(),
+            let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| {
+                StorageError::Corrupt {
+                    path: file.path.clone(),
+                    position: run.position.byte() + at as u64,
+                    reason: error.to_string(),
+                }
             })?;
             frames.push(bytes.slice(at..at + frame.frame_bytes));
             at += frame.frame_bytes;

@@ -303,7 +303,11 @@ async fn take_clean_marker(dir: &Path) -> Result<bool> {
             Ok(true)
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(error) => Err(StorageError::std("remove clean-shutdown marker", &path, error)),
+        Err(error) => Err(StorageError::std(
+            "remove clean-shutdown marker",
+            &path,
+            error,
+        )),
     }
 }
 

@@ -203,7 +203,12 @@ impl Wal {
         let cache = TailCache::new(config.tail_cache_bytes);
         let mut active_log_bytes: HashMap<LogId, u64> = HashMap::new();
         for (log, entry) in &logs {
-            let bytes: u64 = entry.runs.iter().filter(|r| r.position.segment() == active).map(|r| u64::from(r.bytes)).sum();
+            let bytes: u64 = entry
+                .runs
+                .iter()
+                .filter(|r| r.position.segment() == active)
+                .map(|r| u64::from(r.bytes))
+                .sum();
             if bytes > 0 {
                 active_log_bytes.insert(*log, bytes);
             }
@@ -357,7 +362,8 @@ impl Wal {
                 if state.closing {
                     return Err(StorageError::ShuttingDown);
                 }
-                let fits = state.inflight_bytes == 0 || state.inflight_bytes + bytes <= INFLIGHT_BYTES_MAX;
+                let fits =
+                    state.inflight_bytes == 0 || state.inflight_bytes + bytes <= INFLIGHT_BYTES_MAX;
                 if state.serving_ticket == ticket.number && fits {
                     ticket.served = true;
                     advance_tickets(&mut state);
@@ -468,7 +474,7 @@ impl Wal {
 
 /// Large writes are split into chunks of this size issued concurrently.
 const WRITE_CHUNK_BYTES: usize = 1 << 20;
-const _: () = assert!(WRITE_CHUNK_BYTES as u64 % SECTOR_BYTES == 0);
+const _: () = assert!((WRITE_CHUNK_BYTES as u64).is_multiple_of(SECTOR_BYTES));
 
 /// Copies `bytes` into the chunk sequence at byte `at`; returns the new end.
 fn put(chunks: &mut [glommio::io::DmaBuffer], mut at: usize, mut bytes: &[u8]) -> usize {
@@ -487,7 +493,11 @@ fn put(chunks: &mut [glommio::io::DmaBuffer], mut at: usize, mut bytes: &[u8]) -
 fn zero_rest(chunks: &mut [glommio::io::DmaBuffer], at: usize) {
     let first = at / WRITE_CHUNK_BYTES;
     for (index, chunk) in chunks.iter_mut().enumerate().skip(first) {
-        let from = if index == first { at % WRITE_CHUNK_BYTES } else { 0 };
+        let from = if index == first {
+            at % WRITE_CHUNK_BYTES
+        } else {
+            0
+        };
         chunk.as_bytes_mut()[from..].fill(0);
     }
 }
@@ -536,7 +546,10 @@ fn take_batch(state: &mut State) -> Vec<Pending> {
         let next_end = end + next.frame.len() as u64;
         let fits_write = next_end - block_start <= WRITE_BYTES_MAX as u64 || taken.is_empty();
         let already = added.get(&next.log).copied().unwrap_or(0);
-        if next_end > capacity || !fits_write || over_log_limit(state, next.log, already, next.frame.len()) {
+        if next_end > capacity
+            || !fits_write
+            || over_log_limit(state, next.log, already, next.frame.len())
+        {
             break;
         }
         *added.entry(next.log).or_default() += next.frame.len() as u64;
@@ -551,7 +564,9 @@ fn take_batch(state: &mut State) -> Vec<Pending> {
 /// with nothing in the segment yet is never over (a batch larger than the limit
 /// still gets a segment).
 fn over_log_limit(state: &State, log: LogId, pending: u64, bytes: usize) -> bool {
-    let Some(limit) = state.segment_limits.get(&log) else { return false };
+    let Some(limit) = state.segment_limits.get(&log) else {
+        return false;
+    };
     let have = state.active_log_bytes.get(&log).copied().unwrap_or(0) + pending;
     have > 0 && have + bytes as u64 > *limit
 }
@@ -591,10 +606,10 @@ async fn write_once(wal: &Rc<Wal>) {
     let needs_roll = {
         let state = wal.state.borrow();
         let capacity = state.segments[&state.active].file.capacity;
-        state
-            .pending
-            .front()
-            .is_some_and(|p| state.write_byte + p.frame.len() as u64 > capacity || over_log_limit(&state, p.log, 0, p.frame.len()))
+        state.pending.front().is_some_and(|p| {
+            state.write_byte + p.frame.len() as u64 > capacity
+                || over_log_limit(&state, p.log, 0, p.frame.len())
+        })
     };
     if needs_roll {
         if let Err(error) = super::roll::roll(wal).await {
@@ -620,7 +635,10 @@ async fn write_once(wal: &Rc<Wal>) {
         let end = state.write_byte + frames_bytes as u64;
         let buffer_bytes = ((end - block_start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES) as usize;
         let mut chunks: Vec<_> = (0..buffer_bytes.div_ceil(WRITE_CHUNK_BYTES))
-            .map(|i| file.file.alloc_dma_buffer(WRITE_CHUNK_BYTES.min(buffer_bytes - i * WRITE_CHUNK_BYTES)))
+            .map(|i| {
+                file.file
+                    .alloc_dma_buffer(WRITE_CHUNK_BYTES.min(buffer_bytes - i * WRITE_CHUNK_BYTES))
+            })
             .collect();
         let mut at = put(&mut chunks, 0, &state.tail_block);
         for pending in &taken {
@@ -642,8 +660,15 @@ async fn write_once(wal: &Rc<Wal>) {
     };
     // The chunks go out concurrently (queue depth for large writes); only the first
     // block overlaps the previous write, which has completed.
-    let writes = buffers.into_iter().enumerate().map(|(i, chunk)| file.write(chunk, block_start + (i * WRITE_CHUNK_BYTES) as u64));
-    let result = futures::future::join_all(writes).await.into_iter().collect::<Result<Vec<()>>>().map(|_| ());
+    let writes = buffers
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| file.write(chunk, block_start + (i * WRITE_CHUNK_BYTES) as u64));
+    let result = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .map(|_| ());
     let mut state = wal.state.borrow_mut();
     match result {
         Ok(()) => record_write(wal, &mut state, taken, end, new_tail),
