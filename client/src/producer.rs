@@ -518,12 +518,30 @@ impl Producer {
         match self.shared.buffer.try_acquire_many(permits) {
             Ok(permit) => permit.forget(),
             Err(TryAcquireError::NoPermits) => {
+                // The buffer is full: open batches cannot grow until acknowledgements
+                // free space, so lingering would only add delay. Send them now.
+                self.seal_open_batches();
                 let permit = self.shared.buffer.acquire_many(permits).await;
                 permit.map_err(|_| Error::ProducerClosed)?.forget();
             }
             Err(TryAcquireError::Closed) => return Err(Error::ProducerClosed),
         }
         Ok(())
+    }
+
+    fn seal_open_batches(&self) {
+        let now = Instant::now();
+        {
+            let mut state = self.shared.lock();
+            for topic in state.topics.values_mut() {
+                for queue in topic.partitions.iter_mut() {
+                    if queue.open.as_ref().is_some_and(|open| !open.builder.is_empty()) {
+                        queue.seal(now);
+                    }
+                }
+            }
+        }
+        self.shared.wake.notify_one();
     }
 
     async fn append_or_route(
