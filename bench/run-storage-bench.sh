@@ -2,7 +2,8 @@
 # Storage benchmark: device ceilings measured with fio on the filesystem that holds
 # the workspace's target/ directory, then the Sluice WAL criterion bench
 # (bench/benches/wal.rs) on the same filesystem; writes a markdown section with the
-# figures side by side to BENCHMARKS-storage.md (or $OUT).
+# figures side by side to target/bench-results/storage.md (or $OUT);
+# bench/run-all.sh merges it into BENCHMARKS.md.
 #
 # Usage: bench/run-storage-bench.sh            (as root: installs fio/jq if missing)
 # Knobs: FIO_SECS (default 4), FIO_SIZE_MIB (default 1024), OUT, and the bench's own
@@ -10,7 +11,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:-$ROOT/BENCHMARKS-storage.md}"
+OUT="${OUT:-$ROOT/target/bench-results/storage.md}"
 FIO_SECS="${FIO_SECS:-4}"
 FIO_SIZE_MIB="${FIO_SIZE_MIB:-1024}"
 WORK="$ROOT/target/bench-fio"
@@ -29,7 +30,7 @@ need fio fio
 need jq jq
 
 rm -rf "$WORK"
-mkdir -p "$WORK"
+mkdir -p "$WORK" "$(dirname "$OUT")"
 trap 'rm -f "$WORK"/*.dat' EXIT
 
 ZERO_FILE="$WORK/zero.dat"

@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 use crate::machine::CpuSplit;
 use crate::recorder::{progress, Interval, Recorder};
 
+/// Deliveries a producer may hand its collector before waiting for it.
+const COLLECTOR_QUEUE_MAX: usize = 4096;
+
 /// Key distributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -222,6 +225,15 @@ pub async fn run_case(
         prefill(&client, &topics, workload).await?;
     }
     let mut tasks = Vec::new();
+    // A consume run reads a fixed pre-filled amount: measure from the first fetch
+    // (no warm-up, which would read it all unmeasured) until it is all consumed.
+    let (warmup, target_records) = match kind {
+        Kind::Consume => (Duration::ZERO, Some(workload.prefill_records)),
+        _ => (Duration::from_secs(workload.warmup), None),
+    };
+    if kind == Kind::Consume {
+        recorder.start_measuring();
+    }
     if kind != Kind::Consume {
         for index in 0..workload.producers.max(1) {
             let task = producer_task(
@@ -250,8 +262,10 @@ pub async fn run_case(
             tasks.push(tokio::spawn(task));
         }
     }
-    tokio::time::sleep(Duration::from_secs(workload.warmup)).await;
-    recorder.start_measuring();
+    tokio::time::sleep(warmup).await;
+    if kind != Kind::Consume {
+        recorder.start_measuring();
+    }
     let cpu_before = CpuSplit::now();
     let started = Instant::now();
     let label = format!("{name} ({regime})");
@@ -261,6 +275,7 @@ pub async fn run_case(
         Duration::from_secs(workload.duration.max(1)),
         &label,
         tty,
+        target_records,
     )
     .await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -399,7 +414,11 @@ async fn producer_task(
     stamp_values: bool,
 ) -> Result<(), String> {
     let producer = Producer::new(client, workload.producer_config()?);
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, sluice_client::DeliveryFuture)>();
+    // Bounded: if the collector falls behind (the load generator's core is busy),
+    // the producer waits instead of queueing deliveries whose latency would then
+    // include the backlog.
+    let (tx, mut rx) =
+        mpsc::channel::<(Instant, sluice_client::DeliveryFuture)>(COLLECTOR_QUEUE_MAX);
     let collector_recorder = recorder.clone();
     let value_bytes = workload.message_bytes;
     let collector = tokio::spawn(async move {
@@ -451,7 +470,7 @@ async fn producer_task(
         }
         match producer.send(record).await {
             Ok(delivery) => {
-                if tx.send((due, delivery)).is_err() {
+                if tx.send((due, delivery)).await.is_err() {
                     break;
                 }
             }

@@ -148,13 +148,15 @@ impl Recorder {
     }
 }
 
-/// Prints a progress line every second and collects intervals until `until`.
+/// Prints a progress line every second and collects intervals for `duration`, or
+/// until `target_records` records were counted.
 pub async fn progress(
     recorder: &Recorder,
     started: Instant,
     duration: Duration,
     label: &str,
     tty: bool,
+    target_records: Option<u64>,
 ) -> Vec<Interval> {
     let mut intervals = Vec::new();
     let mut last = Instant::now();
@@ -187,6 +189,9 @@ pub async fn progress(
             println!("{line}");
         }
         intervals.push(interval);
+        if target_records.is_some_and(|target| recorder.totals().0 >= target) {
+            break;
+        }
     }
     if tty {
         eprintln!();

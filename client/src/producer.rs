@@ -535,7 +535,11 @@ impl Producer {
             let mut state = self.shared.lock();
             for topic in state.topics.values_mut() {
                 for queue in topic.partitions.iter_mut() {
-                    if queue.open.as_ref().is_some_and(|open| !open.builder.is_empty()) {
+                    if queue
+                        .open
+                        .as_ref()
+                        .is_some_and(|open| !open.builder.is_empty())
+                    {
                         queue.seal(now);
                     }
                 }
