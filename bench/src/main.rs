@@ -163,7 +163,7 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
     for note in &notes {
         println!("note: {note}");
     }
-    let report = Report::new(command, placement, notes, cases);
+    let report = Report::new(command, placement, run.workload.clone(), notes, cases);
     if let Some(path) = &run.json {
         report.write_json(path)?;
     }
@@ -222,7 +222,7 @@ fn notes(command: &str, placement: &Placement) -> Vec<String> {
     }
     if command == "scaling" && cpus < 3 + 1 {
         notes.push(format!(
-            "only {cpus} CPUs for 3 partitions plus the load generator: the saturation ratio is bounded by CPU, not by the broker's design; the latency-bound ratio is not"
+            "only {cpus} CPUs for 3 partitions plus the load generator: the saturation ratio is bounded by CPU, not by the broker's design (the per-case notes below say which cases ran out of CPU)"
         ));
     }
     notes

@@ -37,6 +37,9 @@ pub struct Report {
     pub machine: Machine,
     /// Core placement.
     pub placement: Placement,
+    /// The workload flags as given (scaling varies partitions, producers and the
+    /// in-flight settings per case; each case records its own).
+    pub config: crate::load::Workload,
     /// Notes (e.g. CPU-bound caveats).
     pub notes: Vec<String>,
     /// Measured cases.
@@ -48,6 +51,7 @@ impl Report {
     pub fn new(
         command: &str,
         placement: Placement,
+        config: crate::load::Workload,
         notes: Vec<String>,
         cases: Vec<Case>,
     ) -> Report {
@@ -61,6 +65,7 @@ impl Report {
                 .unwrap_or(0),
             machine: Machine::read(),
             placement,
+            config,
             notes,
             cases,
         }
