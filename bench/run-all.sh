@@ -382,8 +382,8 @@ Per run (p99 / p99.9 µs): $(q '.groups.produce | map("\(.cases[0].latency_us.p9
 ## Consume (\`consume\`)
 
 1 partition, 1 consumer reading from the beginning a topic prefilled with $CONSUME_PREFILL records of 1 KiB
-(durable prefill), fetch max wait 100 ms. No warm-up: with a warm-up the consumer drains the topic
-before measuring starts (see "Known issues"). The prefill is sized to outlast most of the window; the
+(durable prefill), fetch max wait 100 ms. A consume run has no warm-up: it measures from the first fetch until
+the prefill is consumed (or the duration ends). The prefill is sized to outlast most of the window; the
 **steady** rate is the median of the per-second rates over full seconds (a non-empty second followed by
 another), the **window** rate is records in the window / window length (it includes the idle tail after
 the topic is drained). MB/s for consume counts the batch frames (record values plus batch and record
@@ -460,18 +460,15 @@ Top level:
 | \`cpu\` | object | \`broker_seconds\` (s, null for an external broker), \`broker_cores\` (broker CPU s per wall s), \`load_seconds\` (s), \`load_cores\` |
 | \`per_second\` | array | per interval: \`t\` (s since measuring started, end of the interval), \`records_per_sec\`, \`bytes_per_sec\`, \`latency_avg_us\`, \`latency_max_us\`, \`latency_p99_us\` |
 
-## Known issues
+## Known limitations of the measurement
 
-- \`sluice-bench consume\` starts its consumers before the warm-up, so with the default \`--warmup 2\` a
-  topic prefilled with 300000 records of 1 KiB is entirely read before measuring starts and the case
-  reports 0 records/s. This script passes \`--warmup 0\` and a larger prefill instead.
-- Produce latency and counts are taken by a per-producer collector task that awaits delivery futures
-  one after another from an unbounded channel (\`bench/src/load.rs\`, \`producer_task\`). When the
-  load generator's core is saturated (the cases marked CPU-bound above, and every acks=0 case, where
-  \`send\` never waits for the broker) the collector falls behind: latency then includes that backlog
-  (hundreds of ms to seconds, even with one batch in flight), records/s counts what the collector got
-  through rather than what the broker acknowledged, and the channel grows without bound. Treat
-  latency from CPU-bound cases as an artefact of the load generator, not of the broker.
+- Open-loop pacing uses tokio's 1 ms timer: records due within a millisecond go out together at its
+  start, which adds up to 1 ms (about 0.5 ms on average) to open-loop latency.
+- With 2 cores the load generator has one core; rows marked CPU-bound measure the load generator, and
+  are lower bounds for the broker.
+- Produce latency is recorded by a per-producer collector task that awaits delivery futures in order
+  through a bounded queue (4096): when it falls behind, the producer waits, so closed-loop latency
+  includes time queued in the producer's buffer (large by construction at saturation).
 
 EOF
     cat "$RESULTS/storage.md"
