@@ -187,6 +187,24 @@ pub fn finish(
     }
 }
 
+/// A successful response with a body (and optional raw payload).
+pub fn ok(
+    fbb: FlatBufferBuilder<'_>,
+    correlation_id: u32,
+    kind: wire::ResponseBody,
+    body: WIPOffset<UnionWIPOffset>,
+    payload: Vec<Bytes>,
+) -> Outgoing {
+    finish(
+        fbb,
+        correlation_id,
+        ErrorCode::None,
+        None,
+        Some((kind, body)),
+        payload,
+    )
+}
+
 /// A request-level error response (no body).
 pub fn error_response(correlation_id: u32, error: ErrorCode, message: &str) -> Outgoing {
     finish(

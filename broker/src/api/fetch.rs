@@ -13,7 +13,7 @@ use sluice_schema::wire::{self, ErrorCode};
 use super::locate;
 use crate::limits::{FETCH_WAIT_MS_MAX, READ_BYTES_MAX};
 use crate::metadata::PartitionPlacement;
-use crate::protocol::{error_response, finish, Outgoing};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
 use crate::storage::ReadBatches;
@@ -210,12 +210,11 @@ fn respond(
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((wire::ResponseBody::FetchResponse, body.as_union_value())),
+        wire::ResponseBody::FetchResponse,
+        body.as_union_value(),
         payload,
     )
 }

@@ -7,7 +7,7 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 use sluice_schema::{PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 
-use crate::protocol::{error_response, finish, Outgoing};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::Shard;
 
 /// Answers a handshake (also used by the connection to enforce it comes first).
@@ -37,12 +37,11 @@ pub fn handshake_response(
             broker_software: Some(software),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((wire::ResponseBody::HandshakeResponse, body.as_union_value())),
+        wire::ResponseBody::HandshakeResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }

@@ -6,7 +6,7 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
 use super::locate;
-use crate::protocol::{error_response, finish, Outgoing};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ListedOffset, OffsetQuery, ShardReply, ShardRequest};
 
@@ -110,15 +110,11 @@ pub(super) async fn handle(
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((
-            wire::ResponseBody::ListOffsetsResponse,
-            body.as_union_value(),
-        )),
+        wire::ResponseBody::ListOffsetsResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }

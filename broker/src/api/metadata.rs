@@ -5,7 +5,7 @@ use std::rc::Rc;
 use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
-use crate::protocol::{finish, Outgoing};
+use crate::protocol::{ok, Outgoing};
 use crate::shard::Shard;
 
 pub(super) async fn handle(
@@ -72,12 +72,11 @@ pub(super) async fn handle(
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((wire::ResponseBody::MetadataResponse, body.as_union_value())),
+        wire::ResponseBody::MetadataResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }

@@ -12,7 +12,7 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
 use super::locate;
-use crate::protocol::{error_response, finish, Outgoing};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
 use crate::storage::format::{self, BatchInfo, FrameError};
@@ -229,12 +229,11 @@ fn respond(
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((wire::ResponseBody::ProduceResponse, body.as_union_value())),
+        wire::ResponseBody::ProduceResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use sluice_schema::wire::{self, ErrorCode};
 
-use crate::protocol::{error_response, finish, Outgoing};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::{Shard, CONTROLLER_SHARD};
 use crate::shard_messages::{ApiError, LogDescription, NewTopic, ShardReply, ShardRequest};
 use crate::types::ShardId;
@@ -96,15 +96,11 @@ pub(super) async fn create(
             results: Some(results),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((
-            wire::ResponseBody::CreateTopicsResponse,
-            body.as_union_value(),
-        )),
+        wire::ResponseBody::CreateTopicsResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }
@@ -130,15 +126,11 @@ pub(super) async fn delete(
             results: Some(results),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((
-            wire::ResponseBody::DeleteTopicsResponse,
-            body.as_union_value(),
-        )),
+        wire::ResponseBody::DeleteTopicsResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }
@@ -167,15 +159,11 @@ pub(super) fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((
-            wire::ResponseBody::ListTopicsResponse,
-            body.as_union_value(),
-        )),
+        wire::ResponseBody::ListTopicsResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }
@@ -316,15 +304,11 @@ pub(super) async fn describe(
             topics: Some(topics),
         },
     );
-    finish(
+    ok(
         fbb,
         id,
-        ErrorCode::None,
-        None,
-        Some((
-            wire::ResponseBody::DescribeTopicsResponse,
-            body.as_union_value(),
-        )),
+        wire::ResponseBody::DescribeTopicsResponse,
+        body.as_union_value(),
         Vec::new(),
     )
 }
