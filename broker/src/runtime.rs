@@ -210,9 +210,12 @@ async fn run_shard(
     let (wal, report) = Wal::open(wal_config)
         .await
         .map_err(|e| format!("shard {id}: cannot open its write-ahead log: {e}"))?;
-    tracing::info!(shard = %id, frames = report.frames_scanned, bytes = report.bytes_scanned, checkpoint = report.checkpoint_used, duration_ms = report.duration.as_millis() as u64, "WAL recovered");
+    tracing::info!(shard = %id, frames = report.frames_scanned, bytes = report.bytes_scanned, checkpoint = report.checkpoint_used, clean = report.clean_shutdown, tail_synced = report.tail_synced, duration_ms = report.duration.as_millis() as u64, "WAL recovered");
     if let Some((segment, position, reason)) = &report.torn_tail {
         tracing::warn!(shard = %id, %segment, position, %reason, "cut a torn WAL tail (never acknowledged)");
+    }
+    if let Some((first, end, copy)) = &report.quarantined {
+        tracing::error!(shard = %id, first, end, copy = %copy.display(), "intact frames after a torn write were cut with it (inside the unsynced window, so never acknowledged); a copy is kept");
     }
     for (log, offset, reason) in &report.corrupt_logs {
         tracing::error!(shard = %id, %log, offset, %reason, "partition log is corrupt; nothing at or past this offset is served");

@@ -161,7 +161,11 @@ fn a_bit_flip_in_an_older_batch_is_detected_and_reported() {
     std::fs::write(first, &bytes).unwrap();
     // The operator tool reports it.
     let inspected = sluice_broker::storage::inspect::inspect_segment(first, false).unwrap();
-    let (position, reason) = inspected.bad_frame.expect("inspect reports the bad frame");
+    let (position, reason) = inspected
+        .bad_frames
+        .first()
+        .cloned()
+        .expect("inspect reports the bad frame");
     assert_eq!(position, victim.position);
     assert!(reason.contains("CRC"), "{reason}");
     // Recovery marks the log corrupt from that batch: earlier batches are served,

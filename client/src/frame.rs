@@ -9,6 +9,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sluice_schema::{
     ENVELOPE_BYTES_MAX, ENVELOPE_LENGTH_BYTES, FRAME_BYTES_MAX, FRAME_PREFIX_BYTES,
+    RESPONSE_ENVELOPE_BYTES_MAX,
 };
 
 use crate::error::{Error, Result};
@@ -119,7 +120,7 @@ impl FrameDecoder {
 
 fn split_envelope(mut frame: Bytes) -> Result<Frame> {
     let envelope_bytes = frame.get_u32_le() as usize;
-    if envelope_bytes > frame.len() || envelope_bytes > ENVELOPE_BYTES_MAX {
+    if envelope_bytes > frame.len() || envelope_bytes > RESPONSE_ENVELOPE_BYTES_MAX {
         return Err(Error::MalformedFrame(format!(
             "envelope of {envelope_bytes} bytes in a frame with {} bytes left",
             frame.len()

@@ -38,8 +38,11 @@ pub const FRAME_PREFIX_BYTES: usize = 4;
 pub const ENVELOPE_LENGTH_BYTES: usize = 4;
 /// Largest frame (prefix included) a broker accepts by default and a client sends.
 pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// Largest flatbuffers envelope in a frame.
+/// Largest flatbuffers envelope in a request frame.
 pub const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;
+/// Largest flatbuffers envelope in a response frame. A broker answers a request
+/// whose worst-case response would be larger with `ResponseTooLarge`.
+pub const RESPONSE_ENVELOPE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Record-batch frame layout (identical on the wire and in the broker's WAL).
 ///
@@ -120,5 +123,7 @@ pub mod batch {
 pub const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 const _: () = assert!(BATCH_BYTES_MAX + ENVELOPE_BYTES_MAX < FRAME_BYTES_MAX);
+const _: () = assert!(ENVELOPE_BYTES_MAX <= RESPONSE_ENVELOPE_BYTES_MAX);
+const _: () = assert!(BATCH_BYTES_MAX + RESPONSE_ENVELOPE_BYTES_MAX < FRAME_BYTES_MAX);
 const _: () = assert!(batch::HEADER_BYTES.is_multiple_of(8));
 const _: () = assert!(batch::BASE_SEQUENCE_OFFSET + 4 == batch::HEADER_BYTES);

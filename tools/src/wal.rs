@@ -1,5 +1,5 @@
 //! `sluice wal inspect DIR`: offline WAL inspection (segments, frames, checksums,
-//! the first bad frame). Run it on a stopped broker's data directory.
+//! every bad region). Run it on a stopped broker's data directory.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ use crate::CliResult;
 /// `sluice wal ...`
 #[derive(Debug, Subcommand)]
 pub enum WalCommand {
-    /// List segments, verify every frame's checksums, report the first bad frame.
+    /// List segments, verify every frame's checksums, report every bad region.
     Inspect {
         /// A data dir, a `shard-<k>` dir, or a `wal` dir.
         dir: PathBuf,
@@ -28,9 +28,9 @@ pub fn run(format: OutputFormat, command: WalCommand) -> CliResult {
     let segments = inspect::inspect_dir(&dir, frames)?;
     let bad: Vec<_> = segments
         .iter()
-        .filter_map(|s| {
-            s.bad_frame
-                .as_ref()
+        .flat_map(|s| {
+            s.bad_frames
+                .iter()
                 .map(|(position, reason)| (s.path.clone(), *position, reason.clone()))
         })
         .collect();
@@ -48,10 +48,7 @@ pub fn run(format: OutputFormat, command: WalCommand) -> CliResult {
                         s.frame_bytes.to_string(),
                         s.end.to_string(),
                         s.capacity.to_string(),
-                        s.bad_frame
-                            .as_ref()
-                            .map(|(p, r)| format!("at {p}: {r}"))
-                            .unwrap_or_else(|| "ok".into()),
+                        check_column(s),
                     ]
                 })
                 .collect();
@@ -97,13 +94,31 @@ pub fn run(format: OutputFormat, command: WalCommand) -> CliResult {
         }
     }
     // A bad frame at the end of the newest segment is usually a torn tail that
-    // recovery cuts; elsewhere it is corruption. Either way, say so and fail.
-    if let Some((path, position, reason)) = bad.first() {
-        return Err(format!(
-            "bad frame in {} at byte {position}: {reason}",
-            path.display()
-        )
-        .into());
+    // recovery cuts; elsewhere it is corruption. Either way, say where and fail.
+    if !bad.is_empty() {
+        let lines: Vec<String> = bad
+            .iter()
+            .map(|(path, position, reason)| {
+                format!(
+                    "bad frame in {} at byte {position}: {reason}",
+                    path.display()
+                )
+            })
+            .collect();
+        return Err(lines.join("\n").into());
     }
     Ok(())
+}
+
+fn check_column(segment: &inspect::SegmentSummary) -> String {
+    if segment.unfinished {
+        return "unfinished spare (its creation did not finish; recovery removes it)".into();
+    }
+    match segment.bad_frames.as_slice() {
+        [] => "ok".into(),
+        [(position, reason)] => format!("at {position}: {reason}"),
+        [(position, reason), rest @ ..] => {
+            format!("at {position}: {reason} (and {} more)", rest.len())
+        }
+    }
 }

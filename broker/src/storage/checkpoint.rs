@@ -8,7 +8,7 @@
 //! u64 magic "SLWALCKP" | u32 version | u32 crc32(body) | u64 body_bytes | body
 //! body: u16 shard | u64 scan_from (WalPosition) | u32 log_count | logs...
 //! log:  u32 log_id | u64 log_start | u64 next_offset | i64 max_timestamp_ms | u32 run_count | runs...
-//! run:  u64 base_offset | u64 last_offset | u64 position | u32 bytes | i64 max_timestamp_ms
+//! run:  u64 base_offset | u64 last_offset | u64 position | u32 bytes | u32 span | i64 max_timestamp_ms
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -20,7 +20,7 @@ use super::wal::{Wal, WalConfig};
 use crate::types::{LogId, ShardId};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SLWALCKP");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const PREFIX_BYTES: usize = 24;
 /// File name inside the WAL directory.
 pub const FILE_NAME: &str = "checkpoint";
@@ -71,7 +71,8 @@ impl Snapshot {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The checkpoint file's bytes.
+    pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
         body.extend_from_slice(&self.shard.0.to_le_bytes());
         body.extend_from_slice(&self.scan_from.0.to_le_bytes());
@@ -89,6 +90,7 @@ impl Snapshot {
                 body.extend_from_slice(&run.last_offset.to_le_bytes());
                 body.extend_from_slice(&run.position.0.to_le_bytes());
                 body.extend_from_slice(&run.bytes.to_le_bytes());
+                body.extend_from_slice(&run.span.to_le_bytes());
                 body.extend_from_slice(&run.max_timestamp_ms.to_le_bytes());
             }
         }
@@ -140,8 +142,10 @@ impl Snapshot {
                     last_offset: reader.u64()?,
                     position: WalPosition(reader.u64()?),
                     bytes: reader.u32()?,
+                    span: reader.u32()?,
                     max_timestamp_ms: reader.u64()? as i64,
                 };
+                check_run(&run, runs.back())?;
                 stored_bytes += u64::from(run.bytes);
                 runs.push_back(run);
             }
@@ -191,6 +195,25 @@ impl Snapshot {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
             Err(error) => Some(Err(error.to_string())),
         }
+    }
+}
+
+/// A run from a checkpoint must be well formed and follow the previous one; the
+/// frames it names are verified when first read (see read.rs).
+fn check_run(run: &Run, previous: Option<&Run>) -> std::result::Result<(), String> {
+    let well_formed = run.last_offset >= run.base_offset
+        && run.bytes > 0
+        && run.span >= run.bytes
+        && run.span
+            <= crate::limits::INDEX_SPAN_BYTES_MAX.max(crate::limits::BATCH_BYTES_MAX as u32)
+        && run.position.byte() >= crate::limits::SEGMENT_HEADER_BYTES
+        && run.end().byte() <= crate::limits::SEGMENT_BYTES_MAX;
+    let follows =
+        previous.is_none_or(|p| p.last_offset + 1 == run.base_offset && p.end() <= run.position);
+    if well_formed && follows {
+        Ok(())
+    } else {
+        Err(format!("checkpoint holds an impossible index run {run:?}"))
     }
 }
 

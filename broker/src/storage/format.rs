@@ -261,28 +261,24 @@ pub struct StoredFrame {
     pub max_timestamp_ms: i64,
 }
 
-/// Verifies a stored frame at the start of `bytes` completely (both CRCs).
-pub fn verify_stored(bytes: &[u8], frame_bytes_max: usize) -> Result<StoredFrame, FrameError> {
+/// Verifies a stored frame's header at the start of `bytes` (header CRC and
+/// structure, not the payload CRC): enough to trust its length and identity, for
+/// walking past frames without reading their records. `bytes` need only hold the
+/// header; the caller checks that `frame_bytes` are there before using them.
+pub fn verify_stored_header(
+    bytes: &[u8],
+    frame_bytes_max: usize,
+) -> Result<StoredFrame, FrameError> {
     let header = header(bytes)?;
     let computed = header_crc(bytes);
     let stored = header.header_crc.get();
+    let structure = check_header(header, frame_bytes_max);
     if computed != stored {
-        // Check the magic first so that garbage reports as garbage, not as a CRC error.
-        check_header(header, frame_bytes_max)?;
+        // Garbage reports as garbage (bad magic), not as a CRC error.
+        structure?;
         return Err(FrameError::HeaderCrc { stored, computed });
     }
-    let frame_bytes = check_header(header, frame_bytes_max)?;
-    if bytes.len() < frame_bytes {
-        return Err(FrameError::Truncated {
-            have: bytes.len(),
-            need: frame_bytes,
-        });
-    }
-    let computed = payload_crc(&bytes[..frame_bytes]);
-    let stored = header.payload_crc.get();
-    if computed != stored {
-        return Err(FrameError::PayloadCrc { stored, computed });
-    }
+    let frame_bytes = structure?;
     let base_offset = header.base_offset.get();
     Ok(StoredFrame {
         log_id: LogId(header.log_id.get()),
@@ -291,6 +287,23 @@ pub fn verify_stored(bytes: &[u8], frame_bytes_max: usize) -> Result<StoredFrame
         frame_bytes,
         max_timestamp_ms: header.max_timestamp_ms.get(),
     })
+}
+
+/// Verifies a stored frame at the start of `bytes` completely (both CRCs).
+pub fn verify_stored(bytes: &[u8], frame_bytes_max: usize) -> Result<StoredFrame, FrameError> {
+    let frame = verify_stored_header(bytes, frame_bytes_max)?;
+    if bytes.len() < frame.frame_bytes {
+        return Err(FrameError::Truncated {
+            have: bytes.len(),
+            need: frame.frame_bytes,
+        });
+    }
+    let computed = payload_crc(&bytes[..frame.frame_bytes]);
+    let stored = header(bytes)?.payload_crc.get();
+    if computed != stored {
+        return Err(FrameError::PayloadCrc { stored, computed });
+    }
+    Ok(frame)
 }
 
 /// `b"SLWALSEG"` read as a little-endian `u64`.

@@ -1,14 +1,19 @@
 //! Per-partition log state and index: which offsets exist and where their batches are.
 //!
-//! The index is a list of *runs*: batches of one log that sit back to back in the
-//! WAL, written by the same write. A read finds the run holding its offset with a
-//! binary search and walks the frames inside it. Runs are capped at
-//! `INDEX_RUN_BYTES_MAX`, which bounds the bytes a read from the middle of a run
-//! must skip.
+//! The index is a list of *runs*. A run covers consecutive batches of one log
+//! (contiguous offsets) inside one segment; it starts at its first batch and spans at
+//! most `INDEX_SPAN_BYTES_MAX` bytes of the WAL to the end of its last batch. Other
+//! logs' batches may lie in between (the WAL interleaves a shard's partitions), so a
+//! disk read of a run reads its span and keeps the frames of its log. A read finds
+//! the run holding an offset with a binary search.
+//!
+//! Merging runs across writes keeps the index small: a partition costs at most one
+//! entry per `INDEX_SPAN_BYTES_MAX` of WAL that holds its data, instead of one per
+//! write (see docs/storage.md, "Index memory").
 
 use std::collections::VecDeque;
 
-use crate::limits::INDEX_RUN_BYTES_MAX;
+use crate::limits::INDEX_SPAN_BYTES_MAX;
 use crate::types::{Offset, SegmentId};
 
 /// A position in a shard's WAL: segment id in the high 32 bits, byte in the low 32.
@@ -31,7 +36,7 @@ impl WalPosition {
     }
 }
 
-/// Consecutive batches of one log, contiguous in one segment.
+/// Consecutive batches of one log in one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
     /// Offset of the first record of the first batch.
@@ -40,16 +45,19 @@ pub struct Run {
     pub last_offset: Offset,
     /// Where the first batch starts.
     pub position: WalPosition,
-    /// Bytes of all the batches.
+    /// Bytes of this log's batches in the run.
     pub bytes: u32,
+    /// WAL bytes from `position` to the end of the last batch (`>= bytes`; equal
+    /// when no other log's batch lies in between).
+    pub span: u32,
     /// Largest record timestamp in the run.
     pub max_timestamp_ms: i64,
 }
 
 impl Run {
-    /// One past the last byte.
+    /// One past the last byte of the last batch.
     pub fn end(&self) -> WalPosition {
-        WalPosition(self.position.0 + u64::from(self.bytes))
+        WalPosition(self.position.0 + u64::from(self.span))
     }
 }
 
@@ -66,13 +74,14 @@ pub struct LogState {
     pub runs: VecDeque<Run>,
     /// Bytes of the runs (all stored batches at or above `log_start`'s run).
     pub stored_bytes: u64,
-    /// Timestamp index: running maximum of `max_timestamp_ms` up to each run is
-    /// derived on demand; kept here is the largest seen.
+    /// Largest record timestamp seen.
     pub max_timestamp_ms: i64,
 }
 
 impl LogState {
-    /// Records a batch written at `position` (after it was laid out in a write).
+    /// Records a batch written at `position` (after its write completed). It joins
+    /// the last run when it continues that run's offsets in the same segment and the
+    /// run's span stays within `INDEX_SPAN_BYTES_MAX`.
     pub fn push(
         &mut self,
         base_offset: Offset,
@@ -80,22 +89,22 @@ impl LogState {
         position: WalPosition,
         bytes: u32,
         max_ts: i64,
-        same_write: bool,
     ) {
         debug_assert!(last_offset >= base_offset);
         self.stored_bytes += u64::from(bytes);
         self.max_timestamp_ms = self.max_timestamp_ms.max(max_ts);
-        if same_write {
-            if let Some(last) = self.runs.back_mut() {
-                if last.end() == position
-                    && last.last_offset + 1 == base_offset
-                    && last.bytes + bytes <= INDEX_RUN_BYTES_MAX
-                {
-                    last.last_offset = last_offset;
-                    last.bytes += bytes;
-                    last.max_timestamp_ms = last.max_timestamp_ms.max(max_ts);
-                    return;
-                }
+        let end = position.0 + u64::from(bytes);
+        if let Some(last) = self.runs.back_mut() {
+            let joins = last.position.segment() == position.segment()
+                && last.end() <= position
+                && last.last_offset + 1 == base_offset
+                && end - last.position.0 <= u64::from(INDEX_SPAN_BYTES_MAX);
+            if joins {
+                last.last_offset = last_offset;
+                last.bytes += bytes;
+                last.span = (end - last.position.0) as u32;
+                last.max_timestamp_ms = last.max_timestamp_ms.max(max_ts);
+                return;
             }
         }
         self.runs.push_back(Run {
@@ -103,6 +112,7 @@ impl LogState {
             last_offset,
             position,
             bytes,
+            span: bytes,
             max_timestamp_ms: max_ts,
         });
     }
@@ -114,7 +124,9 @@ impl LogState {
     }
 
     /// First offset whose batch has a timestamp >= `timestamp_ms` (Kafka's
-    /// ListOffsets by time uses each batch's max timestamp the same way).
+    /// ListOffsets by time uses each batch's max timestamp the same way). Runs are
+    /// the granularity: the offset returned is the start of the first run with a
+    /// timestamp that recent, so it may lie before the first such batch.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Option<(Offset, i64)> {
         self.runs
             .iter()
@@ -141,15 +153,56 @@ impl LogState {
     }
 
     /// Drops runs at or above `offset` (used when an append fails before anything of
-    /// it became durable).
+    /// it became durable; such runs were pushed by the failed append alone, so a run
+    /// never straddles `offset`).
     pub fn truncate_from(&mut self, offset: Offset) {
         while let Some(run) = self.runs.back() {
             if run.base_offset < offset {
+                debug_assert!(run.last_offset < offset, "a run straddles a rollback");
                 break;
             }
             self.stored_bytes -= u64::from(run.bytes);
             self.runs.pop_back();
         }
         self.next_offset = self.next_offset.min(offset);
+    }
+
+    /// Bytes of index memory this log uses (for the index-size measurements).
+    pub fn index_bytes(&self) -> usize {
+        self.runs.len() * std::mem::size_of::<Run>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(byte: u64) -> WalPosition {
+        WalPosition::new(SegmentId(1), byte)
+    }
+
+    #[test]
+    fn runs_merge_across_writes_within_the_span_limit() {
+        let mut log = LogState::default();
+        // Batches of 1 KiB every 4 KiB of WAL (other logs in between).
+        for i in 0..1024u64 {
+            log.push(i * 10, i * 10 + 9, at(4096 + i * 4096), 1024, i as i64);
+        }
+        // 4 MiB of WAL at 1 MiB per run.
+        assert_eq!(log.runs.len(), 4);
+        assert!(log.runs.iter().all(|r| r.span <= INDEX_SPAN_BYTES_MAX));
+        assert_eq!(log.stored_bytes, 1024 * 1024);
+        assert_eq!(log.find(5000), Some(1));
+        let run = log.runs[1];
+        assert!(run.base_offset <= 5000 && 5000 <= run.last_offset);
+    }
+
+    #[test]
+    fn runs_do_not_merge_across_segments_or_offset_gaps() {
+        let mut log = LogState::default();
+        log.push(0, 9, at(4096), 100, 0);
+        log.push(10, 19, WalPosition::new(SegmentId(2), 4096), 100, 0);
+        log.push(25, 29, WalPosition::new(SegmentId(2), 4196), 100, 0);
+        assert_eq!(log.runs.len(), 3);
     }
 }

@@ -1,14 +1,16 @@
 //! Offline WAL inspection for `sluice wal inspect`: lists segments and frames,
-//! verifies every checksum and reports the first bad frame. Uses plain buffered
-//! reads (no executor needed; the broker should not be running on the directory).
+//! verifies every checksum and reports every bad region, continuing past damage
+//! (resyncing on the next intact frame) while the segment header is intact. Uses
+//! plain reads (no executor; the broker should not be running on the directory).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, SegmentHeader};
-use crate::limits::{BATCH_BYTES_MAX, SEGMENT_HEADER_BYTES};
-use sluice_schema::batch;
+use super::error::{Result as StorageResult, StorageError};
+use super::format::SegmentHeader;
+use super::scan::{self, Found, SegmentBytes};
+use crate::limits::SEGMENT_HEADER_BYTES;
 
 /// One frame as found on disk.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -38,18 +40,22 @@ pub struct SegmentSummary {
     pub segment_id: u32,
     /// Shard from the header.
     pub shard: u16,
-    /// Pre-allocated size.
+    /// File size.
     pub capacity: u64,
     /// Frames found valid.
     pub frames: u64,
     /// Bytes of valid frames.
     pub frame_bytes: u64,
-    /// Where valid frames end.
+    /// Where the last valid frame ends.
     pub end: u64,
+    /// A segment whose creation did not finish (its header block is still zero):
+    /// recovery removes it; it holds nothing.
+    pub unfinished: bool,
     /// Every frame (only when asked for).
     pub frame_list: Vec<FrameSummary>,
-    /// The first invalid frame: position and reason.
-    pub bad_frame: Option<(u64, String)>,
+    /// Every bad region: where it starts, and what was found there. Scanning goes
+    /// on at the next intact frame.
+    pub bad_frames: Vec<(u64, String)>,
 }
 
 /// Inspects every segment in a WAL directory (or a data dir: all shards' WALs).
@@ -107,73 +113,143 @@ fn has_segments(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// A segment file read with positioned reads.
+struct FileBytes {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    buffer: Vec<u8>,
+}
+
+impl SegmentBytes for FileBytes {
+    async fn get(&mut self, position: u64, bytes: usize) -> StorageResult<&[u8]> {
+        let end = position.saturating_add(bytes as u64).min(self.size);
+        let len = end.saturating_sub(position) as usize;
+        self.buffer.resize(len, 0);
+        self.file
+            .read_exact_at(&mut self.buffer, position)
+            .map_err(|e| StorageError::std("read segment", &self.path, e))?;
+        Ok(&self.buffer)
+    }
+    fn limit(&self) -> u64 {
+        self.size
+    }
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+}
+
 /// Inspects one segment file.
 pub fn inspect_segment(path: &Path, list_frames: bool) -> Result<SegmentSummary, String> {
-    let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let size = file
         .metadata()
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
-    let mut block = vec![0u8; SEGMENT_HEADER_BYTES as usize];
-    file.read_exact(&mut block)
+    let mut block = vec![0u8; (SEGMENT_HEADER_BYTES.min(size)) as usize];
+    file.read_exact_at(&mut block, 0)
         .map_err(|e| format!("{}: reading header: {e}", path.display()))?;
-    let header = SegmentHeader::parse(&block).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut summary = SegmentSummary {
         path: path.to_path_buf(),
-        segment_id: header.segment_id.get(),
-        shard: header.shard.get(),
+        segment_id: 0,
+        shard: 0,
         capacity: size,
         frames: 0,
         frame_bytes: 0,
         end: SEGMENT_HEADER_BYTES,
+        unfinished: false,
         frame_list: Vec::new(),
-        bad_frame: None,
+        bad_frames: Vec::new(),
     };
-    let mut position = SEGMENT_HEADER_BYTES;
-    let mut frame = vec![0u8; batch::HEADER_BYTES];
-    loop {
-        if position + batch::HEADER_BYTES as u64 > size {
-            break;
-        }
-        file.seek(SeekFrom::Start(position))
-            .map_err(|e| e.to_string())?;
-        frame.resize(batch::HEADER_BYTES, 0);
-        file.read_exact(&mut frame).map_err(|e| e.to_string())?;
-        if frame.iter().all(|b| *b == 0) {
-            break;
-        }
-        let declared = format::header(&frame)
-            .map(|h| h.frame_bytes.get() as usize)
-            .unwrap_or(0);
-        let length = declared.clamp(batch::HEADER_BYTES, BATCH_BYTES_MAX);
-        let available = (size - position) as usize;
-        frame.resize(length.min(available), 0);
-        file.seek(SeekFrom::Start(position))
-            .map_err(|e| e.to_string())?;
-        file.read_exact(&mut frame).map_err(|e| e.to_string())?;
-        match format::verify_stored(&frame, BATCH_BYTES_MAX) {
-            Ok(stored) => {
+    if block.iter().all(|b| *b == 0) {
+        // The header is written last when a segment is created.
+        summary.unfinished = true;
+        summary.segment_id = super::segment::parse_file_name(
+            &path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        )
+        .map(|id| id.0)
+        .unwrap_or(0);
+        return Ok(summary);
+    }
+    let header = SegmentHeader::parse(&block).map_err(|e| format!("{}: {e}", path.display()))?;
+    summary.segment_id = header.segment_id.get();
+    summary.shard = header.shard.get();
+    let mut source = FileBytes {
+        file,
+        path: path.to_path_buf(),
+        size,
+        buffer: Vec::new(),
+    };
+    futures_lite::future::block_on(walk(&mut source, &mut summary, list_frames))
+        .map_err(|e| e.to_string())?;
+    Ok(summary)
+}
+
+/// Follows frames from the first slot to the end of the data, noting bad regions.
+async fn walk(
+    source: &mut FileBytes,
+    summary: &mut SegmentSummary,
+    list_frames: bool,
+) -> StorageResult<()> {
+    let mut position = Some(SEGMENT_HEADER_BYTES);
+    while let Some(at) = position {
+        let skip_from = match scan::classify(source, at).await? {
+            Found::Valid(frame) => {
                 summary.frames += 1;
-                summary.frame_bytes += stored.frame_bytes as u64;
+                summary.frame_bytes += frame.frame_bytes as u64;
+                summary.end = at + frame.frame_bytes as u64;
                 if list_frames {
                     summary.frame_list.push(FrameSummary {
-                        position,
-                        log_id: stored.log_id.0,
-                        base_offset: stored.base_offset,
-                        last_offset: stored.last_offset,
-                        records: (stored.last_offset - stored.base_offset + 1) as u32,
-                        bytes: stored.frame_bytes as u32,
-                        max_timestamp_ms: stored.max_timestamp_ms,
+                        position: at,
+                        log_id: frame.log_id.0,
+                        base_offset: frame.base_offset,
+                        last_offset: frame.last_offset,
+                        records: (frame.last_offset - frame.base_offset + 1) as u32,
+                        bytes: frame.frame_bytes as u32,
+                        max_timestamp_ms: frame.max_timestamp_ms,
                     });
                 }
-                position += stored.frame_bytes as u64;
+                position = Some(summary.end);
+                continue;
             }
-            Err(error) => {
-                summary.bad_frame = Some((position, error.to_string()));
-                break;
+            Found::DamagedPayload(header, error) => {
+                summary.bad_frames.push((
+                    at,
+                    format!(
+                        "{error} (batch at offset {} of log {})",
+                        header.base_offset, header.log_id
+                    ),
+                ));
+                position = Some(at + header.frame_bytes as u64);
+                continue;
+            }
+            Found::Zero => None,
+            Found::Invalid(reason) => Some(reason),
+        };
+        let next = scan::next_valid_frame(source, at + 1).await?;
+        match next {
+            None => {
+                // Nothing valid follows: the end (a torn tail if it is not zero).
+                if let Some(reason) = skip_from {
+                    summary.bad_frames.push((
+                        at,
+                        format!("{reason} (nothing valid follows: a torn tail if this is the newest segment)"),
+                    ));
+                }
+                position = None;
+            }
+            Some(next) => {
+                let what = skip_from.unwrap_or_else(|| "zero bytes".into());
+                summary.bad_frames.push((
+                    at,
+                    format!("{what}; an intact frame follows at byte {next}"),
+                ));
+                position = Some(next);
             }
         }
     }
-    summary.end = position;
-    Ok(summary)
+    Ok(())
 }

@@ -20,6 +20,7 @@ mod read;
 mod recovery;
 mod retention;
 mod roll;
+pub mod scan;
 mod segment;
 pub mod testkit;
 mod wal;

@@ -1,5 +1,12 @@
 //! Reads: a log's stored batches from an offset on, from the tail cache or with
-//! aligned direct reads, verified after reading from disk.
+//! aligned direct reads of the index's runs, verified after reading from disk.
+//!
+//! A disk read checks what it finds against the index entry that sent it there:
+//! every frame's header and, for the log's own frames, payload CRC; that the run
+//! starts with the log's batch at the run's base offset, that the log's batches in
+//! it continue each other, and that the last one ends the run. Any mismatch (a
+//! damaged frame, or a checkpointed index that does not match the segment) marks the
+//! log corrupt from that offset, loudly; reads below it go on being served.
 
 use std::rc::Rc;
 
@@ -27,11 +34,14 @@ pub struct ReadBatches {
     pub log_start: Offset,
 }
 
-/// Where a run's bytes come from.
-enum Source {
+/// The next piece of a read.
+enum Step {
+    /// Frames from the tail cache.
     Cached(Vec<Bytes>),
-    /// Runs of one segment read with one direct read spanning them all.
+    /// Runs of one segment, read with one direct read spanning them all.
     Disk(Rc<SegmentFile>, Vec<Run>),
+    /// Nothing stored from the offset on.
+    Nothing,
 }
 
 /// Runs of one log in one segment closer than this are read with one read (the
@@ -43,23 +53,27 @@ impl Wal {
     /// whole batch when any is available), never past the high watermark.
     pub async fn read(&self, log: LogId, offset: Offset, max_bytes: usize) -> Result<ReadBatches> {
         let max_bytes = max_bytes.clamp(1, READ_BYTES_MAX);
-        let (plan, high_watermark, log_start) = self.plan_read(log, offset, max_bytes)?;
+        let (high_watermark, log_start) = self.check_read(log, offset)?;
         let mut out = ReadBatches {
             high_watermark,
             log_start,
             ..ReadBatches::default()
         };
-        for source in plan {
-            let frames = match source {
-                Source::Cached(frames) => frames,
-                Source::Disk(file, runs) => read_runs(&file, &runs).await?,
+        let mut next = offset;
+        while next < high_watermark && out.bytes < max_bytes {
+            let budget = max_bytes - out.bytes;
+            let (frames, damage) = match self.plan_step(log, next, high_watermark, budget)? {
+                Step::Cached(frames) => (frames, None),
+                Step::Disk(file, runs) => self.read_runs(log, &file, &runs).await?,
+                Step::Nothing => break,
             };
+            let before = next;
             for frame in frames {
                 let header =
                     format::header(&frame).map_err(|e| StorageError::Failed(e.to_string()))?;
                 let base = header.base_offset.get();
                 let last = base + u64::from(header.last_offset_delta.get());
-                if last < offset {
+                if last < next {
                     continue;
                 }
                 if base >= high_watermark || (out.bytes > 0 && out.bytes + frame.len() > max_bytes)
@@ -68,19 +82,27 @@ impl Wal {
                 }
                 out.bytes += frame.len();
                 out.frames.push(frame);
+                next = last + 1;
+            }
+            if let Some(error) = damage {
+                // The log is now marked corrupt from the damage on: serve what came
+                // before it, or the error when nothing did.
+                return if out.frames.is_empty() {
+                    Err(error)
+                } else {
+                    Ok(out)
+                };
+            }
+            if next == before {
+                break;
             }
         }
         Ok(out)
     }
 
-    fn plan_read(
-        &self,
-        log: LogId,
-        offset: Offset,
-        max_bytes: usize,
-    ) -> Result<(Vec<Source>, Offset, Offset)> {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
+    /// Checks that `offset` may be read; returns (high watermark, log start).
+    fn check_read(&self, log: LogId, offset: Offset) -> Result<(Offset, Offset)> {
+        let state = self.state.borrow();
         let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
         let (log_start, high_watermark) = (entry.log_start, entry.high_watermark);
         if let Some((corrupt_offset, error)) = state.corrupt.get(&log) {
@@ -95,82 +117,188 @@ impl Wal {
                 high_watermark,
             });
         }
-        let mut plan = Vec::new();
-        let Some(first) = entry.find(offset) else {
-            return Ok((plan, high_watermark, log_start));
+        Ok((high_watermark, log_start))
+    }
+
+    /// The next piece of a read from `offset`: cached frames if the cache holds the
+    /// batch with `offset`, else the runs of one segment up to the cached part.
+    fn plan_step(&self, log: LogId, offset: Offset, limit: Offset, budget: usize) -> Result<Step> {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        if let Some(frames) = state.cache.get(log, offset, limit, budget) {
+            return Ok(Step::Cached(frames));
+        }
+        let cached_from = state.cache.first_offset(log).unwrap_or(Offset::MAX);
+        let limit = match state.corrupt.get(&log) {
+            Some((corrupt_offset, _)) => limit.min(*corrupt_offset),
+            None => limit,
         };
+        let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
+        let Some(first) = entry.find(offset) else {
+            return Ok(Step::Nothing);
+        };
+        let mut runs: Vec<Run> = Vec::new();
         let mut planned = 0usize;
         for run in entry.runs.range(first..) {
-            if run.base_offset >= high_watermark || planned >= max_bytes {
+            if run.base_offset >= limit || run.base_offset >= cached_from || planned >= budget {
                 break;
             }
-            planned += run.bytes as usize;
-            match state.cache.get_run(run.position, run.bytes) {
-                Some(frames) => plan.push(Source::Cached(frames)),
-                None => {
-                    let segment = state.segments.get(&run.position.segment()).ok_or_else(|| {
-                        StorageError::Corrupt {
-                            path: self.config.dir.clone(),
-                            position: run.position.byte(),
-                            reason: format!(
-                                "index of log {log} points into missing segment {}",
-                                run.position.segment()
-                            ),
-                        }
-                    })?;
-                    if let Some(Source::Disk(file, runs)) = plan.last_mut() {
-                        let last = runs.last().copied().unwrap_or(*run);
-                        let near = run.position.segment() == last.position.segment()
-                            && run.position.0 >= last.end().0
-                            && run.position.0 - last.end().0 <= COALESCE_GAP_BYTES
-                            && run.end().0 - runs[0].position.0 <= READ_BYTES_MAX as u64;
-                        if near && Rc::ptr_eq(file, &segment.file) {
-                            runs.push(*run);
-                            continue;
-                        }
-                    }
-                    plan.push(Source::Disk(segment.file.clone(), vec![*run]));
+            if let Some(last) = runs.last() {
+                let near = run.position.segment() == last.position.segment()
+                    && run.position.0 >= last.end().0
+                    && run.position.0 - last.end().0 <= COALESCE_GAP_BYTES
+                    && run.end().0 - runs[0].position.0 <= READ_BYTES_MAX as u64;
+                if !near {
+                    break;
                 }
             }
+            planned += run.bytes as usize;
+            runs.push(*run);
         }
-        Ok((plan, high_watermark, log_start))
+        let Some(first_run) = runs.first() else {
+            return Ok(Step::Nothing);
+        };
+        let segment = first_run.position.segment();
+        match state.segments.get(&segment) {
+            Some(found) => Ok(Step::Disk(found.file.clone(), runs)),
+            None => {
+                let reason = format!(
+                    "the index of log {log} points into segment {segment}, which is missing"
+                );
+                Err(self.mark_corrupt_locked(state, log, first_run.base_offset, 0, reason))
+            }
+        }
+    }
+
+    /// Reads runs of one segment with one aligned direct read; returns the log's
+    /// frames in them, each verified against the run that named it, and, if a run
+    /// did not check out, the error (the log is marked corrupt from there and the
+    /// frames stop before it).
+    async fn read_runs(
+        &self,
+        log: LogId,
+        file: &SegmentFile,
+        runs: &[Run],
+    ) -> Result<(Vec<Bytes>, Option<StorageError>)> {
+        let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+            return Ok((Vec::new(), None));
+        };
+        let start = first.position.byte();
+        let end = last.end().byte();
+        let aligned = start / SECTOR_BYTES * SECTOR_BYTES;
+        let aligned_end = end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        let data = file.read(aligned, (aligned_end - aligned) as usize).await?;
+        let mut frames = Vec::new();
+        for run in runs {
+            let from = (run.position.byte() - aligned) as usize;
+            let to = from + run.span as usize;
+            let Some(span) = data.get(from..to) else {
+                let reason = "the segment is shorter than its index says".to_string();
+                let error = self.mark_corrupt(log, run.base_offset, run.position.byte(), reason);
+                return Ok((frames, Some(error)));
+            };
+            let span = Bytes::copy_from_slice(span);
+            let (found, damage) = frames_of_log(log, run, &span);
+            frames.extend(found);
+            if let Some((offset, at, reason)) = damage {
+                let reason = format!("{} byte {}: {reason}", file.path.display(), at);
+                return Ok((frames, Some(self.mark_corrupt(log, offset, at, reason))));
+            }
+        }
+        Ok((frames, None))
+    }
+
+    /// Marks `log` corrupt from `offset` (keeping an earlier mark) and returns the
+    /// error reads at or past it get from now on.
+    fn mark_corrupt(
+        &self,
+        log: LogId,
+        offset: Offset,
+        position: u64,
+        reason: String,
+    ) -> StorageError {
+        let mut state = self.state.borrow_mut();
+        self.mark_corrupt_locked(&mut state, log, offset, position, reason)
+    }
+
+    fn mark_corrupt_locked(
+        &self,
+        state: &mut super::wal::State,
+        log: LogId,
+        offset: Offset,
+        position: u64,
+        reason: String,
+    ) -> StorageError {
+        let error = StorageError::Corrupt {
+            path: self.config.dir.clone(),
+            position,
+            reason: format!("log {log} at offset {offset}: {reason}"),
+        };
+        let first = state
+            .corrupt
+            .entry(log)
+            .or_insert_with(|| (offset, error.clone()));
+        if offset < first.0 {
+            *first = (offset, error.clone());
+        }
+        tracing::error!(shard = %self.config.shard, %log, offset, %error, "partition log is corrupt; nothing at or past this offset is served");
+        error
     }
 }
 
-/// Reads runs of one segment with one aligned direct read and splits them into
-/// verified frames.
-async fn read_runs(file: &SegmentFile, runs: &[Run]) -> Result<Vec<Bytes>> {
-    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
-        return Ok(Vec::new());
-    };
-    let start = first.position.byte();
-    let end = last.end().byte();
-    let aligned = start / SECTOR_BYTES * SECTOR_BYTES;
-    let aligned_end = end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
-    let data = file.read(aligned, (aligned_end - aligned) as usize).await?;
-    if (data.len() as u64) < end - aligned {
-        return Err(StorageError::Corrupt {
-            path: file.path.clone(),
-            position: end,
-            reason: "segment shorter than its index says".into(),
-        });
-    }
+/// What went wrong in a run: (offset from which the log is unreliable, byte
+/// position in the segment, reason).
+type Damage = (Offset, u64, String);
+
+/// Walks the frames of `span` (which holds `run`) and returns the frames of `log`,
+/// checking them against the run, up to the first mismatch (if any).
+fn frames_of_log(log: LogId, run: &Run, span: &Bytes) -> (Vec<Bytes>, Option<Damage>) {
+    let base = run.position.byte();
     let mut frames = Vec::new();
-    for run in runs {
-        let from = (run.position.byte() - aligned) as usize;
-        let bytes = Bytes::copy_from_slice(&data[from..from + run.bytes as usize]);
-        let mut at = 0usize;
-        while at < bytes.len() {
-            let frame = format::verify_stored(&bytes[at..], BATCH_BYTES_MAX).map_err(|error| {
-                StorageError::Corrupt {
-                    path: file.path.clone(),
-                    position: run.position.byte() + at as u64,
-                    reason: error.to_string(),
-                }
-            })?;
-            frames.push(bytes.slice(at..at + frame.frame_bytes));
-            at += frame.frame_bytes;
+    let mut expected = run.base_offset;
+    let mut at = 0usize;
+    while at < span.len() {
+        let bytes = &span[at..];
+        let fail = |reason: String| Some((expected, base + at as u64, reason));
+        let header = match format::verify_stored_header(bytes, BATCH_BYTES_MAX) {
+            Ok(header) => header,
+            Err(error) => return (frames, fail(error.to_string())),
+        };
+        if header.log_id != log {
+            if at == 0 {
+                let reason = format!(
+                    "the index names a batch of this log here, the segment holds one of log {}",
+                    header.log_id
+                );
+                return (frames, fail(reason));
+            }
+            at += header.frame_bytes;
+            continue;
         }
+        let frame = match format::verify_stored(bytes, BATCH_BYTES_MAX) {
+            Ok(frame) => frame,
+            Err(error) => return (frames, fail(error.to_string())),
+        };
+        if frame.base_offset != expected {
+            let reason = format!(
+                "batch at offset {} where the index expects offset {expected}",
+                frame.base_offset
+            );
+            return (frames, fail(reason));
+        }
+        expected = frame.last_offset + 1;
+        frames.push(span.slice(at..at + frame.frame_bytes));
+        at += frame.frame_bytes;
     }
-    Ok(frames)
+    if at != span.len() || expected != run.last_offset + 1 {
+        let reason = format!(
+            "the index says the run ends at offset {} (byte {}), the segment at offset {} (byte {})",
+            run.last_offset,
+            base + u64::from(run.span),
+            expected.saturating_sub(1),
+            base + at as u64
+        );
+        return (frames, Some((expected, base + at as u64, reason)));
+    }
+    (frames, None)
 }

@@ -1,17 +1,13 @@
-//! Opening a WAL: load the checkpoint, scan and verify every frame written after it,
-//! rebuild the indexes, cut a torn tail, and refuse corruption anywhere else.
+//! Opening a WAL: load the checkpoint, scan and verify every frame written after it
+//! (see `scan.rs` for what counts as the end, a torn write or corruption), rebuild
+//! the indexes, cut a torn tail, and refuse corruption.
 //!
-//! The scan reads segments with large aligned direct reads. A frame is *valid* when
-//! its header CRC, structure and payload CRC check out and its offsets continue its
-//! log. At the first invalid frame:
-//! - in the newest segment that holds frames, it is a torn tail: bytes from there on
-//!   were never acknowledged (an append completes only after its write and an
-//!   `fdatasync` covering it), so they are cut and zeroed;
-//! - anywhere else it is corruption: opening fails with the file and position.
-//!
-//! A frame whose header is intact but whose payload CRC fails, in an older segment,
-//! marks only its log as corrupt from that offset (its length is trustworthy, so the
-//! scan continues with the other logs).
+//! After a crash, the newest segment holding frames may end in writes that were
+//! never made durable. Recovery cuts a torn tail there, zeroes the region a crash
+//! can leave unsynced past it (so such bytes can never reappear behind later
+//! appends), and then `fdatasync`s that segment before anything is served or
+//! appended: frames that were written but never synced before the crash are only
+//! served once they are durable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -20,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::Snapshot;
 use super::error::{Result, StorageError};
-use super::format::{self, FrameError};
 use super::index::{LogState, WalPosition};
+use super::scan::{self, ScanEnd, ScanMode, ScanStats, SegmentBytes};
 use super::segment::{self, SegmentFile};
 use super::wal::{now_ms, Segment, Wal, WalConfig};
-use crate::limits::{BATCH_BYTES_MAX, RECOVERY_ZERO_BYTES, SECTOR_BYTES, SEGMENT_HEADER_BYTES};
+use crate::limits::{RECOVERY_ZERO_BYTES, SECTOR_BYTES, SEGMENT_HEADER_BYTES};
 use crate::types::{LogId, Offset, SegmentId};
 use sluice_schema::batch;
 
@@ -40,25 +36,26 @@ pub struct RecoveryReport {
     pub checkpoint_used: bool,
     /// Why a checkpoint was ignored, if one was.
     pub checkpoint_error: Option<String>,
+    /// Whether the previous run shut down cleanly (its final checkpoint covers
+    /// everything).
+    pub clean_shutdown: bool,
     /// Bytes of frames scanned and verified.
     pub bytes_scanned: u64,
     /// Frames scanned.
     pub frames_scanned: u64,
-    /// Bytes cut from a torn tail (from the first invalid frame to the end of the
-    /// zeroed region).
+    /// A torn tail that was cut: segment, byte, what was found there.
     pub torn_tail: Option<(SegmentId, u64, String)>,
+    /// Intact frames that followed a torn write's damage (within the window a crash
+    /// can leave unsynced) and were cut with it: their byte range, and the file
+    /// holding a copy of the cut bytes.
+    pub quarantined: Option<(u64, u64, std::path::PathBuf)>,
     /// Logs marked corrupt, with the offset and reason.
     pub corrupt_logs: Vec<(LogId, Offset, String)>,
+    /// The tail segment was `fdatasync`ed before the WAL opened (always after a
+    /// crash: frames written but never synced become durable before being served).
+    pub tail_synced: bool,
     /// Time taken.
     pub duration: Duration,
-}
-
-/// How the scan of one segment ended.
-enum ScanEnd {
-    /// A zero header or the end of the segment.
-    Clean(u64),
-    /// An invalid frame at this byte.
-    Invalid(u64, String),
 }
 
 impl Wal {
@@ -111,21 +108,19 @@ impl Wal {
             );
         }
         let clean = take_clean_marker(&config.dir).await?;
+        report.clean_shutdown = clean;
         let (mut logs, scan_from) = load_checkpoint(&config, &segments, &mut report);
         let mut corrupt = HashMap::new();
         let tail = scan(
-            &config,
             &mut segments,
             &mut logs,
             &mut corrupt,
             scan_from,
+            clean,
             &mut report,
         )
         .await?;
-        // After a clean shutdown with nothing written since the checkpoint, no write
-        // can have been in flight: skip zeroing the region after the tail.
-        let zero = !(clean && report.frames_scanned == 0 && report.torn_tail.is_none());
-        let (write_byte, tail_block) = finish_tail(&segments, tail, zero).await?;
+        let (write_byte, tail_block) = finish_tail(&segments, tail, clean, &mut report).await?;
         report.duration = started.elapsed();
         let wal = Wal::from_recovered(config, segments, write_byte, tail_block, logs, corrupt);
         super::roll::prepare_spare(wal.clone());
@@ -211,14 +206,13 @@ fn load_checkpoint(
     (logs, snapshot.scan_from)
 }
 
-/// Scans from `scan_from` to the end; returns the segment and byte where valid
-/// frames end, and the invalid-frame reason if the scan stopped at one.
+/// Scans from `scan_from` to the end of every segment; returns where appends go on.
 async fn scan(
-    config: &WalConfig,
     segments: &mut BTreeMap<SegmentId, Segment>,
     logs: &mut HashMap<LogId, LogState>,
     corrupt: &mut HashMap<LogId, (Offset, StorageError)>,
     scan_from: WalPosition,
+    clean: bool,
     report: &mut RecoveryReport,
 ) -> Result<Tail> {
     // Rebuild per-segment contents from the checkpointed runs.
@@ -234,53 +228,80 @@ async fn scan(
         .range(scan_from.segment()..)
         .map(|(id, _)| *id)
         .collect();
+    // Only the newest segment that holds frames (and any spare after it) can hold
+    // writes that never became durable; after a clean shutdown, none can.
     let tail_segment = newest_with_frames(segments, &ids).await?;
-    let mut ends = Vec::new();
     for id in &ids {
         let start = if *id == scan_from.segment() {
             scan_from.byte()
         } else {
             SEGMENT_HEADER_BYTES
         };
+        let mode = ScanMode {
+            segment: *id,
+            start,
+            may_be_torn: !clean && tail_segment.is_none_or(|tail| *id >= tail),
+            window: RECOVERY_ZERO_BYTES,
+        };
         let segment = segments.get_mut(id).expect("listed");
-        let is_tail = Some(*id) == tail_segment;
-        let end = scan_segment(segment, *id, start, is_tail, logs, corrupt, report).await?;
-        ends.push((*id, end));
-    }
-    // The newest segment holding frames may end torn; any other invalid end is corruption.
-    let last_with_frames = ends
-        .iter()
-        .rev()
-        .find(|(id, end)| {
-            let byte = match end {
-                ScanEnd::Clean(byte) | ScanEnd::Invalid(byte, _) => *byte,
-            };
-            byte > SEGMENT_HEADER_BYTES
-                || matches!(end, ScanEnd::Invalid(..))
-                || segments[id].end > SEGMENT_HEADER_BYTES
-        })
-        .map(|(id, _)| *id);
-    for (id, end) in &ends {
-        if let ScanEnd::Invalid(byte, reason) = end {
-            let path = segments[id].file.path.clone();
-            if Some(*id) != last_with_frames {
-                return Err(StorageError::Corrupt {
-                    path,
-                    position: *byte,
-                    reason: reason.clone(),
-                });
+        let mut stats = ScanStats::default();
+        let mut source = ScanReader::new(segment.file.clone());
+        let end = scan::scan_segment(&mut source, mode, logs, corrupt, &mut stats).await?;
+        report.frames_scanned += stats.frames;
+        report.bytes_scanned += stats.bytes;
+        report.corrupt_logs.extend(stats.corrupt_logs);
+        segment.logs.extend(stats.logs_in_segment);
+        let (cut, torn) = match end {
+            ScanEnd::Clean(at) => (at, None),
+            ScanEnd::Torn {
+                at,
+                reason,
+                intact_after,
+            } => (at, Some((reason, intact_after))),
+        };
+        segment.end = segment.end.max(cut);
+        if let Some((reason, intact_after)) = torn {
+            let path = segment.file.path.clone();
+            tracing::warn!(path = %path.display(), position = cut, %reason, "cutting a torn WAL tail (written but never acknowledged)");
+            if let Some((first, last_end)) = intact_after {
+                let copy = quarantine(&segment.file, cut, last_end).await?;
+                tracing::error!(path = %path.display(), position = cut, first_intact = first, intact_end = last_end, copy = %copy.display(),
+                    "a torn write left intact frames after its damaged start; they were never acknowledged (within the unsynced window) and are cut, a copy is kept");
+                report.quarantined = Some((first, last_end, copy));
             }
-            tracing::warn!(path = %path.display(), position = byte, %reason, "cutting torn WAL tail");
-            report.torn_tail = Some((*id, *byte, reason.clone()));
+            report.torn_tail = Some((*id, cut, reason));
         }
     }
     let active = *segments.keys().next_back().expect("at least one segment");
-    let _ = config;
     Ok(Tail {
         active,
         write_byte: segments[&active].end,
         tail_segment,
     })
+}
+
+/// Copies `[from, to)` of a segment into `<wal-dir>/quarantine/` before it is cut.
+async fn quarantine(file: &Rc<SegmentFile>, from: u64, to: u64) -> Result<std::path::PathBuf> {
+    let dir = file
+        .path
+        .parent()
+        .map(|p| p.join("quarantine"))
+        .unwrap_or_default();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| StorageError::std("create quarantine dir", &dir, e))?;
+    let name = format!(
+        "{}-at-{from}.bin",
+        file.path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("segment")
+    );
+    let target = dir.join(name);
+    let mut reader = ScanReader::new(file.clone());
+    let bytes = reader.get(from, (to - from) as usize).await?.to_vec();
+    std::fs::write(&target, bytes)
+        .map_err(|e| StorageError::std("write quarantine copy", &target, e))?;
+    Ok(target)
 }
 
 /// Where appends continue after recovery, and the newest segment holding frames.
@@ -319,6 +340,9 @@ async fn newest_with_frames(
 ) -> Result<Option<SegmentId>> {
     for id in ids.iter().rev() {
         let file = &segments[id].file;
+        if file.zeroed_end() <= SEGMENT_HEADER_BYTES {
+            continue;
+        }
         let block = file
             .read(SEGMENT_HEADER_BYTES, SECTOR_BYTES as usize)
             .await?;
@@ -329,174 +353,22 @@ async fn newest_with_frames(
     Ok(None)
 }
 
-/// Follows frame headers (header CRC and length only) from `start`; true if the
-/// chain of intact headers reaches `limit`.
-async fn chain_reaches(
-    reader: &mut ScanReader,
-    file: &SegmentFile,
-    start: u64,
-    limit: u64,
-) -> Result<bool> {
-    let mut position = start;
-    while position < limit {
-        if position + batch::HEADER_BYTES as u64 > file.capacity {
-            return Ok(false);
-        }
-        let bytes = reader
-            .get(file, position, batch::HEADER_BYTES, file.capacity)
-            .await?;
-        let Ok(header) = format::header(bytes) else {
-            return Ok(false);
-        };
-        if header.magic.get() != batch::MAGIC
-            || format::header_crc(bytes) != header.header_crc.get()
-        {
-            return Ok(false);
-        }
-        position += u64::from(header.frame_bytes.get()).max(batch::HEADER_BYTES as u64);
-    }
-    Ok(true)
-}
-
-/// Scans one segment from `start`; updates logs and the segment's contents.
-///
-/// In the tail segment, a frame with an intact header but a bad payload is a torn
-/// write when it lies in the region a crash can tear (within RECOVERY_ZERO_BYTES of
-/// where intact frames end); past that region it is corruption, as elsewhere.
-async fn scan_segment(
-    segment: &mut Segment,
-    id: SegmentId,
-    start: u64,
-    is_tail: bool,
-    logs: &mut HashMap<LogId, LogState>,
-    corrupt: &mut HashMap<LogId, (Offset, StorageError)>,
-    report: &mut RecoveryReport,
-) -> Result<ScanEnd> {
-    let file = segment.file.clone();
-    let capacity = file.capacity;
-    let mut reader = ScanReader::default();
-    let mut position = start;
-    let mut previous: Option<LogId> = None;
-    loop {
-        if position + batch::HEADER_BYTES as u64 > capacity {
-            segment.end = position;
-            return Ok(ScanEnd::Clean(position));
-        }
-        let header_bytes = reader
-            .get(&file, position, batch::HEADER_BYTES, capacity)
-            .await?;
-        if header_bytes.iter().all(|b| *b == 0) {
-            segment.end = position;
-            return Ok(ScanEnd::Clean(position));
-        }
-        let declared = format::header(header_bytes)
-            .map(|h| h.frame_bytes.get() as usize)
-            .unwrap_or(0);
-        let frame_bytes = declared.clamp(batch::HEADER_BYTES, BATCH_BYTES_MAX);
-        if position + frame_bytes as u64 > capacity {
-            segment.end = position;
-            return Ok(ScanEnd::Invalid(
-                position,
-                format!("frame of {declared} bytes runs past the segment end"),
-            ));
-        }
-        let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
-        let frame = match format::verify_stored(bytes, BATCH_BYTES_MAX) {
-            Ok(frame) => frame,
-            Err(error @ FrameError::PayloadCrc { .. })
-                if !is_tail
-                    || chain_reaches(
-                        &mut reader,
-                        &file,
-                        position,
-                        position + RECOVERY_ZERO_BYTES,
-                    )
-                    .await? =>
-            {
-                // Header intact: the length is trustworthy. Mark the log and go on.
-                let bytes = reader.get(&file, position, frame_bytes, capacity).await?;
-                let header = format::header(bytes).expect("checked above");
-                let log = LogId(header.log_id.get());
-                let offset = header.base_offset.get();
-                let reason = format!(
-                    "{error} in batch at offset {offset} ({} byte {position})",
-                    file.path.display()
-                );
-                report.corrupt_logs.push((log, offset, reason.clone()));
-                corrupt.entry(log).or_insert((
-                    offset,
-                    StorageError::Corrupt {
-                        path: file.path.clone(),
-                        position,
-                        reason,
-                    },
-                ));
-                position += frame_bytes as u64;
-                continue;
-            }
-            Err(error) => {
-                segment.end = position;
-                return Ok(ScanEnd::Invalid(position, error.to_string()));
-            }
-        };
-        if corrupt.contains_key(&frame.log_id) {
-            position += frame.frame_bytes as u64;
-            continue;
-        }
-        let entry = logs.entry(frame.log_id).or_default();
-        if frame.last_offset < entry.next_offset && entry.next_offset > 0 {
-            // Already known from the checkpoint.
-            position += frame.frame_bytes as u64;
-            continue;
-        }
-        if frame.base_offset != entry.next_offset
-            && !(entry.next_offset == 0 && entry.runs.is_empty())
-        {
-            segment.end = position;
-            return Ok(ScanEnd::Invalid(
-                position,
-                format!(
-                    "log {} batch at offset {} does not continue the log (expected offset {})",
-                    frame.log_id, frame.base_offset, entry.next_offset
-                ),
-            ));
-        }
-        if entry.runs.is_empty() && entry.next_offset == 0 {
-            entry.log_start = frame.base_offset;
-        }
-        let same_write = previous == Some(frame.log_id);
-        entry.push(
-            frame.base_offset,
-            frame.last_offset,
-            WalPosition::new(id, position),
-            frame.frame_bytes as u32,
-            frame.max_timestamp_ms,
-            same_write,
-        );
-        entry.next_offset = frame.last_offset + 1;
-        entry.high_watermark = entry.next_offset;
-        segment.logs.insert(frame.log_id, frame.last_offset);
-        previous = Some(frame.log_id);
-        position += frame.frame_bytes as u64;
-        report.bytes_scanned += frame.frame_bytes as u64;
-        report.frames_scanned += 1;
-        glommio::yield_if_needed().await;
-    }
-}
-
-/// Zeroes whatever may follow the last valid frame of the active segment (stale or
-/// torn bytes from writes that were in flight) and returns the write position and
-/// the partial last block.
+/// After a crash: zeroes whatever may follow the last valid frame of the newest
+/// segment with frames (stale or torn bytes from writes that were in flight), then
+/// makes that segment durable — frames that were written but never synced must be
+/// durable before they are served. Returns the write position and the partial last
+/// block.
 async fn finish_tail(
     segments: &BTreeMap<SegmentId, Segment>,
     tail: Tail,
-    zero: bool,
+    clean: bool,
+    report: &mut RecoveryReport,
 ) -> Result<(u64, Vec<u8>)> {
-    // Only the newest segment holding frames can end in bytes that were never
-    // durable (every older segment was durable before its successor got a write,
-    // and a spare after it was never written).
-    if let Some(id) = tail.tail_segment.filter(|_| zero) {
-        zero_after(&segments[&id]).await?;
+    if let Some(id) = tail.tail_segment.filter(|_| !clean) {
+        let segment = &segments[&id];
+        zero_after(segment).await?;
+        segment.file.sync().await?;
+        report.tail_synced = true;
     }
     let Tail {
         active, write_byte, ..
@@ -516,12 +388,12 @@ async fn finish_tail(
     Ok((write_byte, tail_block))
 }
 
-/// Zeroes `[end, end + RECOVERY_ZERO_BYTES)` of a segment if anything there is not
-/// zero, keeping the valid bytes of the block that holds `end`.
+/// Zeroes `[end, end + RECOVERY_ZERO_BYTES)` of a segment (within its data) if
+/// anything there is not zero, keeping the valid bytes of the block that holds `end`.
 async fn zero_after(segment: &Segment) -> Result<()> {
     let file = &segment.file;
     let end = segment.end;
-    let limit = (end + RECOVERY_ZERO_BYTES).min(file.capacity);
+    let limit = (end + RECOVERY_ZERO_BYTES).min(file.zeroed_end());
     if end >= limit {
         return Ok(());
     }
@@ -542,25 +414,31 @@ async fn zero_after(segment: &Segment) -> Result<()> {
         file.zero_fill(block_start + SECTOR_BYTES, region_end)
             .await?;
     }
-    file.sync().await
+    Ok(())
 }
 
-/// Buffered aligned reads over one segment.
-#[derive(Default)]
+/// Buffered aligned reads over one segment's data.
 struct ScanReader {
+    file: Rc<SegmentFile>,
     start: u64,
     data: Option<super::aligned::AlignedBuffer>,
 }
 
 impl ScanReader {
-    async fn get(
-        &mut self,
-        file: &SegmentFile,
-        position: u64,
-        bytes: usize,
-        capacity: u64,
-    ) -> Result<&[u8]> {
-        let end = position + bytes as u64;
+    fn new(file: Rc<SegmentFile>) -> Self {
+        ScanReader {
+            file,
+            start: 0,
+            data: None,
+        }
+    }
+}
+
+impl SegmentBytes for ScanReader {
+    async fn get(&mut self, position: u64, bytes: usize) -> Result<&[u8]> {
+        let limit = self.file.zeroed_end();
+        let position = position.min(limit);
+        let end = (position + bytes as u64).min(limit);
         let have = self
             .data
             .as_ref()
@@ -569,13 +447,21 @@ impl ScanReader {
             let start = position / SECTOR_BYTES * SECTOR_BYTES;
             let want =
                 ((end - start).div_ceil(SECTOR_BYTES) * SECTOR_BYTES).max(SCAN_READ_BYTES as u64);
-            let want = want.min(capacity - start);
-            self.data = Some(file.read(start, want as usize).await?);
+            let want = want.min(limit.div_ceil(SECTOR_BYTES) * SECTOR_BYTES - start);
+            self.data = Some(self.file.read(start, want as usize).await?);
             self.start = start;
         }
         let data = self.data.as_ref().expect("filled above");
-        let from = (position - self.start) as usize;
-        let to = (from + bytes).min(data.len());
+        let from = ((position - self.start) as usize).min(data.len());
+        let to = (from + (end - position) as usize).min(data.len());
         Ok(&data[from..to])
+    }
+
+    fn limit(&self) -> u64 {
+        self.file.zeroed_end()
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.file.path.clone()
     }
 }

@@ -1,13 +1,82 @@
-//! Segment rolling and the zero-filled spare segment prepared ahead of need.
+//! Segment lifecycle: rolling, the spare segment prepared ahead of need, and the
+//! extender that zero-fills the active segment step by step ahead of the writer.
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
-use super::error::Result;
+use super::error::{Result, StorageError};
 use super::segment::SegmentFile;
 use super::wal::{now_ms, Segment, Wal};
-use crate::limits::SEGMENT_HEADER_BYTES;
+use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_AHEAD_BYTES};
 use crate::types::SegmentId;
+
+/// After a failed zero-fill (a full disk), the extender tries again this much later.
+const EXTEND_RETRY: Duration = Duration::from_millis(100);
+
+/// Keeps the active segment zero-filled `SEGMENT_ZERO_AHEAD_BYTES` beyond what is
+/// written and queued, one durable step at a time, and gives rolled-over segments
+/// their unused zero-filled tail back. Runs until the WAL closes.
+pub(super) async fn extender_loop(wal: Rc<Wal>) {
+    let mut shrunk_below = wal.state.borrow().active;
+    loop {
+        let wake = wal.extender_wake.wait();
+        let (file, want, active) = {
+            let state = wal.state.borrow();
+            if state.closing && state.writer_done {
+                break;
+            }
+            let active = state.active;
+            let file = state.segments[&active].file.clone();
+            let want = (state.write_byte + state.inflight_bytes as u64 + SEGMENT_ZERO_AHEAD_BYTES)
+                .min(file.capacity);
+            (file, want, active)
+        };
+        if shrunk_below < active {
+            shrink_rolled(&wal, shrunk_below, active).await;
+            shrunk_below = active;
+        }
+        if file.zeroed_end() >= want {
+            wake.await;
+            continue;
+        }
+        match file.extend().await {
+            Ok(_) => wal.state.borrow_mut().extend_error = None,
+            Err(error) => {
+                tracing::warn!(path = %file.path.display(), %error, "cannot zero-fill more of the WAL segment; appends that need the space fail until it can");
+                let mut state = wal.state.borrow_mut();
+                if !matches!(error, StorageError::DiskFull { .. }) {
+                    state.extend_error = Some(StorageError::Failed(error.to_string()));
+                } else {
+                    state.extend_error = Some(error);
+                }
+            }
+        }
+        wal.extended.notify_all();
+        if wal.state.borrow().extend_error.is_some() {
+            glommio::timer::sleep(EXTEND_RETRY).await;
+        }
+    }
+    wal.extended.notify_all();
+}
+
+/// Shrinks segments in `[from, active)` to their last frame (they are durable and
+/// never appended to again).
+async fn shrink_rolled(wal: &Rc<Wal>, from: SegmentId, active: SegmentId) {
+    let rolled: Vec<(Rc<SegmentFile>, u64)> = {
+        let state = wal.state.borrow();
+        state
+            .segments
+            .range(from..active)
+            .map(|(_, segment)| (segment.file.clone(), segment.end))
+            .collect()
+    };
+    for (file, end) in rolled {
+        if let Err(error) = file.shrink_to(end).await {
+            tracing::warn!(path = %file.path.display(), %error, "cannot give back the unused end of a WAL segment");
+        }
+    }
+}
 
 /// Switches appends to a new segment. Everything written to the old one is made
 /// durable first, so a torn write can only ever be in the newest segment.

@@ -1,16 +1,24 @@
 //! One WAL segment file: the storage I/O backend (the only storage code that names
 //! glommio).
 //!
-//! Segments are created at their full size and zero-filled with direct writes
-//! before use. Writing into already-allocated, already-written blocks means an
-//! `fdatasync` flushes data only, with no extent conversion or size update to
-//! journal: measured on this project's reference machine, fio's 4 KiB
-//! write+fdatasync rate was 10.2k/s into a zero-filled file against 4.9k/s into a
-//! fallocated one (PostgreSQL zero-fills its WAL segments for the same reason).
-//! Zero-filling also gives recovery a clean end-of-log marker: a header of zeros.
+//! Appends only ever go to zero-filled blocks. Writing into already-allocated,
+//! already-written blocks means an `fdatasync` flushes data only, with no extent
+//! conversion or size update to journal: measured on this project's reference
+//! machine, fio's 4 KiB write+fdatasync rate was 10.2k/s into a zero-filled file
+//! against 4.9k/s into a fallocated one (PostgreSQL zero-fills its WAL segments for
+//! the same reason). Zero-filling also gives recovery a clean end-of-log marker: a
+//! header of zeros.
+//!
+//! A segment is not zero-filled whole at creation: it starts with
+//! `SEGMENT_ZERO_STEP_BYTES` and the WAL's extender task zero-fills further steps
+//! ahead of the writer (each step made durable before the writer may use it), so an
+//! empty broker starts at once and holds little disk. The file's size is its
+//! zero-filled extent; its header records the size it may grow to (`capacity`).
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use glommio::io::{Directory, DmaFile, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -20,7 +28,7 @@ use super::aligned::{pread_aligned, AlignedBuffer};
 
 use super::error::{Result, StorageError};
 use super::format::SegmentHeader;
-use crate::limits::{SECTOR_BYTES, SEGMENT_HEADER_BYTES};
+use crate::limits::{SECTOR_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_ZERO_STEP_BYTES};
 use crate::types::{SegmentId, ShardId};
 
 /// Zero-fill writes use buffers of this size, this many in flight.
@@ -49,8 +57,11 @@ pub struct SegmentFile {
     pub path: PathBuf,
     /// The file, opened with O_DIRECT.
     pub file: Rc<DmaFile>,
-    /// Size it was pre-allocated to.
+    /// Size the segment may grow to (from its header).
     pub capacity: u64,
+    /// Bytes of the file that exist and are zero-filled or written: appends stay
+    /// below it, and scans stop at it.
+    zeroed_end: Cell<u64>,
 }
 
 fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
@@ -67,8 +78,8 @@ fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
 }
 
 impl SegmentFile {
-    /// Creates, zero-fills and syncs a new segment with its header block, then syncs
-    /// the directory so the file's name is durable too.
+    /// Creates a new segment: zero-fills its first step, writes its header block
+    /// last, syncs it, then syncs the directory so the file's name is durable too.
     pub async fn create(
         dir: &Path,
         shard: ShardId,
@@ -91,6 +102,7 @@ impl SegmentFile {
             path: path.clone(),
             file: Rc::new(file),
             capacity,
+            zeroed_end: Cell::new(SEGMENT_HEADER_BYTES),
         };
         if let Err(error) = segment.initialize(shard, now_ms).await {
             // Leave no half-made segment behind: recovery would refuse it.
@@ -102,21 +114,66 @@ impl SegmentFile {
     }
 
     async fn initialize(&self, shard: ShardId, now_ms: i64) -> Result<()> {
-        self.zero_fill(SEGMENT_HEADER_BYTES, self.capacity).await?;
+        let first_step = self.capacity.min(SEGMENT_ZERO_STEP_BYTES);
+        self.zero_fill(SEGMENT_HEADER_BYTES, first_step).await?;
         let mut block = self.file.alloc_dma_buffer(SEGMENT_HEADER_BYTES as usize);
         block.as_bytes_mut().fill(0);
         let header = SegmentHeader::new(shard, self.id, self.capacity, now_ms);
         block.as_bytes_mut()[..std::mem::size_of::<SegmentHeader>()]
             .copy_from_slice(header.as_bytes());
         self.write(block, 0).await?;
+        self.sync().await?;
+        self.zeroed_end.set(first_step);
+        Ok(())
+    }
+
+    /// Bytes that exist and may be written (see the field).
+    pub fn zeroed_end(&self) -> u64 {
+        self.zeroed_end.get()
+    }
+
+    /// Zero-fills the next step (up to `capacity`) and makes it durable, so that
+    /// appends into it never change the file's size. Returns the new extent.
+    pub async fn extend(&self) -> Result<u64> {
+        let from = self.zeroed_end.get();
+        let to = (from + SEGMENT_ZERO_STEP_BYTES).min(self.capacity);
+        if to <= from {
+            return Ok(from);
+        }
+        self.zero_fill(from, to).await?;
+        self.sync().await?;
+        self.zeroed_end.set(to);
+        Ok(to)
+    }
+
+    /// Cuts the file after `end` (rounded up to a block): an old segment gives its
+    /// unused zero-filled tail back once appends moved on.
+    pub async fn shrink_to(&self, end: u64) -> Result<()> {
+        let end = end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+        if end >= self.zeroed_end.get() {
+            return Ok(());
+        }
+        self.file
+            .truncate(end)
+            .await
+            .map_err(|e| StorageError::glommio("truncate segment", &self.path, e))?;
+        self.zeroed_end.set(end);
         self.sync().await
     }
 
-    /// Writes zeros over `[from, to)` (both sector-aligned) with several writes in flight.
+    /// Writes zeros over `[from, to)` (both sector-aligned) with several writes in
+    /// flight, logging progress when it takes long (a slow disk at first start).
     pub async fn zero_fill(&self, from: u64, to: u64) -> Result<()> {
         debug_assert!(from.is_multiple_of(SECTOR_BYTES) && to.is_multiple_of(SECTOR_BYTES));
+        let started = Instant::now();
+        let mut reported = started;
         let mut position = from;
         while position < to {
+            if reported.elapsed() >= Duration::from_secs(1) {
+                reported = Instant::now();
+                let percent = (position - from) * 100 / (to - from).max(1);
+                tracing::info!(path = %self.path.display(), "preparing WAL segment: {percent}% zero-filled");
+            }
             let mut writes = Vec::with_capacity(ZERO_FILL_DEPTH);
             for _ in 0..ZERO_FILL_DEPTH {
                 if position >= to {
@@ -174,13 +231,15 @@ impl SegmentFile {
                 ),
             });
         }
-        let capacity = header.segment_bytes.get().min(size) / SECTOR_BYTES * SECTOR_BYTES;
+        let capacity = header.segment_bytes.get() / SECTOR_BYTES * SECTOR_BYTES;
+        let zeroed_end = size.min(capacity) / SECTOR_BYTES * SECTOR_BYTES;
         Ok((
             SegmentFile {
                 id,
                 path,
                 file: Rc::new(file),
                 capacity,
+                zeroed_end: Cell::new(zeroed_end.max(SEGMENT_HEADER_BYTES)),
             },
             header,
         ))
@@ -193,6 +252,7 @@ impl SegmentFile {
             position.is_multiple_of(SECTOR_BYTES) && (bytes as u64).is_multiple_of(SECTOR_BYTES)
         );
         debug_assert!(position + bytes as u64 <= self.capacity.max(SEGMENT_HEADER_BYTES));
+
         let written = self
             .file
             .write_at(buffer, position)

@@ -161,11 +161,14 @@ pub(super) struct State {
     pub corrupt: HashMap<LogId, (Offset, StorageError)>,
     pub cache: TailCache,
     failed: Option<StorageError>,
-    closing: bool,
-    writer_done: bool,
+    pub(super) closing: bool,
+    pub(super) writer_done: bool,
     /// A zero-filled segment made ahead of need.
     spare: Option<SegmentFile>,
     preparing_spare: bool,
+    /// Why the extender last failed to zero-fill more of the active segment (cleared
+    /// when it succeeds); the writer fails appends that need the space with it.
+    pub(super) extend_error: Option<StorageError>,
     pub stats: WalStats,
 }
 
@@ -175,6 +178,8 @@ pub struct Wal {
     pub(super) state: RefCell<State>,
     writer_wake: Notify,
     syncer_wake: Notify,
+    pub(super) extender_wake: Notify,
+    pub(super) extended: Notify,
     space_freed: Notify,
     durable_advanced: Notify,
     tasks: RefCell<Vec<JoinHandle<()>>>,
@@ -239,17 +244,21 @@ impl Wal {
                 writer_done: false,
                 spare: None,
                 preparing_spare: false,
+                extend_error: None,
                 stats: WalStats::default(),
             }),
             writer_wake: Notify::default(),
             syncer_wake: Notify::default(),
+            extender_wake: Notify::default(),
+            extended: Notify::default(),
             space_freed: Notify::default(),
             durable_advanced: Notify::default(),
             tasks: RefCell::new(Vec::new()),
         });
         let writer = glommio::spawn_local(writer_loop(wal.clone())).detach();
         let syncer = glommio::spawn_local(syncer_loop(wal.clone())).detach();
-        wal.tasks.borrow_mut().extend([writer, syncer]);
+        let extender = glommio::spawn_local(super::roll::extender_loop(wal.clone())).detach();
+        wal.tasks.borrow_mut().extend([writer, syncer, extender]);
         wal
     }
 
@@ -274,6 +283,7 @@ impl Wal {
         let mut state = self.state.borrow_mut();
         state.logs.remove(&log);
         state.corrupt.remove(&log);
+        state.cache.remove_log(log);
     }
 
     /// Logs this WAL knows.
@@ -298,6 +308,21 @@ impl Wal {
         let state = self.state.borrow();
         let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
         Ok(entry.offset_for_timestamp(timestamp_ms))
+    }
+
+    /// The offset from which `log` is corrupt (nothing at or past it is served).
+    pub fn corrupt_from(&self, log: LogId) -> Option<Offset> {
+        self.state
+            .borrow()
+            .corrupt
+            .get(&log)
+            .map(|(offset, _)| *offset)
+    }
+
+    /// Bytes of memory the per-log indexes use.
+    pub fn index_bytes(&self) -> usize {
+        let state = self.state.borrow();
+        state.logs.values().map(LogState::index_bytes).sum()
     }
 
     /// Counters.
@@ -334,6 +359,7 @@ impl Wal {
         self.reserve(bytes).await?;
         let (completion, appended) = self.enqueue(log, epoch, batches, bytes)?;
         self.writer_wake.notify_all();
+        self.extender_wake.notify_all();
         completion.wait().await?;
         Ok(appended)
     }
@@ -434,6 +460,8 @@ impl Wal {
         self.state.borrow_mut().closing = true;
         self.writer_wake.notify_all();
         self.syncer_wake.notify_all();
+        self.extender_wake.notify_all();
+        self.extended.notify_all();
         let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
         for task in tasks {
             let _ = task.await;
@@ -467,6 +495,7 @@ impl Wal {
             if let Some(entry) = state.logs.get_mut(&log) {
                 entry.truncate_from(offset);
             }
+            state.cache.truncate(log, offset);
         }
         self.space_freed.notify_all();
     }
@@ -534,10 +563,11 @@ fn advance_tickets(state: &mut State) {
     }
 }
 
-/// Takes queued frames for one write: those that fit in the active segment and in
-/// `WRITE_BYTES_MAX` (at least one frame, which always fits a fresh segment).
+/// Takes queued frames for one write: those that fit in the active segment's
+/// zero-filled extent and in `WRITE_BYTES_MAX` (the caller checked that the first
+/// one fits).
 fn take_batch(state: &mut State) -> Vec<Pending> {
-    let capacity = state.segments[&state.active].file.capacity;
+    let capacity = state.segments[&state.active].file.zeroed_end();
     let block_start = state.write_byte / SECTOR_BYTES * SECTOR_BYTES;
     let mut end = state.write_byte;
     let mut taken = Vec::new();
@@ -546,7 +576,7 @@ fn take_batch(state: &mut State) -> Vec<Pending> {
         let next_end = end + next.frame.len() as u64;
         let fits_write = next_end - block_start <= WRITE_BYTES_MAX as u64 || taken.is_empty();
         let already = added.get(&next.log).copied().unwrap_or(0);
-        if next_end > capacity
+        if next_end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES > capacity
             || !fits_write
             || over_log_limit(state, next.log, already, next.frame.len())
         {
@@ -599,6 +629,7 @@ async fn writer_loop(wal: Rc<Wal>) {
     }
     wal.state.borrow_mut().writer_done = true;
     wal.syncer_wake.notify_all();
+    wal.extender_wake.notify_all();
 }
 
 /// One write: roll if the next frame does not fit, then lay out and write a batch.
@@ -621,6 +652,9 @@ async fn write_once(wal: &Rc<Wal>) {
             wal.fail_pending(&mut state, &error);
             return;
         }
+    }
+    if !wait_for_extent(wal).await {
+        return;
     }
     let (taken, file, block_start, buffers, end, new_tail) = {
         let mut state = wal.state.borrow_mut();
@@ -686,11 +720,39 @@ async fn write_once(wal: &Rc<Wal>) {
     }
 }
 
+/// Waits until the first queued frame fits in the active segment's zero-filled
+/// extent (the extender works ahead of the writer; a burst can outrun it). False
+/// when the queued frames were failed instead (the extender could not get space).
+async fn wait_for_extent(wal: &Rc<Wal>) -> bool {
+    loop {
+        let wake = wal.extended.wait();
+        {
+            let mut state = wal.state.borrow_mut();
+            let Some(first) = state.pending.front() else {
+                return false;
+            };
+            let end = state.write_byte + first.frame.len() as u64;
+            let zeroed_end = state.segments[&state.active].file.zeroed_end();
+            if end.div_ceil(SECTOR_BYTES) * SECTOR_BYTES <= zeroed_end {
+                return true;
+            }
+            if let Some(error) = state.extend_error.take() {
+                wal.fail_pending(&mut state, &error);
+                return false;
+            }
+            if state.closing && state.failed.is_some() {
+                return false;
+            }
+        }
+        wal.extender_wake.notify_all();
+        wake.await;
+    }
+}
+
 /// Publishes a completed write: index, cache, segment contents, tail block.
 fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new_tail: Vec<u8>) {
     let active = state.active;
     let mut position = state.write_byte;
-    let mut previous_log = None;
     let mut high_watermarks: Vec<(LogId, Offset)> = Vec::new();
     let mut completions = Vec::new();
     let mut bytes = 0;
@@ -699,14 +761,12 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
         let frame_bytes = pending.frame.len() as u32;
         let at = WalPosition::new(active, position);
         if let Some(log) = state.logs.get_mut(&pending.log) {
-            let same_write = previous_log == Some(pending.log);
             log.push(
                 pending.base_offset,
                 pending.last_offset,
                 at,
                 frame_bytes,
                 pending.max_timestamp_ms,
-                same_write,
             );
         }
         if let Some(segment) = state.segments.get_mut(&active) {
@@ -720,11 +780,15 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
             Some(entry) => entry.1 = pending.last_offset + 1,
             None => high_watermarks.push((pending.log, pending.last_offset + 1)),
         }
-        previous_log = Some(pending.log);
         position += u64::from(frame_bytes);
         bytes += frame_bytes as usize;
         seq_end = pending.seq;
-        state.cache.insert(at, pending.frame);
+        state.cache.insert(
+            pending.log,
+            pending.base_offset,
+            pending.last_offset,
+            pending.frame,
+        );
         completions.extend(pending.completion);
     }
     debug_assert_eq!(position, end);
@@ -743,6 +807,7 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
         completions,
     });
     wal.syncer_wake.notify_all();
+    wal.extender_wake.notify_all();
 }
 
 async fn syncer_loop(wal: Rc<Wal>) {
