@@ -39,6 +39,10 @@ struct Args {
     /// Close connections idle for this many seconds.
     #[arg(long, default_value_t = 600)]
     idle_timeout_secs: u64,
+    /// A request frame must arrive within this many seconds of its first byte (plus
+    /// one second per MiB of its size); slower senders are disconnected.
+    #[arg(long, default_value_t = sluice_broker::limits::FRAME_TIMEOUT_SECS_DEFAULT)]
+    frame_timeout_secs: u64,
     /// Connections per shard, at most.
     #[arg(long, default_value_t = sluice_broker::limits::CONNECTIONS_PER_SHARD_MAX)]
     max_connections: usize,
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     config.provision = args.provision;
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     config.connections_max = args.max_connections.max(1);
+    config.frame_timeout = Duration::from_secs(args.frame_timeout_secs.max(1));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.advertised_host = args.advertised_host;
     // A panic anywhere is a bug; a node with a dead shard must not limp on half

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
 
-use crate::limits::MESH_CHANNEL_CAPACITY;
+use crate::limits::{MESH_CHANNEL_CAPACITY, MESH_SERVE_TASKS_MAX};
 use crate::shard_messages::{ShardReply, ShardRequest};
 use crate::sync::Completion;
 
@@ -138,19 +138,38 @@ pub struct Inbox {
 impl Mesh {
     /// Serves requests from every peer: each in its own task, replying on the
     /// reply mesh. `handler` runs the request on this shard.
+    ///
+    /// At most `MESH_SERVE_TASKS_MAX` requests are served at once: beyond that the
+    /// drain stops taking requests, the bounded lanes fill, and senders wait
+    /// (backpressure reaches the connection that caused the load). Long-poll waits
+    /// are exempt — they hold a slot for up to a minute and would starve the rest —
+    /// and are bounded at their source instead (`FETCH_WAITS_PER_SHARD_MAX` per
+    /// shard). Handlers served here only ever call leaf requests on other shards
+    /// (the controller's CreateLogs/DeleteLogs), so the slots cannot deadlock.
     pub fn serve<H, F>(self: &Rc<Self>, mut inbox: Inbox, handler: H)
     where
         H: Fn(ShardRequest) -> F + Clone + 'static,
         F: Future<Output = ShardReply> + 'static,
     {
+        let slots = Rc::new(glommio::sync::Semaphore::new(MESH_SERVE_TASKS_MAX as u64));
         for (_, receiver) in inbox.receivers.streams() {
             let mesh = self.clone();
             let handler = handler.clone();
+            let slots = slots.clone();
             glommio::spawn_local(async move {
                 while let Some(request) = receiver.recv().await {
+                    let slot = if request.body.is_long_poll() {
+                        None
+                    } else {
+                        match slots.acquire_static_permit(1).await {
+                            Ok(permit) => Some(permit),
+                            Err(_) => return,
+                        }
+                    };
                     let mesh = mesh.clone();
                     let handler = handler.clone();
                     glommio::spawn_local(async move {
+                        let _slot = slot;
                         let body = handler(request.body).await;
                         let _ = mesh
                             .replies

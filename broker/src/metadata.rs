@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    PARTITIONS_PER_TOPIC_MAX, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, TOPICS_MAX,
-    TOPIC_NAME_BYTES_MAX,
+    PARTITIONS_PER_NODE_MAX, PARTITIONS_PER_TOPIC_MAX, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    TOPICS_MAX, TOPIC_NAME_BYTES_MAX,
 };
 use crate::types::{LogId, NodeId, ShardId};
 
@@ -319,6 +319,22 @@ impl NodeMetadata {
                 load[usize::from(placement.shard.0)] += 1;
             }
         }
+        let node_partitions: usize = self.topics.values().map(|t| t.partitions.len()).sum();
+        if node_partitions + partitions as usize > PARTITIONS_PER_NODE_MAX {
+            return Err(MetadataError::Invalid(format!(
+                "the node has {node_partitions} partitions; {partitions} more would pass its limit of {PARTITIONS_PER_NODE_MAX}"
+            )));
+        }
+        // Log ids are never reused: running out is an error, never a wrap.
+        let last_log_id = self
+            .next_log_id
+            .checked_add(partitions)
+            .ok_or_else(|| {
+                MetadataError::Invalid(format!(
+                    "this node has handed out {} partition log ids; {partitions} more would exhaust the 32-bit id space (ids are never reused)",
+                    self.next_log_id
+                ))
+            })?;
         let mut placements = Vec::with_capacity(partitions as usize);
         for _ in 0..partitions {
             let (shard, _) = load
@@ -333,6 +349,7 @@ impl NodeMetadata {
             });
             self.next_log_id += 1;
         }
+        debug_assert_eq!(self.next_log_id, last_log_id);
         let topic = Topic {
             name: name.to_string(),
             config,
@@ -448,6 +465,40 @@ mod tests {
         // Log ids are never reused.
         let c = metadata.add_topic("c", 1, TopicConfig::default()).unwrap();
         assert_eq!(c.partitions[0].log_id, LogId(7));
+    }
+
+    #[test]
+    fn log_ids_never_wrap() {
+        let mut metadata = NodeMetadata::new(NodeId(1), 2);
+        metadata.next_log_id = u32::MAX - 2;
+        let error = metadata
+            .add_topic("late", 5, TopicConfig::default())
+            .unwrap_err();
+        assert!(error.to_string().contains("never reused"), "{error}");
+        assert!(metadata.topics.is_empty());
+        metadata
+            .add_topic("fits", 2, TopicConfig::default())
+            .unwrap();
+        assert_eq!(metadata.next_log_id, u32::MAX);
+    }
+
+    #[test]
+    fn the_node_partition_limit_is_enforced() {
+        let mut metadata = NodeMetadata::new(NodeId(1), 2);
+        let per_topic = PARTITIONS_PER_TOPIC_MAX;
+        let topics = PARTITIONS_PER_NODE_MAX as u32 / per_topic;
+        for i in 0..topics {
+            metadata
+                .add_topic(&format!("t{i}"), per_topic, TopicConfig::default())
+                .unwrap();
+        }
+        let left = PARTITIONS_PER_NODE_MAX as u32 - topics * per_topic;
+        assert!(metadata
+            .add_topic("over", left + 1, TopicConfig::default())
+            .is_err());
+        metadata
+            .add_topic("last", left, TopicConfig::default())
+            .unwrap();
     }
 
     #[test]

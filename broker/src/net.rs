@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
@@ -20,10 +20,13 @@ use glommio::net::{TcpListener, TcpStream};
 use sluice_schema::wire::{self, ErrorCode};
 
 use crate::api;
-use crate::limits::INFLIGHT_REQUESTS_PER_CONNECTION_MAX;
-use crate::protocol::{error_response, FrameReader, FramingError, Outgoing};
+use crate::limits::{
+    CONNECTION_REQUEST_BYTES_MAX, FRAME_BYTES_MAX, FRAME_BYTES_PER_SECOND_MIN,
+    HANDSHAKE_FRAME_BYTES_MAX, INFLIGHT_REQUESTS_PER_CONNECTION_MAX,
+};
+use crate::protocol::{error_response, Frame, FrameReader, FramingError, Outgoing};
 use crate::shard::Shard;
-use crate::sync::Notify;
+use crate::sync::{Budget, Held, Notify};
 
 /// Small response pieces are coalesced into one write up to this size.
 const COALESCE_BYTES: usize = 64 * 1024;
@@ -76,6 +79,25 @@ impl Connections {
         }
     }
 }
+
+/// Binds a listening socket the way a restarting server needs: SO_REUSEADDR (a
+/// restart right after a crash must not fail on the old connections' TIME_WAIT
+/// sockets) and SO_REUSEPORT (every shard binds the same port; the kernel spreads
+/// connections over them).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket we own and hand over.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+}
+
+/// Pending connections the kernel queues per listening socket.
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Accepts connections until shutdown, then drains them.
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
@@ -170,55 +192,131 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     reader: &mut R,
     outbox: &Rc<Outbox>,
 ) -> Result<(), String> {
-    let mut frames = FrameReader::default();
+    let mut frames = FrameReader::new(HANDSHAKE_FRAME_BYTES_MAX);
+    // Received bytes count against this connection's and the shard's budgets
+    // until their request completes.
+    let mut held = Held::empty(vec![
+        Budget::new(CONNECTION_REQUEST_BYTES_MAX),
+        shard.request_budget.clone(),
+    ]);
+    let mut frame_started: Option<Instant> = None;
     let mut handshaken = false;
     loop {
-        let idle = shard.settings.idle_timeout;
-        let next = glommio::timer::timeout(idle, async {
-            frames
-                .next(reader)
-                .await
-                .map_err(|e| glommio::GlommioError::IoError(framing_to_io(e)))
-        })
-        .await;
-        let frame = match next {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Ok(()),
-            Err(glommio::GlommioError::TimedOut(_)) => {
-                if outbox.inflight.get() == 0 {
-                    return Err(format!("idle for {} s", idle.as_secs()));
-                }
+        if let Some(frame) = frames.try_frame().map_err(|e| e.to_string())? {
+            let bytes = held.split(frame.wire_bytes);
+            frame_started = (frames.buffered() > 0).then(Instant::now);
+            if !handshaken {
+                handshake_first(shard, &frame, outbox)?;
+                handshaken = true;
+                frames.set_frame_bytes_max(FRAME_BYTES_MAX);
                 continue;
             }
-            Err(error) => return Err(error.to_string()),
+            start_request(shard, outbox, frame, bytes).await;
+            continue;
+        }
+        let deadline = match frame_started {
+            Some(started) => started + frame_timeout(shard, frames.declared()),
+            None => Instant::now() + shard.settings.idle_timeout,
         };
-        if !handshaken {
-            match handshake(shard, &frame.envelope) {
-                Ok(response) => {
-                    outbox.push(response);
-                    handshaken = true;
-                    continue;
-                }
-                Err(response) => {
-                    outbox.push(response);
-                    return Err("first request was not a handshake".into());
-                }
+        match read_more(&mut frames, &mut held, reader, deadline).await {
+            ReadOutcome::Read => {
+                frame_started.get_or_insert_with(Instant::now);
             }
-        }
-        while outbox.inflight.get() >= INFLIGHT_REQUESTS_PER_CONNECTION_MAX {
-            outbox.slot_freed.wait().await;
-        }
-        outbox.inflight.set(outbox.inflight.get() + 1);
-        let (shard, outbox) = (shard.clone(), outbox.clone());
-        glommio::spawn_local(async move {
-            if let Some(response) = api::dispatch(&shard, frame).await {
-                outbox.push(response);
+            ReadOutcome::End if frames.buffered() == 0 => return Ok(()),
+            ReadOutcome::End => return Err("the peer closed the connection mid-frame".into()),
+            ReadOutcome::Failed(error) => return Err(error),
+            ReadOutcome::TimedOut if frame_started.is_some() => {
+                return Err(format!(
+                    "a frame did not arrive within {} s of its first byte (slow sender)",
+                    frame_timeout(shard, frames.declared()).as_secs()
+                ));
             }
-            outbox.inflight.set(outbox.inflight.get() - 1);
-            outbox.slot_freed.notify_all();
-        })
-        .detach();
+            ReadOutcome::TimedOut if outbox.inflight.get() == 0 => {
+                return Err(format!(
+                    "idle for {} s",
+                    shard.settings.idle_timeout.as_secs()
+                ));
+            }
+            ReadOutcome::TimedOut => {}
+        }
     }
+}
+
+/// How long a frame may take from its first byte: the base timeout plus time for
+/// its length at the slowest rate allowed.
+fn frame_timeout(shard: &Shard, declared: Option<usize>) -> Duration {
+    let bytes = declared.unwrap_or(0) as u64;
+    shard.settings.frame_timeout + Duration::from_secs(bytes / FRAME_BYTES_PER_SECOND_MIN as u64)
+}
+
+enum ReadOutcome {
+    Read,
+    End,
+    TimedOut,
+    Failed(String),
+}
+
+/// Reads the next piece of the frame in progress, holding budget for it first;
+/// gives up at `deadline`. Cancellation-safe on both awaits.
+async fn read_more<R: futures_lite::AsyncRead + Unpin>(
+    frames: &mut FrameReader,
+    held: &mut Held,
+    reader: &mut R,
+    deadline: Instant,
+) -> ReadOutcome {
+    let wanted = frames.bytes_wanted();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let outcome = glommio::timer::timeout(remaining, async {
+        held.grow(wanted).await;
+        frames
+            .fill(reader, wanted)
+            .await
+            .map_err(|e| glommio::GlommioError::IoError(framing_to_io(e)))
+    })
+    .await;
+    // Budget is held for the bytes buffered (what was read), not for what was
+    // asked; this also undoes a grow whose read was cancelled.
+    held.shrink(held.bytes().saturating_sub(frames.buffered()));
+    match outcome {
+        Ok(0) => ReadOutcome::End,
+        Ok(_) => ReadOutcome::Read,
+        Err(glommio::GlommioError::TimedOut(_)) => ReadOutcome::TimedOut,
+        Err(error) => ReadOutcome::Failed(error.to_string()),
+    }
+}
+
+/// The first frame must be a handshake; anything else is answered and closes.
+fn handshake_first(shard: &Rc<Shard>, frame: &Frame, outbox: &Outbox) -> Result<(), String> {
+    match handshake(shard, &frame.envelope) {
+        Ok(response) => {
+            outbox.push(response);
+            Ok(())
+        }
+        Err(response) => {
+            outbox.push(response);
+            Err("first request was not a handshake".into())
+        }
+    }
+}
+
+/// Serves a request in its own task once the connection has a pipelining slot;
+/// `bytes` (its share of the budgets) is given back when it completes.
+async fn start_request(shard: &Rc<Shard>, outbox: &Rc<Outbox>, frame: Frame, bytes: Held) {
+    while outbox.inflight.get() >= INFLIGHT_REQUESTS_PER_CONNECTION_MAX {
+        outbox.slot_freed.wait().await;
+    }
+    outbox.inflight.set(outbox.inflight.get() + 1);
+    let (shard, outbox) = (shard.clone(), outbox.clone());
+    glommio::spawn_local(async move {
+        let response = api::dispatch(&shard, frame).await;
+        drop(bytes);
+        if let Some(response) = response {
+            outbox.push(response);
+        }
+        outbox.inflight.set(outbox.inflight.get() - 1);
+        outbox.slot_freed.notify_all();
+    })
+    .detach();
 }
 
 fn framing_to_io(error: FramingError) -> std::io::Error {

@@ -10,10 +10,10 @@ use futures_lite::{AsyncRead, AsyncReadExt};
 use sluice_schema::wire::{self, ErrorCode};
 use sluice_schema::{ENVELOPE_BYTES_MAX, ENVELOPE_LENGTH_BYTES, FRAME_PREFIX_BYTES};
 
-use crate::limits::FRAME_BYTES_MAX;
+use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX, RESPONSE_ENVELOPE_BYTES_MAX};
 
-/// Bytes read from the socket at a time when no frame is in progress.
-const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Bytes read from the socket at most at a time.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 
 /// A received frame: the envelope and the raw payload, zero-copy slices of the
 /// receive buffer.
@@ -22,14 +22,16 @@ pub struct Frame {
     pub envelope: Bytes,
     /// Raw payload after it.
     pub payload: Bytes,
+    /// Bytes the frame took on the wire, prefix included.
+    pub wire_bytes: usize,
 }
 
 /// Why the connection's framing broke (the connection is closed).
 #[derive(Debug, thiserror::Error)]
 pub enum FramingError {
     /// A length prefix over the limit: refused before allocating.
-    #[error("frame of {0} bytes exceeds the limit of {FRAME_BYTES_MAX}")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes")]
+    TooLarge(usize, usize),
     /// A frame too short to hold its envelope length, or an envelope length that
     /// does not fit the frame.
     #[error("malformed frame: {0}")]
@@ -39,73 +41,75 @@ pub enum FramingError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads frames from a byte stream.
+/// Splits a byte stream into frames. The length is checked against the current
+/// limit before anything is allocated for the frame, and the buffer grows only as
+/// bytes arrive (never to a declared length ahead of the bytes). Reading is
+/// cancellation-safe: [`FrameReader::fill`] keeps nothing but the bytes it read.
 pub struct FrameReader {
     buffer: BytesMut,
-}
-
-impl Default for FrameReader {
-    fn default() -> Self {
-        FrameReader {
-            buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
-        }
-    }
+    frame_bytes_max: usize,
 }
 
 impl FrameReader {
-    /// The next frame, `None` at a clean end of stream.
-    pub async fn next<R: AsyncRead + Unpin>(
+    /// A reader accepting frames of at most `frame_bytes_max` bytes (prefix included).
+    pub fn new(frame_bytes_max: usize) -> Self {
+        FrameReader {
+            buffer: BytesMut::new(),
+            frame_bytes_max,
+        }
+    }
+
+    /// Changes the frame limit (raised after the handshake).
+    pub fn set_frame_bytes_max(&mut self, frame_bytes_max: usize) {
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
+    /// Bytes received and not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// The whole length of the frame in progress, once its prefix is here.
+    pub fn declared(&self) -> Option<usize> {
+        let prefix: [u8; FRAME_PREFIX_BYTES] =
+            self.buffer.get(..FRAME_PREFIX_BYTES)?.try_into().ok()?;
+        Some(FRAME_PREFIX_BYTES.saturating_add(u32::from_le_bytes(prefix) as usize))
+    }
+
+    /// How many bytes to read next: the rest of the frame in progress, at most
+    /// [`READ_CHUNK_BYTES`].
+    pub fn bytes_wanted(&self) -> usize {
+        match self.declared() {
+            Some(total) if total > self.buffer.len() => {
+                (total - self.buffer.len()).min(READ_CHUNK_BYTES)
+            }
+            _ => READ_CHUNK_BYTES,
+        }
+    }
+
+    /// Reads at most `bytes` more from `stream`; returns how many (0 at the end of
+    /// the stream). If cancelled, nothing was added.
+    pub async fn fill<R: AsyncRead + Unpin>(
         &mut self,
         stream: &mut R,
-    ) -> Result<Option<Frame>, FramingError> {
-        loop {
-            if let Some(frame) = self.try_frame()? {
-                return Ok(Some(frame));
-            }
-            let wanted = self.bytes_wanted();
-            let old = self.buffer.len();
-            self.buffer.resize(old + wanted, 0);
-            let read = stream.read(&mut self.buffer[old..]).await;
-            let read = match read {
-                Ok(read) => read,
-                Err(error) => {
-                    self.buffer.truncate(old);
-                    return Err(error.into());
-                }
-            };
-            self.buffer.truncate(old + read);
-            if read == 0 {
-                return if old == 0 {
-                    Ok(None)
-                } else {
-                    Err(FramingError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-                };
-            }
-        }
+        bytes: usize,
+    ) -> Result<usize, FramingError> {
+        let mut guard = Extension::new(&mut self.buffer, bytes);
+        let read = stream.read(guard.spare()).await?;
+        guard.keep(read);
+        Ok(read)
     }
 
-    /// Bytes to read next: the rest of the frame in progress, or a chunk.
-    fn bytes_wanted(&self) -> usize {
-        if self.buffer.len() >= FRAME_PREFIX_BYTES {
-            let declared =
-                u32::from_le_bytes(self.buffer[..4].try_into().unwrap_or_default()) as usize;
-            let total = FRAME_PREFIX_BYTES + declared;
-            if total > self.buffer.len() {
-                return (total - self.buffer.len()).max(64 * 1024);
-            }
-        }
-        READ_CHUNK_BYTES
-    }
-
-    fn try_frame(&mut self) -> Result<Option<Frame>, FramingError> {
-        if self.buffer.len() < FRAME_PREFIX_BYTES {
+    /// The next whole frame if it is buffered. Fails when the frame in progress is
+    /// over the limit or malformed.
+    pub fn try_frame(&mut self) -> Result<Option<Frame>, FramingError> {
+        let Some(total) = self.declared() else {
             return Ok(None);
+        };
+        if total > self.frame_bytes_max {
+            return Err(FramingError::TooLarge(total, self.frame_bytes_max));
         }
-        let declared = u32::from_le_bytes(self.buffer[..4].try_into().unwrap_or_default()) as usize;
-        let total = FRAME_PREFIX_BYTES.saturating_add(declared);
-        if total > FRAME_BYTES_MAX {
-            return Err(FramingError::TooLarge(total));
-        }
+        let declared = total - FRAME_PREFIX_BYTES;
         if declared < ENVELOPE_LENGTH_BYTES {
             return Err(FramingError::Malformed(format!(
                 "frame length {declared} cannot hold an envelope length"
@@ -129,7 +133,38 @@ impl FrameReader {
         Ok(Some(Frame {
             envelope: frame.slice(..envelope_bytes),
             payload: frame.slice(envelope_bytes..),
+            wire_bytes: total,
         }))
+    }
+}
+
+/// Extends a buffer by `bytes` zeroed bytes for a read and, unless told how many
+/// were read, takes them off again when dropped (so a cancelled read leaves the
+/// buffer as it was).
+struct Extension<'a> {
+    buffer: &'a mut BytesMut,
+    start: usize,
+}
+
+impl<'a> Extension<'a> {
+    fn new(buffer: &'a mut BytesMut, bytes: usize) -> Self {
+        let start = buffer.len();
+        buffer.resize(start + bytes, 0);
+        Extension { buffer, start }
+    }
+
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buffer[self.start..]
+    }
+
+    fn keep(&mut self, read: usize) {
+        self.start += read;
+    }
+}
+
+impl Drop for Extension<'_> {
+    fn drop(&mut self) {
+        self.buffer.truncate(self.start);
     }
 }
 
@@ -158,7 +193,7 @@ pub fn finish(
     body: Option<(wire::ResponseBody, WIPOffset<UnionWIPOffset>)>,
     payload: Vec<Bytes>,
 ) -> Outgoing {
-    let message = message.map(|m| fbb.create_string(m));
+    let message = message.map(|m| fbb.create_string(cut_message(m)));
     let (body_type, body) = match body {
         Some((kind, offset)) => (kind, Some(offset)),
         None => (wire::ResponseBody::NONE, None),
@@ -176,9 +211,19 @@ pub fn finish(
     fbb.finish(response, None);
     let envelope = fbb.finished_data();
     let payload_bytes: usize = payload.iter().map(Bytes::len).sum();
+    let frame_bytes = FRAME_PREFIX_BYTES + ENVELOPE_LENGTH_BYTES + envelope.len() + payload_bytes;
+    if envelope.len() > RESPONSE_ENVELOPE_BYTES_MAX || frame_bytes > FRAME_BYTES_MAX {
+        // Handlers bound their responses before building them; this is the last
+        // line: never a truncated length.
+        let message = format!(
+            "the response would be {frame_bytes} bytes (envelope {}), over the limits of {FRAME_BYTES_MAX} (envelope {RESPONSE_ENVELOPE_BYTES_MAX}); ask for less",
+            envelope.len()
+        );
+        return error_response(correlation_id, ErrorCode::ResponseTooLarge, &message);
+    }
     let mut head =
         BytesMut::with_capacity(FRAME_PREFIX_BYTES + ENVELOPE_LENGTH_BYTES + envelope.len());
-    head.put_u32_le((ENVELOPE_LENGTH_BYTES + envelope.len() + payload_bytes) as u32);
+    head.put_u32_le((frame_bytes - FRAME_PREFIX_BYTES) as u32);
     head.put_u32_le(envelope.len() as u32);
     head.put_slice(envelope);
     Outgoing {
@@ -215,4 +260,73 @@ pub fn error_response(correlation_id: u32, error: ErrorCode, message: &str) -> O
         None,
         Vec::new(),
     )
+}
+
+/// An error message cut to `ERROR_MESSAGE_BYTES_MAX` bytes (at a character
+/// boundary), so that a response's size is known before it is built.
+pub fn cut_message(message: &str) -> &str {
+    if message.len() <= ERROR_MESSAGE_BYTES_MAX {
+        return message;
+    }
+    let mut end = ERROR_MESSAGE_BYTES_MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+/// Worst-case bytes of a response envelope, estimated before building it:
+/// handlers add what each item can take and refuse with `ResponseTooLarge` when
+/// the total is over the limit.
+#[derive(Default)]
+pub struct ResponseSize {
+    bytes: usize,
+}
+
+impl ResponseSize {
+    /// Bytes of every response envelope, before any item.
+    pub const BASE_BYTES: usize = 512;
+    /// A table's worst-case overhead (vtable offset, padding, offsets to it).
+    pub const TABLE_BYTES: usize = 64;
+    /// A string field at worst: length prefix, padding and terminator.
+    pub const STRING_OVERHEAD_BYTES: usize = 16;
+
+    /// Starts at the fixed envelope overhead.
+    pub fn new() -> Self {
+        ResponseSize {
+            bytes: Self::BASE_BYTES + ERROR_MESSAGE_BYTES_MAX,
+        }
+    }
+
+    /// Adds `count` items of at most `item_bytes` each.
+    pub fn add(&mut self, count: usize, item_bytes: usize) -> &mut Self {
+        self.bytes = self.bytes.saturating_add(count.saturating_mul(item_bytes));
+        self
+    }
+
+    /// A table with a string of `string_bytes` and an error message.
+    pub fn item_with_message(string_bytes: usize) -> usize {
+        Self::TABLE_BYTES + string_bytes + ERROR_MESSAGE_BYTES_MAX + 2 * Self::STRING_OVERHEAD_BYTES
+    }
+
+    /// The estimate.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// `Err` with a `ResponseTooLarge` response when over the limit.
+    pub fn check(&self, correlation_id: u32, what: &str) -> Result<(), Outgoing> {
+        if self.bytes <= RESPONSE_ENVELOPE_BYTES_MAX {
+            return Ok(());
+        }
+        let message = format!(
+            "the response to {what} could take {} bytes, over the limit of {RESPONSE_ENVELOPE_BYTES_MAX}; ask for fewer topics or partitions",
+            self.bytes
+        );
+        Err(error_response(
+            correlation_id,
+            ErrorCode::ResponseTooLarge,
+            &message,
+        ))
+    }
 }

@@ -40,6 +40,8 @@ pub struct BrokerConfig {
     pub idle_timeout: Duration,
     /// Connections per shard, at most.
     pub connections_max: usize,
+    /// A frame must arrive within this long of its first byte (plus time for its size).
+    pub frame_timeout: Duration,
     /// Retention runs this often.
     pub retention_check: Duration,
     /// Host to advertise in Metadata (default: the listen address's IP).
@@ -62,6 +64,7 @@ impl BrokerConfig {
             provision: None,
             idle_timeout: Duration::from_secs(600),
             connections_max: crate::limits::CONNECTIONS_PER_SHARD_MAX,
+            frame_timeout: Duration::from_secs(crate::limits::FRAME_TIMEOUT_SECS_DEFAULT),
             retention_check: Duration::from_secs(5),
             advertised_host: None,
             io_memory_bytes: 4 << 20,
@@ -145,6 +148,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         retention_check: config.retention_check,
         idle_timeout: config.idle_timeout,
         connections_max: config.connections_max,
+        frame_timeout: config.frame_timeout,
     });
     let metadata = Arc::new(ArcSwap::from_pointee(metadata));
     let meshes = MeshBuilders::new(shards);
@@ -228,7 +232,7 @@ async fn run_shard(
         async move { shard.execute(request).await }
     });
     let listener =
-        glommio::net::TcpListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+        crate::net::bind_listener(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
     glommio::spawn_local(shard.clone().retention_loop()).detach();
     let _ = ready.send(Ok(()));
     crate::net::serve(shard.clone(), listener).await;

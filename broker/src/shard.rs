@@ -11,12 +11,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use sluice_schema::wire::ErrorCode;
 
+use crate::limits::{FETCH_WAITS_PER_SHARD_MAX, SHARD_REQUEST_BYTES_MAX};
 use crate::mesh::Mesh;
 use crate::metadata::{validate_topic_name, NodeMetadata, Topic, TopicConfig};
 use crate::shard_messages::{
-    ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, ShardReply, ShardRequest,
+    ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, PartitionRead, ShardReply,
+    ShardRequest,
 };
-use crate::storage::{Retention, Wal};
+use crate::storage::{ReadBatches, Retention, Wal};
+use crate::sync::Budget;
 use crate::types::{Epoch, LogId, NodeId, ShardId};
 
 /// Settings every shard shares.
@@ -36,6 +39,9 @@ pub struct ShardSettings {
     pub idle_timeout: Duration,
     /// Connections per shard, at most.
     pub connections_max: usize,
+    /// A frame must arrive within this long of its first byte (plus time for its
+    /// length at `FRAME_BYTES_PER_SECOND_MIN`).
+    pub frame_timeout: Duration,
 }
 
 /// The shard context, shared by the shard's tasks.
@@ -54,6 +60,10 @@ pub struct Shard {
     pub shutdown: Arc<AtomicBool>,
     /// Serializes admin operations (shard 0 only).
     admin_lock: Rc<glommio::sync::Semaphore>,
+    /// Bytes of received requests all this shard's connections may hold.
+    pub request_budget: Rc<Budget>,
+    /// Slots for long-polling fetches (`FETCH_WAITS_PER_SHARD_MAX`).
+    pub fetch_waits: Rc<glommio::sync::Semaphore>,
 }
 
 /// The metadata controller lives on shard 0.
@@ -77,6 +87,10 @@ impl Shard {
             settings,
             shutdown,
             admin_lock: Rc::new(glommio::sync::Semaphore::new(1)),
+            request_budget: Budget::new(SHARD_REQUEST_BYTES_MAX),
+            fetch_waits: Rc::new(glommio::sync::Semaphore::new(
+                FETCH_WAITS_PER_SHARD_MAX as u64,
+            )),
         })
     }
 
@@ -104,23 +118,16 @@ impl Shard {
                     .await
                     .map_err(ApiError::from),
             ),
-            ShardRequest::Read {
-                log,
-                offset,
-                max_bytes,
-            } => ShardReply::Read(
-                self.wal
-                    .read(log, offset, max_bytes)
-                    .await
-                    .map_err(ApiError::from),
-            ),
+            ShardRequest::ReadMany { reads, budget } => {
+                ShardReply::ReadMany(self.read_many(&reads, budget).await)
+            }
             ShardRequest::WaitForData {
                 log,
-                offset,
+                seen_high_watermark,
                 wait_ms,
             } => {
-                self.wait_for_data(log, offset, Duration::from_millis(u64::from(wait_ms)))
-                    .await;
+                let wait = Duration::from_millis(u64::from(wait_ms));
+                self.wait_for_data(log, seen_high_watermark, wait).await;
                 ShardReply::Waited
             }
             ShardRequest::ListOffset { log, query } => {
@@ -135,6 +142,7 @@ impl Shard {
                                 log_start,
                                 high_watermark,
                                 size_bytes,
+                                corrupt_from: self.wal.corrupt_from(*log),
                             })
                             .map_err(ApiError::from)
                     })
@@ -161,14 +169,50 @@ impl Shard {
         }
     }
 
-    /// Waits until `log`'s high watermark passes `offset`, the log goes away,
-    /// shutdown starts, or `wait` elapses. Never busy-polls: it sleeps on the WAL's
-    /// durability notifications.
-    pub async fn wait_for_data(&self, log: LogId, offset: u64, wait: Duration) {
+    /// Reads logs of this shard in order, each within its own budget and all
+    /// within `budget`: a read after the budget is spent returns no frames (only
+    /// the log's offsets), and only the first read that finds data may exceed its
+    /// share by one batch.
+    pub async fn read_many(
+        &self,
+        reads: &[PartitionRead],
+        budget: usize,
+    ) -> Vec<Result<ReadBatches, ApiError>> {
+        let mut remaining = budget;
+        let mut results = Vec::with_capacity(reads.len());
+        for read in reads {
+            let result = if remaining == 0 {
+                self.wal
+                    .log_offsets(read.log)
+                    .map(|(log_start, high_watermark, _)| ReadBatches {
+                        high_watermark,
+                        log_start,
+                        ..ReadBatches::default()
+                    })
+                    .map_err(ApiError::from)
+            } else {
+                let limit = read.max_bytes.min(remaining);
+                self.wal
+                    .read(read.log, read.offset, limit)
+                    .await
+                    .map_err(ApiError::from)
+            };
+            if let Ok(read) = &result {
+                remaining = remaining.saturating_sub(read.bytes);
+            }
+            results.push(result);
+        }
+        results
+    }
+
+    /// Waits until `log`'s high watermark moves past `seen_high_watermark`, the
+    /// log goes away, shutdown starts, or `wait` elapses. Never busy-polls: it
+    /// sleeps on the WAL's durability notifications.
+    pub async fn wait_for_data(&self, log: LogId, seen_high_watermark: u64, wait: Duration) {
         let deadline = std::time::Instant::now() + wait;
         loop {
             match self.wal.log_offsets(log) {
-                Ok((_, high_watermark, _)) if high_watermark <= offset => {}
+                Ok((_, high_watermark, _)) if high_watermark <= seen_high_watermark => {}
                 _ => return,
             }
             let now = std::time::Instant::now();

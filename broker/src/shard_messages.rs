@@ -93,6 +93,8 @@ pub struct LogDescription {
     pub high_watermark: Offset,
     /// Bytes stored.
     pub size_bytes: u64,
+    /// The offset from which the log is corrupt (nothing at or past it is served).
+    pub corrupt_from: Option<Offset>,
 }
 
 /// A topic to create.
@@ -106,8 +108,27 @@ pub struct NewTopic {
     pub configs: Vec<(String, String)>,
 }
 
+/// One partition of a multi-partition read.
+#[derive(Clone, Copy, Debug)]
+pub struct PartitionRead {
+    /// The log.
+    pub log: LogId,
+    /// From offset.
+    pub offset: Offset,
+    /// The partition's own byte budget.
+    pub max_bytes: usize,
+}
+
 /// Work one shard asks another to do.
 pub enum ShardRequest {
+    /// Read several logs of this shard in order within a shared byte budget.
+    ReadMany {
+        /// The reads, in order.
+        reads: Vec<PartitionRead>,
+        /// Bytes all of them may return together (the first non-empty read
+        /// returns at least one whole batch).
+        budget: usize,
+    },
     /// Append verified batches to a log.
     Produce {
         /// Target log.
@@ -115,21 +136,13 @@ pub enum ShardRequest {
         /// Verified client batches.
         batches: Vec<(Bytes, BatchInfo)>,
     },
-    /// Read batches.
-    Read {
-        /// Log.
-        log: LogId,
-        /// From offset.
-        offset: Offset,
-        /// Byte budget.
-        max_bytes: usize,
-    },
-    /// Reply once the log's high watermark passes `offset`, or after `wait_ms`.
+    /// Reply once the log's high watermark passes `seen_high_watermark`, or after
+    /// `wait_ms`.
     WaitForData {
         /// Log.
         log: LogId,
-        /// Offset the fetch is at.
-        offset: Offset,
+        /// The high watermark the fetch last saw.
+        seen_high_watermark: Offset,
         /// Longest wait.
         wait_ms: u32,
     },
@@ -157,12 +170,19 @@ pub enum ShardRequest {
     DeleteTopics(Vec<String>),
 }
 
+impl ShardRequest {
+    /// A request that may wait long on the serving shard (a fetch's long-poll).
+    pub fn is_long_poll(&self) -> bool {
+        matches!(self, ShardRequest::WaitForData { .. })
+    }
+}
+
 /// The answer.
 pub enum ShardReply {
     /// Produce result.
     Produced(Result<Appended, ApiError>),
-    /// Read result.
-    Read(Result<ReadBatches, ApiError>),
+    /// ReadMany results, in request order.
+    ReadMany(Vec<Result<ReadBatches, ApiError>>),
     /// WaitForData finished (data or timeout).
     Waited,
     /// ListOffset result.

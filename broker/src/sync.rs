@@ -108,3 +108,102 @@ impl<T> Future for CompletionWait<T> {
         Poll::Pending
     }
 }
+
+/// A byte budget shared by many holders (a bound on memory, e.g. received
+/// requests). Holders take bytes with [`Held::grow`] and give them back by
+/// dropping or shrinking their [`Held`].
+pub struct Budget {
+    available: Cell<usize>,
+    capacity: usize,
+    freed: Notify,
+}
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Rc<Budget> {
+        Rc::new(Budget {
+            available: Cell::new(bytes),
+            capacity: bytes,
+            freed: Notify::default(),
+        })
+    }
+
+    /// Bytes not held by anyone.
+    pub fn available(&self) -> usize {
+        self.available.get()
+    }
+
+    /// Bytes held.
+    pub fn in_use(&self) -> usize {
+        self.capacity - self.available.get()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.available.set(self.available.get() + bytes);
+        debug_assert!(self.available.get() <= self.capacity);
+        self.freed.notify_all();
+    }
+}
+
+/// Bytes held from one or more budgets at once (each holds the same amount);
+/// given back when dropped.
+pub struct Held {
+    budgets: Vec<Rc<Budget>>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds nothing yet, from these budgets.
+    pub fn empty(budgets: Vec<Rc<Budget>>) -> Held {
+        Held { budgets, bytes: 0 }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes `bytes` more from every budget, waiting until all of them have room.
+    /// Cancellation-safe: it takes all or nothing, at once.
+    pub async fn grow(&mut self, bytes: usize) {
+        debug_assert!(self.budgets.iter().all(|b| bytes <= b.capacity));
+        loop {
+            match self.budgets.iter().find(|b| b.available() < bytes) {
+                Some(short) => short.clone().freed.wait().await,
+                None => {
+                    for budget in &self.budgets {
+                        budget.available.set(budget.available() - bytes);
+                    }
+                    self.bytes += bytes;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives `bytes` back (at most what is held).
+    pub fn shrink(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        for budget in &self.budgets {
+            budget.give(bytes);
+        }
+    }
+
+    /// Moves `bytes` (at most what is held) into a new holder.
+    pub fn split(&mut self, bytes: usize) -> Held {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Held {
+            budgets: self.budgets.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let bytes = self.bytes;
+        self.shrink(bytes);
+    }
+}

@@ -74,7 +74,7 @@ impl Connection {
         let connecting = tokio::time::timeout(connect_timeout, TcpStream::connect(addr));
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(connect_error(addr, error.to_string())),
+            Ok(Err(error)) => return Err(connect_error(addr, describe_connect_failure(&error))),
             Err(_) => {
                 return Err(connect_error(
                     addr,
@@ -115,17 +115,22 @@ impl Connection {
     ) -> Connection {
         let pending = Arc::new(Mutex::new(Pending::default()));
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        // When the reader sees the connection end (EOF, reset), the writer closes
+        // its half at once: no socket lingers in CLOSE-WAIT after the broker died.
+        let reader_done = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(write_loop(
             addr.to_owned(),
             write_half,
             outgoing_rx,
             pending.clone(),
+            reader_done.clone(),
         ));
         let reader = tokio::spawn(read_loop(
             addr.to_owned(),
             read_half,
             decoder,
             pending.clone(),
+            reader_done,
         ));
         Connection {
             addr: addr.to_owned(),
@@ -258,6 +263,15 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// A connect failure in words a user can act on.
+fn describe_connect_failure(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::ConnectionRefused {
+        "connection refused — is the broker running? (it may still be starting)".into()
+    } else {
+        error.to_string()
+    }
+}
+
 fn connect_error(addr: &str, reason: String) -> Error {
     Error::Connect {
         addr: addr.to_owned(),
@@ -335,9 +349,17 @@ async fn write_loop(
     mut socket: OwnedWriteHalf,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     pending: Arc<Mutex<Pending>>,
+    reader_done: Arc<tokio::sync::Notify>,
 ) {
     let mut buffer = BytesMut::with_capacity(WRITE_COALESCE_BYTES_MAX);
-    while let Some(first) = outgoing.recv().await {
+    loop {
+        let first = tokio::select! {
+            message = outgoing.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            _ = reader_done.notified() => break,
+        };
         let mut next = Some(first);
         let mut result = Ok(());
         while let Some(message) = next.take() {
@@ -384,6 +406,7 @@ async fn read_loop(
     mut socket: OwnedReadHalf,
     mut decoder: FrameDecoder,
     pending: Arc<Mutex<Pending>>,
+    done: Arc<tokio::sync::Notify>,
 ) {
     let reason = loop {
         match decoder.next_frame() {
@@ -405,6 +428,8 @@ async fn read_loop(
     };
     tracing::debug!(%addr, %reason, "connection closed");
     close(&pending, &addr, reason);
+    drop(socket);
+    done.notify_one();
 }
 
 fn dispatch(pending: &Mutex<Pending>, response: Response) {

@@ -64,6 +64,8 @@ pub enum Code {
     TooManyConnections,
     /// The topic is being created or deleted. Retriable.
     TopicBusy,
+    /// The response would exceed the protocol's limits: ask for less.
+    ResponseTooLarge,
     /// A code this client does not know (a newer broker).
     Unknown(u16),
 }
@@ -71,7 +73,7 @@ pub enum Code {
 impl Code {
     /// Maps a wire code to [`Code`].
     pub fn from_wire(code: wire::ErrorCode) -> Code {
-        const TABLE: [Code; 24] = [
+        const TABLE: [Code; 25] = [
             Code::None,
             Code::Internal,
             Code::MalformedRequest,
@@ -96,6 +98,7 @@ impl Code {
             Code::CorruptLog,
             Code::TooManyConnections,
             Code::TopicBusy,
+            Code::ResponseTooLarge,
         ];
         TABLE
             .get(usize::from(code.0))

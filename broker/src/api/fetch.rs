@@ -1,7 +1,18 @@
 //! Fetch: stored batches as they are (never re-encoded), up to the high watermark,
-//! long-polling until `min_bytes` are available or `max_wait_ms` passes. Waiting
-//! sleeps on the owning shards' durability notifications — no busy polling.
+//! long-polling until `min_bytes` are available or `max_wait_ms` passes.
+//!
+//! The response budget (`max_bytes`) is applied before reading: each owning shard
+//! reads its partitions in request order within its share of the budget, so a fetch
+//! never reads much more than it can send (at most one batch per shard beyond its
+//! share, so that a batch larger than the budget still makes progress).
+//!
+//! Waiting sleeps until a partition's high watermark moves past what this fetch
+//! last saw, or the wait ends — never until "the watermark is past the fetch
+//! offset", which is already true when some but not `min_bytes` are there (that
+//! busy loop froze a shard). Long-polls per shard are bounded; a fetch that finds
+//! no slot answers with what it has.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -10,23 +21,27 @@ use flatbuffers::FlatBufferBuilder;
 use futures::FutureExt;
 use sluice_schema::wire::{self, ErrorCode};
 
-use super::locate;
-use crate::limits::{FETCH_WAIT_MS_MAX, READ_BYTES_MAX};
+use super::{checks, locate};
+use crate::limits::{BATCH_BYTES_MAX, FETCH_WAIT_MS_MAX, FRAME_BYTES_MAX, READ_BYTES_MAX};
 use crate::metadata::PartitionPlacement;
-use crate::protocol::{error_response, ok, Outgoing};
+use crate::protocol::{cut_message, error_response, ok, Outgoing, ResponseSize};
 use crate::shard::Shard;
-use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
+use crate::shard_messages::{ApiError, PartitionRead, ShardReply, ShardRequest};
 use crate::storage::ReadBatches;
+use crate::types::{Offset, ShardId};
 
-/// Response payload budget when the request gives none.
+/// Response payload budget when the request gives none (`max_bytes` = 0).
 const FETCH_BYTES_DEFAULT: usize = 32 << 20;
-/// Largest response payload.
-const FETCH_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX - (2 << 20);
+/// Largest response payload: with the envelope and one batch over the budget, the
+/// response stays within a frame.
+const FETCH_BYTES_MAX: usize =
+    FRAME_BYTES_MAX - BATCH_BYTES_MAX - crate::limits::RESPONSE_ENVELOPE_BYTES_MAX;
+const _: () = assert!(FETCH_BYTES_MAX >= FETCH_BYTES_DEFAULT);
 
 struct Wanted {
     topic: String,
     partition: u32,
-    offset: u64,
+    offset: Offset,
     max_bytes: usize,
     target: Result<PartitionPlacement, ApiError>,
 }
@@ -42,10 +57,68 @@ pub(super) async fn handle(
         0 => FETCH_BYTES_DEFAULT,
         n => n.min(FETCH_BYTES_MAX),
     };
+    let wanted = match wanted(shard, id, &request) {
+        Ok(wanted) => wanted,
+        Err(response) => return response,
+    };
+    let deadline = Instant::now() + wait;
+    let mut slot = None;
+    loop {
+        let results = read_all(shard, &wanted, max_bytes).await;
+        let available: usize = results
+            .iter()
+            .map(|r| r.as_ref().map(|b| b.bytes).unwrap_or(0))
+            .sum();
+        let any_error = results.iter().any(Result::is_err);
+        let now = Instant::now();
+        if any_error || available >= min_bytes || now >= deadline || shard.shutting_down() {
+            return respond(id, &wanted, results, max_bytes);
+        }
+        if slot.is_none() {
+            // A bounded number of fetches long-poll per shard at once.
+            let permit = glommio::timer::timeout(deadline - now, async {
+                Ok(shard.fetch_waits.acquire_static_permit(1).await)
+            })
+            .await;
+            match permit {
+                Ok(Ok(permit)) => slot = Some(permit),
+                _ => return respond(id, &wanted, results, max_bytes),
+            }
+        }
+        let seen: Vec<Offset> = results
+            .iter()
+            .zip(&wanted)
+            .map(|(result, want)| result.as_ref().map_or(want.offset, |r| r.high_watermark))
+            .collect();
+        wait_any(
+            shard,
+            &wanted,
+            &seen,
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .await;
+    }
+}
+
+/// The request's partitions, checked (counts, duplicates, response size) and located.
+fn wanted(
+    shard: &Rc<Shard>,
+    id: u32,
+    request: &wire::FetchRequest<'_>,
+) -> Result<Vec<Wanted>, Outgoing> {
     let metadata = shard.topics();
+    let mut entries = checks::Entries::default();
+    let mut names_bytes = 0;
     let mut wanted = Vec::new();
     for topic in request.topics().iter().flatten() {
+        entries
+            .topic(topic.name())
+            .map_err(|m| checks::invalid(id, &m))?;
+        names_bytes += topic.name().len();
         for partition in topic.partitions().iter().flatten() {
+            entries
+                .partition(topic.name(), partition.partition())
+                .map_err(|m| checks::invalid(id, &m))?;
             let target = locate(&metadata, topic.name(), partition.partition())
                 .map(|(placement, _)| placement);
             wanted.push(Wanted {
@@ -58,71 +131,104 @@ pub(super) async fn handle(
         }
     }
     if wanted.is_empty() {
-        return error_response(id, ErrorCode::InvalidRequest, "fetch names no partition");
+        return Err(error_response(
+            id,
+            ErrorCode::InvalidRequest,
+            "fetch names no partition",
+        ));
     }
-    let deadline = Instant::now() + wait;
-    loop {
-        let results = read_all(shard, &wanted).await;
-        let available: usize = results
-            .iter()
-            .map(|r| r.as_ref().map(|b| b.bytes).unwrap_or(0))
-            .sum();
-        let any_error = results.iter().any(Result::is_err);
-        let now = Instant::now();
-        if any_error || available >= min_bytes.max(1) || now >= deadline || shard.shutting_down() {
-            return respond(id, &wanted, results, max_bytes);
-        }
-        wait_any(shard, &wanted, deadline - now).await;
-    }
+    let mut size = ResponseSize::new();
+    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
+        .add(1, names_bytes)
+        .add(wanted.len(), ResponseSize::item_with_message(0));
+    size.check(id, "this Fetch request")?;
+    Ok(wanted)
 }
 
-async fn read_all(shard: &Rc<Shard>, wanted: &[Wanted]) -> Vec<Result<ReadBatches, ApiError>> {
-    let reads = wanted.iter().map(|want| {
+/// Reads every wanted partition: one request per owning shard, each with its share
+/// of `max_bytes` (by partition count), reading its partitions in request order.
+async fn read_all(
+    shard: &Rc<Shard>,
+    wanted: &[Wanted],
+    max_bytes: usize,
+) -> Vec<Result<ReadBatches, ApiError>> {
+    let mut groups: BTreeMap<ShardId, Vec<usize>> = BTreeMap::new();
+    for (index, want) in wanted.iter().enumerate() {
+        if let Ok(placement) = &want.target {
+            groups.entry(placement.shard).or_default().push(index);
+        }
+    }
+    let total = wanted.len();
+    let reads = groups.into_iter().map(|(target, indexes)| {
         let shard = shard.clone();
-        let target = want.target.clone();
-        let (offset, max_bytes) = (want.offset, want.max_bytes);
+        let budget = (max_bytes * indexes.len() / total).max(1);
+        let reads: Vec<PartitionRead> = indexes
+            .iter()
+            .map(|index| {
+                let want = &wanted[*index];
+                let log = want.target.as_ref().map(|p| p.log_id).unwrap_or_default();
+                PartitionRead {
+                    log,
+                    offset: want.offset,
+                    max_bytes: want.max_bytes,
+                }
+            })
+            .collect();
         async move {
-            let placement = target?;
-            let request = ShardRequest::Read {
-                log: placement.log_id,
-                offset,
-                max_bytes,
+            let count = reads.len();
+            let results = match shard
+                .route(target, ShardRequest::ReadMany { reads, budget })
+                .await
+            {
+                ShardReply::ReadMany(results) if results.len() == count => results,
+                _ => (0..count)
+                    .map(|_| Err(ApiError::new(ErrorCode::Internal, "shard unavailable")))
+                    .collect(),
             };
-            match shard.route(placement.shard, request).await {
-                ShardReply::Read(result) => result,
-                _ => Err(ApiError::new(ErrorCode::Internal, "shard unavailable")),
-            }
+            indexes.into_iter().zip(results).collect::<Vec<_>>()
         }
     });
-    futures::future::join_all(reads).await
+    let mut results: Vec<Option<Result<ReadBatches, ApiError>>> = wanted
+        .iter()
+        .map(|want| want.target.as_ref().err().map(|error| Err(error.clone())))
+        .collect();
+    for (index, result) in futures::future::join_all(reads).await.into_iter().flatten() {
+        results[index] = Some(result);
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "no result"))))
+        .collect()
 }
 
-/// Waits until any wanted partition gets data past its offset, or `wait` passes.
-async fn wait_any(shard: &Rc<Shard>, wanted: &[Wanted], wait: Duration) {
+/// Waits until any wanted partition's high watermark moves past what this fetch
+/// saw (`seen`, in `wanted` order), or `wait` passes.
+async fn wait_any(shard: &Rc<Shard>, wanted: &[Wanted], seen: &[Offset], wait: Duration) {
     let wait_ms = wait.as_millis().min(u128::from(FETCH_WAIT_MS_MAX)) as u32;
     let waits: Vec<_> = wanted
         .iter()
-        .filter_map(|want| {
+        .zip(seen)
+        .filter_map(|(want, seen)| {
             want.target
                 .as_ref()
                 .ok()
-                .map(|placement| (*placement, want.offset))
+                .map(|placement| (*placement, *seen))
         })
-        .map(|(placement, offset)| {
+        .map(|(placement, seen_high_watermark)| {
             let shard = shard.clone();
             async move {
                 if placement.shard == shard.id {
                     shard
                         .wait_for_data(
                             placement.log_id,
-                            offset,
+                            seen_high_watermark,
                             Duration::from_millis(u64::from(wait_ms)),
                         )
                         .await;
                 } else {
                     let request = ShardRequest::WaitForData {
                         log: placement.log_id,
-                        offset,
+                        seen_high_watermark,
                         wait_ms,
                     };
                     shard.route(placement.shard, request).await;
@@ -171,7 +277,7 @@ fn respond(
                 }
             }
             Err(error) => {
-                let message = Some(fbb.create_string(&error.message));
+                let message = Some(fbb.create_string(cut_message(&error.message)));
                 wire::FetchPartitionResultArgs {
                     partition: want.partition,
                     error: error.code,

@@ -5,7 +5,8 @@ use std::rc::Rc;
 use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
-use crate::protocol::{ok, Outgoing};
+use super::checks;
+use crate::protocol::{ok, Outgoing, ResponseSize};
 use crate::shard::Shard;
 
 pub(super) async fn handle(
@@ -15,9 +16,21 @@ pub(super) async fn handle(
 ) -> Outgoing {
     let metadata = shard.topics();
     let names: Vec<String> = match request.and_then(|r| r.topics()) {
-        Some(list) if !list.is_empty() => list.iter().map(str::to_string).collect(),
+        Some(list) if !list.is_empty() => match checks::names(id, list.iter()) {
+            Ok(names) => names,
+            Err(response) => return response,
+        },
         _ => metadata.topics.keys().cloned().collect(),
     };
+    let mut size = ResponseSize::new();
+    for name in &names {
+        let partitions = metadata.topics.get(name).map_or(0, |t| t.partitions.len());
+        size.add(1, ResponseSize::item_with_message(name.len()))
+            .add(partitions, ResponseSize::TABLE_BYTES);
+    }
+    if let Err(response) = size.check(id, "this Metadata request") {
+        return response;
+    }
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
     let host = fbb.create_string(&shard.settings.advertised_host);
     let broker = wire::BrokerInfo::create(

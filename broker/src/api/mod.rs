@@ -1,6 +1,7 @@
 //! Request handlers, one file per request kind. A handler serves partitions its
 //! shard owns and forwards the rest over the mesh.
 
+mod checks;
 mod fetch;
 mod handshake;
 mod list_offsets;

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
-use super::locate;
-use crate::protocol::{error_response, ok, Outgoing};
+use super::{checks, locate};
+use crate::protocol::{cut_message, error_response, ok, Outgoing, ResponseSize};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
 use crate::storage::format::{self, BatchInfo, FrameError};
@@ -44,6 +44,9 @@ pub(super) async fn handle(
     let timeout = Duration::from_millis(u64::from(
         request.timeout_ms().clamp(1, PRODUCE_TIMEOUT_MS_MAX),
     ));
+    if let Err(response) = check_shape(id, &request) {
+        return Some(response);
+    }
     let metadata = shard.topics();
     let mut plan: Vec<(String, Vec<PartitionPlan>)> = Vec::new();
     for topic in request.topics().iter().flatten() {
@@ -109,6 +112,31 @@ pub(super) async fn handle(
         }
     };
     Some(respond(id, &plan, results))
+}
+
+/// Counts and duplicates of the request's entries, and the worst-case response.
+fn check_shape(id: u32, request: &wire::ProduceRequest<'_>) -> Result<(), Outgoing> {
+    let mut entries = checks::Entries::default();
+    let mut names_bytes = 0;
+    for topic in request.topics().iter().flatten() {
+        entries
+            .topic(topic.name())
+            .map_err(|m| checks::invalid(id, &m))?;
+        names_bytes += topic.name().len();
+        for partition in topic.partitions().iter().flatten() {
+            entries
+                .partition(topic.name(), partition.partition())
+                .map_err(|m| checks::invalid(id, &m))?;
+        }
+    }
+    let mut size = ResponseSize::new();
+    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
+        .add(1, names_bytes)
+        .add(
+            entries.partition_count(),
+            ResponseSize::item_with_message(0),
+        );
+    size.check(id, "this Produce request")
 }
 
 /// Checks one partition entry: payload range, topic and partition, and every batch.
@@ -199,7 +227,7 @@ fn respond(
                     ),
                     Err(error) => (error.code, 0, error.log_start, Some(error.message)),
                 };
-                let message = message.map(|m| fbb.create_string(&m));
+                let message = message.map(|m| fbb.create_string(cut_message(&m)));
                 wire::ProducePartitionResult::create(
                     &mut fbb,
                     &wire::ProducePartitionResultArgs {

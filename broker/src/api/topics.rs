@@ -7,7 +7,12 @@ use std::rc::Rc;
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 use sluice_schema::wire::{self, ErrorCode};
 
-use crate::protocol::{error_response, ok, Outgoing};
+use super::checks;
+use crate::protocol::{cut_message, error_response, ok, Outgoing, ResponseSize};
+
+/// A config entry in a response at worst: a table and two short strings.
+const CONFIG_ENTRY_BYTES: usize = ResponseSize::TABLE_BYTES + 128;
+use crate::limits::CONFIGS_PER_TOPIC_MAX;
 use crate::shard::{Shard, CONTROLLER_SHARD};
 use crate::shard_messages::{ApiError, LogDescription, NewTopic, ShardReply, ShardRequest};
 use crate::types::ShardId;
@@ -20,7 +25,9 @@ fn results<'a>(
         .iter()
         .map(|(name, error)| {
             let name = fbb.create_string(name);
-            let message = error.as_ref().map(|e| fbb.create_string(&e.message));
+            let message = error
+                .as_ref()
+                .map(|e| fbb.create_string(cut_message(&e.message)));
             wire::TopicResult::create(
                 fbb,
                 &wire::TopicResultArgs {
@@ -57,25 +64,10 @@ pub(super) async fn create(
             "create-topics request without a body",
         );
     };
-    let topics: Vec<NewTopic> = request
-        .topics()
-        .map(|list| {
-            list.iter()
-                .map(|topic| NewTopic {
-                    name: topic.name().to_string(),
-                    partitions: topic.partitions(),
-                    configs: topic
-                        .configs()
-                        .map(|c| {
-                            c.iter()
-                                .map(|e| (e.key().to_string(), e.value().to_string()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let topics = match new_topics(id, &request) {
+        Ok(topics) => topics,
+        Err(response) => return response,
+    };
     let outcome = to_controller(
         shard,
         ShardRequest::CreateTopics {
@@ -105,15 +97,46 @@ pub(super) async fn create(
     )
 }
 
+/// The topics of a CreateTopics request, checked for count, duplicates and the
+/// number of configs each.
+fn new_topics(id: u32, request: &wire::CreateTopicsRequest<'_>) -> Result<Vec<NewTopic>, Outgoing> {
+    let mut entries = checks::Entries::default();
+    let mut topics = Vec::new();
+    for topic in request.topics().iter().flatten() {
+        entries
+            .topic(topic.name())
+            .map_err(|m| checks::invalid(id, &m))?;
+        let configs = topic.configs().map_or(0, |c| c.len());
+        if configs > CONFIGS_PER_TOPIC_MAX {
+            let message = format!(
+                "topic '{}' has {configs} configs; at most {CONFIGS_PER_TOPIC_MAX}",
+                topic.name()
+            );
+            return Err(checks::invalid(id, &message));
+        }
+        topics.push(NewTopic {
+            name: topic.name().to_string(),
+            partitions: topic.partitions(),
+            configs: topic
+                .configs()
+                .iter()
+                .flatten()
+                .map(|e| (e.key().to_string(), e.value().to_string()))
+                .collect(),
+        });
+    }
+    Ok(topics)
+}
+
 pub(super) async fn delete(
     shard: &Rc<Shard>,
     id: u32,
     request: Option<wire::DeleteTopicsRequest<'_>>,
 ) -> Outgoing {
-    let names: Vec<String> = request
-        .and_then(|r| r.names())
-        .map(|n| n.iter().map(str::to_string).collect())
-        .unwrap_or_default();
+    let names = match checks::names(id, request.and_then(|r| r.names()).iter().flatten()) {
+        Ok(names) => names,
+        Err(response) => return response,
+    };
     let list = match to_controller(shard, ShardRequest::DeleteTopics(names)).await {
         Ok(list) => list,
         Err(message) => return error_response(id, ErrorCode::Internal, &message),
@@ -137,6 +160,16 @@ pub(super) async fn delete(
 
 pub(super) fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
     let metadata = shard.topics();
+    let mut size = ResponseSize::new();
+    for name in metadata.topics.keys() {
+        size.add(
+            1,
+            ResponseSize::TABLE_BYTES + name.len() + ResponseSize::STRING_OVERHEAD_BYTES,
+        );
+    }
+    if let Err(response) = size.check(id, "ListTopics") {
+        return response;
+    }
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
     let items: Vec<_> = metadata
         .topics
@@ -175,9 +208,24 @@ pub(super) async fn describe(
 ) -> Outgoing {
     let metadata = shard.topics();
     let names: Vec<String> = match request.and_then(|r| r.names()) {
-        Some(list) if !list.is_empty() => list.iter().map(str::to_string).collect(),
+        Some(list) if !list.is_empty() => match checks::names(id, list.iter()) {
+            Ok(names) => names,
+            Err(response) => return response,
+        },
         _ => metadata.topics.keys().cloned().collect(),
     };
+    let mut size = ResponseSize::new();
+    for name in &names {
+        let topic = metadata.topics.get(name);
+        let partitions = topic.map_or(0, |t| t.partitions.len());
+        let configs = topic.map_or(0, |t| t.config.entries().len());
+        size.add(1, ResponseSize::item_with_message(name.len()))
+            .add(configs, CONFIG_ENTRY_BYTES)
+            .add(partitions, ResponseSize::TABLE_BYTES);
+    }
+    if let Err(response) = size.check(id, "this DescribeTopics request") {
+        return response;
+    }
     // Ask each owning shard for the offsets of its logs, all shards at once.
     let mut by_shard: HashMap<ShardId, Vec<crate::types::LogId>> = HashMap::new();
     for name in &names {
@@ -253,12 +301,14 @@ pub(super) async fn describe(
             .enumerate()
             .map(|(index, placement)| {
                 let (offsets, error) = match offsets.get(&placement.log_id) {
+                    Some(Ok(d)) if d.corrupt_from.is_some() => (*d, ErrorCode::CorruptLog),
                     Some(Ok(d)) => (*d, ErrorCode::None),
                     Some(Err(e)) => (
                         LogDescription {
                             log_start: 0,
                             high_watermark: 0,
                             size_bytes: 0,
+                            corrupt_from: None,
                         },
                         e.code,
                     ),
@@ -267,6 +317,7 @@ pub(super) async fn describe(
                             log_start: 0,
                             high_watermark: 0,
                             size_bytes: 0,
+                            corrupt_from: None,
                         },
                         ErrorCode::Internal,
                     ),

@@ -119,6 +119,15 @@ pub enum FrameError {
         /// CRC of the bytes.
         computed: u32,
     },
+    /// A record inside the batch is malformed: every consumer would fail to decode
+    /// the partition past it, so the batch is refused.
+    #[error("record {index}: {reason}")]
+    BadRecord {
+        /// The record's index in the batch.
+        index: u32,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The header CRC does not match (stored frames only).
     #[error("batch header CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     HeaderCrc {
@@ -226,11 +235,145 @@ pub fn verify_client_batch(bytes: &[u8], frame_bytes_max: usize) -> Result<Batch
     if computed != stored {
         return Err(FrameError::PayloadCrc { stored, computed });
     }
+    check_records(frame, header.record_count.get())?;
     Ok(BatchInfo {
         frame_bytes,
         record_count: header.record_count.get(),
         max_timestamp_ms: header.max_timestamp_ms.get(),
     })
+}
+
+/// Walks the records of a whole batch frame and checks their framing exactly as a
+/// consumer decodes it (docs/protocol.md, "Records"): `record_count` records, each
+/// `length | attributes | timestamp delta | offset delta | key | value | headers`
+/// with every length inside the record, offset delta = the record's index, keys and
+/// values of length -1 (null) or more, a non-negative header count, UTF-8 header
+/// keys that are not null, each record consuming exactly its length, and nothing
+/// after the last record.
+pub fn check_records(frame: &[u8], record_count: u32) -> Result<(), FrameError> {
+    let mut position = batch::HEADER_BYTES;
+    for index in 0..record_count {
+        let bad = |reason: String| FrameError::BadRecord { index, reason };
+        let length = varint_i32(frame, &mut position)
+            .ok_or_else(|| bad("record length is truncated or not a 32-bit varint".into()))?;
+        let length =
+            usize::try_from(length).map_err(|_| bad(format!("negative record length {length}")))?;
+        let end = position
+            .checked_add(length)
+            .filter(|end| *end <= frame.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "record length {length} runs past the end of the batch"
+                ))
+            })?;
+        let mut record = Cursor {
+            bytes: &frame[..end],
+            position,
+        };
+        record.check(index).map_err(bad)?;
+        if record.position != end {
+            return Err(bad(format!(
+                "record has {} bytes after its headers",
+                end - record.position
+            )));
+        }
+        position = end;
+    }
+    if position != frame.len() {
+        return Err(FrameError::BadRecord {
+            index: record_count,
+            reason: format!(
+                "{} bytes after the last of {record_count} records",
+                frame.len() - position
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a zigzag varint of at most `bytes_max` bytes.
+fn varint(bytes: &[u8], position: &mut usize, bytes_max: usize) -> Option<i64> {
+    let mut raw: u64 = 0;
+    for index in 0..bytes_max {
+        let byte = *bytes.get(*position + index)?;
+        raw |= u64::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            *position += index + 1;
+            return Some(((raw >> 1) as i64) ^ -((raw & 1) as i64));
+        }
+    }
+    None
+}
+
+/// A 32-bit varint (at most 5 bytes, value in `i32`).
+fn varint_i32(bytes: &[u8], position: &mut usize) -> Option<i32> {
+    let mut at = *position;
+    let value = i32::try_from(varint(bytes, &mut at, 5)?).ok()?;
+    *position = at;
+    Some(value)
+}
+
+/// The fields of one record, bounded by its length.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl Cursor<'_> {
+    fn check(&mut self, index: u32) -> Result<(), String> {
+        if self.position >= self.bytes.len() {
+            return Err("record ends before its attributes".into());
+        }
+        self.position += 1;
+        varint(self.bytes, &mut self.position, 10)
+            .ok_or("timestamp delta is truncated or longer than 10 bytes")?;
+        let delta = varint_i32(self.bytes, &mut self.position)
+            .ok_or("offset delta is truncated or not a 32-bit varint")?;
+        if i64::from(delta) != i64::from(index) {
+            return Err(format!(
+                "offset delta {delta} is not the record's index {index}"
+            ));
+        }
+        self.field("key")?;
+        self.field("value")?;
+        let count = varint_i32(self.bytes, &mut self.position)
+            .ok_or("header count is truncated or not a 32-bit varint")?;
+        let count = usize::try_from(count).map_err(|_| format!("negative header count {count}"))?;
+        if count > (self.bytes.len() - self.position) / 2 {
+            return Err(format!(
+                "header count {count} runs past the end of the record"
+            ));
+        }
+        for header in 0..count {
+            let key = self
+                .field("header key")?
+                .ok_or_else(|| format!("header {header} has a null key"))?;
+            if std::str::from_utf8(key).is_err() {
+                return Err(format!("header {header} key is not UTF-8"));
+            }
+            self.field("header value")?;
+        }
+        Ok(())
+    }
+
+    /// A length-prefixed field; `None` for a null (-1) one.
+    fn field(&mut self, what: &str) -> Result<Option<&[u8]>, String> {
+        let length = varint_i32(self.bytes, &mut self.position)
+            .ok_or_else(|| format!("{what} length is truncated or not a 32-bit varint"))?;
+        if length == -1 {
+            return Ok(None);
+        }
+        let length =
+            usize::try_from(length).map_err(|_| format!("{what} length {length} is below -1"))?;
+        let end = self
+            .position
+            .checked_add(length)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| format!("{what} of {length} bytes runs past the end of the record"))?;
+        let field = &self.bytes[self.position..end];
+        self.position = end;
+        Ok(Some(field))
+    }
 }
 
 /// Writes the broker-owned fields into a frame and seals it with the header CRC.

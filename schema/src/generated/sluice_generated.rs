@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 23;
+pub const ENUM_MAX_ERROR_CODE: u16 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 25] = [
   ErrorCode::None,
   ErrorCode::Internal,
   ErrorCode::MalformedRequest,
@@ -41,6 +41,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::CorruptLog,
   ErrorCode::TooManyConnections,
   ErrorCode::TopicBusy,
+  ErrorCode::ResponseTooLarge,
 ];
 
 /// One error-code enum for every request and response. 0 means success.
@@ -98,9 +99,13 @@ impl ErrorCode {
   pub const TooManyConnections: Self = Self(22);
   /// The topic is being deleted or created; try again. Retriable.
   pub const TopicBusy: Self = Self(23);
+  /// The response to this request would exceed the protocol's limits (see
+  /// docs/protocol.md); ask for less (fewer topics or partitions, a smaller
+  /// max_bytes). Never sent with a truncated body.
+  pub const ResponseTooLarge: Self = Self(24);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 23;
+  pub const ENUM_MAX: u16 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Internal,
@@ -126,6 +131,7 @@ impl ErrorCode {
     Self::CorruptLog,
     Self::TooManyConnections,
     Self::TopicBusy,
+    Self::ResponseTooLarge,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -154,6 +160,7 @@ impl ErrorCode {
       Self::CorruptLog => Some("CorruptLog"),
       Self::TooManyConnections => Some("TooManyConnections"),
       Self::TopicBusy => Some("TopicBusy"),
+      Self::ResponseTooLarge => Some("ResponseTooLarge"),
       _ => None,
     }
   }
