@@ -14,6 +14,8 @@ use crate::limits::{ERROR_MESSAGE_BYTES_MAX, FRAME_BYTES_MAX, RESPONSE_ENVELOPE_
 
 /// Bytes read from the socket at most at a time.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Bytes read at a time while little is buffered.
+pub const READ_FIRST_BYTES: usize = 16 * 1024;
 
 /// A received frame: the envelope and the raw payload, zero-copy slices of the
 /// receive buffer.
@@ -76,15 +78,12 @@ impl FrameReader {
         Some(FRAME_PREFIX_BYTES.saturating_add(u32::from_le_bytes(prefix) as usize))
     }
 
-    /// How many bytes to read next: the rest of the frame in progress, at most
-    /// [`READ_CHUNK_BYTES`].
+    /// How many bytes to read next. The buffer may at most double with each read
+    /// (from `READ_FIRST_BYTES`, up to `READ_CHUNK_BYTES`): a connection that has
+    /// sent little — a length and nothing else — holds little memory, while one
+    /// streaming a large frame reaches full-size reads within a few reads.
     pub fn bytes_wanted(&self) -> usize {
-        match self.declared() {
-            Some(total) if total > self.buffer.len() => {
-                (total - self.buffer.len()).min(READ_CHUNK_BYTES)
-            }
-            _ => READ_CHUNK_BYTES,
-        }
+        self.buffer.len().clamp(READ_FIRST_BYTES, READ_CHUNK_BYTES)
     }
 
     /// Reads at most `bytes` more from `stream`; returns how many (0 at the end of

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod proto;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,8 +33,14 @@ fn bin_dir() -> PathBuf {
 /// Path of a workspace binary. The first call in a test process runs `cargo build`
 /// for the broker and CLI binaries (a no-op when they are current), so tests never
 /// run stale binaries.
+///
+/// `SLUICE_TEST_BIN_DIR` runs the tests against the binaries in another directory
+/// (a release build, or an older build to show a test fails there), unbuilt.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
+    if let Some(dir) = std::env::var_os("SLUICE_TEST_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let path = bin_dir().join(name);
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -113,9 +121,10 @@ impl Broker {
             data_dir.display().to_string(),
             "--listen".to_string(),
             addr.to_string(),
-            "--segment-mib".to_string(),
-            "16".to_string(),
         ];
+        if !extra.contains(&"--segment-mib") {
+            args.extend(["--segment-mib".to_string(), "16".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let broker = Broker::spawn(data_dir, addr, args);
         broker.wait_ready();
@@ -132,7 +141,10 @@ impl Broker {
             .unwrap();
         let child = Command::new(bin("sluice-broker"))
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -214,6 +226,21 @@ impl Broker {
         let broker = Broker::spawn(&self.data_dir, self.addr, args);
         broker.wait_ready();
         broker
+    }
+
+    /// The process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("broker running")
+    }
+
+    /// CPU seconds (user + system) the broker process has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.pid())
+    }
+
+    /// The broker's resident memory, in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        process_rss_bytes(self.pid())
     }
 
     /// True while the process runs.
@@ -348,6 +375,37 @@ impl Raw {
         raw
     }
 
+    /// Connects and handshakes; `None` when the broker refuses (e.g. at its
+    /// connection limit) or closes.
+    pub fn try_open(addr: SocketAddr) -> Option<Raw> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .ok()?;
+        let _ = stream.set_nodelay(true);
+        let mut raw = Raw {
+            stream,
+            decoder: FrameDecoder::default(),
+            next_id: 1,
+            shard: 0,
+            shard_count: 0,
+        };
+        let body = RequestBody::Handshake {
+            version_min: 1,
+            version_max: 1,
+            client_software: Some("black-box-test".into()),
+        };
+        let reply = raw.request(&body, &[])?;
+        let response = reply.response();
+        if response.error() != wire::ErrorCode::None {
+            return None;
+        }
+        let handshake = response.body_as_handshake_response()?;
+        raw.shard = handshake.shard();
+        raw.shard_count = handshake.shard_count();
+        Some(raw)
+    }
+
     /// Opens connections until one lands on `shard`.
     pub fn open_on_shard(addr: SocketAddr, shard: u16) -> Raw {
         for _ in 0..200 {
@@ -357,6 +415,17 @@ impl Raw {
             }
         }
         panic!("no connection landed on shard {shard}");
+    }
+
+    /// Like [`Raw::open_on_shard`], `None` if the broker refuses.
+    pub fn try_open_on_shard(addr: SocketAddr, shard: u16) -> Option<Raw> {
+        for _ in 0..200 {
+            let raw = Raw::try_open(addr)?;
+            if raw.shard == shard {
+                return Some(raw);
+            }
+        }
+        None
     }
 
     pub fn handshake(&mut self) {
@@ -429,4 +498,55 @@ impl Raw {
             }
         }
     }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after ") ".
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields[11].parse().unwrap();
+    let stime: f64 = fields[12].parse().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (utime + stime) / ticks
+}
+
+/// Resident memory of a process, in bytes, from `/proc/<pid>/status`.
+pub fn process_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// TCP sockets of process `pid` in CLOSE-WAIT (the peer closed, the process did not).
+pub fn close_wait_sockets(pid: u32) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|target| {
+                    let text = target.to_string_lossy().to_string();
+                    text.strip_prefix("socket:[")
+                        .and_then(|s| s.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // st = 08 is CLOSE_WAIT; field 9 is the inode.
+            if fields.len() > 9 && fields[3] == "08" && inodes.contains(fields[9]) {
+                count += 1;
+            }
+        }
+    }
+    count
 }

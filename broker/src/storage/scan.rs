@@ -157,12 +157,17 @@ pub async fn next_valid_frame<S: SegmentBytes>(source: &mut S, from: u64) -> Res
     let mut position = from;
     while position + batch::HEADER_BYTES as u64 <= limit {
         let chunk = source.get(position, CHUNK).await?;
-        let candidates: Vec<u64> = chunk
-            .windows(magic.len())
-            .enumerate()
-            .filter(|(_, window)| *window == magic)
-            .map(|(index, _)| position + index as u64)
-            .collect();
+        let mut candidates: Vec<u64> = Vec::new();
+        let mut from = 0;
+        // Jump from one occurrence of the magic's first byte to the next (a
+        // vectorized search: zero-filled space goes by fast).
+        while let Some(found) = chunk[from..].iter().position(|b| *b == magic[0]) {
+            let at = from + found;
+            if chunk.get(at..at + magic.len()) == Some(&magic[..]) {
+                candidates.push(position + at as u64);
+            }
+            from = at + 1;
+        }
         let scanned = chunk.len().saturating_sub(magic.len() - 1).max(1) as u64;
         for candidate in candidates {
             if matches!(classify(source, candidate).await?, Found::Valid(_)) {

@@ -1,0 +1,185 @@
+//! Raw-protocol helpers for black-box tests: build batches and requests, send them
+//! on a [`Raw`] connection and pick the interesting fields out of the replies.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use bytes::Bytes;
+use flatbuffers::FlatBufferBuilder;
+use sluice_client::batch::BatchBuilder;
+use sluice_client::request::{
+    FetchPartitionSpec, ListOffsetsSpec, NewTopic, OffsetQuery, ProducePartitionRange,
+    ProduceTopicRanges, RequestBody,
+};
+use sluice_schema::wire::{self, ErrorCode};
+
+use crate::Raw;
+
+/// A batch of `values` (null keys) stamped with the current time (an old
+/// timestamp would fall to the default 7-day retention while a test runs).
+pub fn batch(values: &[&[u8]]) -> Bytes {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut builder = BatchBuilder::with_capacity(1024);
+    for value in values {
+        builder.append(now, None, Some(value), &[]).unwrap();
+    }
+    builder.finish().unwrap()
+}
+
+pub fn create(raw: &mut Raw, name: &str, partitions: u32, configs: &[(&str, &str)]) -> ErrorCode {
+    let body = RequestBody::CreateTopics {
+        topics: vec![NewTopic {
+            name: name.into(),
+            partitions,
+            configs: configs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }],
+        validate_only: false,
+    };
+    let reply = raw.request(&body, &[]).unwrap();
+    let response = reply.response();
+    let results = response
+        .body_as_create_topics_response()
+        .unwrap()
+        .results()
+        .unwrap();
+    results.get(0).error()
+}
+
+/// Produces `payload` to one partition; returns (error, base offset, message).
+pub fn produce(
+    raw: &mut Raw,
+    topic: &str,
+    partition: u32,
+    payload: &[u8],
+    acks: i8,
+) -> (ErrorCode, u64, String) {
+    let body = RequestBody::Produce {
+        acks,
+        timeout_ms: 10_000,
+        topics: vec![ProduceTopicRanges {
+            name: topic.into(),
+            partitions: vec![ProducePartitionRange {
+                partition,
+                payload_offset: 0,
+                payload_bytes: payload.len() as u32,
+            }],
+        }],
+    };
+    let reply = raw.request(&body, payload).unwrap();
+    let response = reply.response();
+    assert_eq!(
+        response.error(),
+        ErrorCode::None,
+        "{:?}",
+        response.message()
+    );
+    let result = response
+        .body_as_produce_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0);
+    (
+        result.error(),
+        result.base_offset(),
+        result.message().unwrap_or_default().to_string(),
+    )
+}
+
+/// Fetches from an offset; returns (error, high watermark, log start, payload bytes).
+pub fn fetch(
+    raw: &mut Raw,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> (ErrorCode, u64, u64, usize) {
+    let body = RequestBody::Fetch {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 1 << 20,
+        topics: vec![(
+            topic.into(),
+            vec![FetchPartitionSpec {
+                partition,
+                offset,
+                max_bytes: 1 << 20,
+            }],
+        )],
+    };
+    let reply = raw.request(&body, &[]).unwrap();
+    let response = reply.response();
+    let result = response
+        .body_as_fetch_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0);
+    (
+        result.error(),
+        result.high_watermark(),
+        result.log_start_offset(),
+        result.payload_bytes() as usize,
+    )
+}
+
+pub fn high_watermark(raw: &mut Raw, topic: &str, partition: u32) -> u64 {
+    let body = RequestBody::ListOffsets {
+        topics: vec![(
+            topic.into(),
+            vec![ListOffsetsSpec {
+                partition,
+                query: OffsetQuery::Latest,
+            }],
+        )],
+    };
+    let reply = raw.request(&body, &[]).unwrap();
+    let response = reply.response();
+    response
+        .body_as_list_offsets_response()
+        .unwrap()
+        .topics()
+        .unwrap()
+        .get(0)
+        .partitions()
+        .unwrap()
+        .get(0)
+        .offset()
+}
+
+/// A request envelope with a chosen union tag and version.
+pub fn envelope(kind: u8, version: u16) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::new();
+    let body = wire::ListTopicsRequest::create(&mut fbb, &wire::ListTopicsRequestArgs {});
+    let request = wire::Request::create(
+        &mut fbb,
+        &wire::RequestArgs {
+            correlation_id: 77,
+            version,
+            client_id: None,
+            body_type: wire::RequestBody(kind),
+            body: Some(body.as_union_value()),
+        },
+    );
+    fbb.finish(request, None);
+    framed(fbb.finished_data(), &[])
+}
+
+pub fn framed(envelope: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&((4 + envelope.len() + payload.len()) as u32).to_le_bytes());
+    out.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+    out.extend_from_slice(envelope);
+    out.extend_from_slice(payload);
+    out
+}
