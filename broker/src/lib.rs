@@ -8,10 +8,12 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod fuzzing;
 pub mod limits;
 pub mod mesh;
 pub mod metadata;
 pub mod net;
+pub mod port;
 pub mod protocol;
 pub mod runtime;
 pub mod shard;

@@ -105,6 +105,8 @@ pub const MESH_SERVE_TASKS_MAX: usize = 256;
 pub const FETCH_WAITS_PER_SHARD_MAX: usize = 4096;
 /// Longest long-poll a fetch may ask for.
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
+/// Longest produce timeout honoured.
+pub const PRODUCE_TIMEOUT_MS_MAX: u32 = 300_000;
 
 const _: () = assert!(SEGMENT_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(SECTOR_BYTES));

@@ -269,13 +269,44 @@ fn bind_error(listen: SocketAddr, error: &str) -> String {
     }
 }
 
-/// Resolves port 0 to a free port (all shards must bind the same one).
+/// Resolves port 0 to a free port (all shards must bind the same one), and checks
+/// that no live process listens on a given one. Listening sockets a crashed
+/// predecessor left behind (see `port`) are waited for briefly, then shared: the
+/// kernel drops them when its io_uring teardown ends.
 fn resolve_listen(listen: SocketAddr) -> Result<SocketAddr, String> {
-    let probe = StdListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
-    let addr = probe.local_addr().map_err(|e| e.to_string())?;
-    drop(probe);
-    Ok(addr)
+    if listen.port() == 0 {
+        let probe = StdListener::bind(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+        return probe.local_addr().map_err(|e| e.to_string());
+    }
+    let deadline = std::time::Instant::now() + ORPHANED_LISTENER_WAIT;
+    loop {
+        match StdListener::bind(listen) {
+            Ok(_) => return Ok(listen),
+            Err(error) if error.kind() != std::io::ErrorKind::AddrInUse => {
+                return Err(bind_error(listen, &error.to_string()));
+            }
+            Err(_) => {}
+        }
+        match crate::port::holder(listen) {
+            crate::port::PortHolder::Live(pid) => {
+                return Err(format!(
+                    "cannot listen on {listen}: the address is in use by process {pid} (another broker?); choose another with --listen"
+                ));
+            }
+            // Free: the conflict went away meanwhile, or is not a listener; the
+            // shards' own binds (SO_REUSEADDR and SO_REUSEPORT) decide.
+            _ if std::time::Instant::now() >= deadline => {
+                tracing::warn!(addr = %listen, "sockets no process holds (a crashed process's, being torn down by the kernel) still hold the port; binding beside them");
+                return Ok(listen);
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
+
+/// How long start-up waits for a crashed predecessor's orphaned listeners to go.
+const ORPHANED_LISTENER_WAIT: Duration = Duration::from_millis(800);
 
 /// Checks what can be checked before starting executors, with advice.
 fn preflight(config: &BrokerConfig) -> Result<(), String> {

@@ -16,6 +16,7 @@ use std::process::Command;
 
 struct LoopMount {
     mount_point: PathBuf,
+    unmounted: bool,
 }
 
 impl LoopMount {
@@ -43,13 +44,59 @@ impl LoopMount {
             mount.is_ok_and(|s| s.success()),
             "mounting a loop filesystem failed: this test needs root"
         );
-        LoopMount { mount_point }
+        LoopMount {
+            mount_point,
+            unmounted: false,
+        }
+    }
+
+    fn is_mounted(&self) -> bool {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let point = self
+            .mount_point
+            .canonicalize()
+            .unwrap_or_else(|_| self.mount_point.clone());
+        mounts
+            .lines()
+            .any(|line| line.split_whitespace().nth(1) == Some(point.to_str().unwrap_or("")))
+    }
+
+    /// Unmounts, retrying while the filesystem is still busy (files and io_uring
+    /// rings of the executors that used it are released asynchronously after they
+    /// stop), then lazily; `mount -o loop` sets autoclear, so the loop device is
+    /// detached once the filesystem is gone. Returns why it failed, if it did.
+    fn unmount(&mut self) -> Result<(), String> {
+        if self.unmounted {
+            return Ok(());
+        }
+        self.unmounted = true;
+        for _ in 0..50 {
+            let status = Command::new("umount")
+                .arg(&self.mount_point)
+                .stderr(std::process::Stdio::null())
+                .status();
+            if status.is_ok_and(|s| s.success()) || !self.is_mounted() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount_point)
+            .status();
+        if self.is_mounted() {
+            return Err(format!("{} is still mounted", self.mount_point.display()));
+        }
+        Ok(())
     }
 }
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount_point).status();
+        // On a failing test: best effort, never leave the mount behind silently.
+        if let Err(error) = self.unmount() {
+            eprintln!("wal_enospc: {error}");
+        }
     }
 }
 
@@ -108,5 +155,8 @@ fn a_full_disk_gives_a_clear_error_and_loses_nothing_acknowledged() {
         }
         wal.close().await;
     });
-    drop(mount);
+    let mut mount = mount;
+    mount
+        .unmount()
+        .expect("the test's loop filesystem unmounts");
 }

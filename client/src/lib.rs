@@ -50,3 +50,23 @@ pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
 };
 pub use request::OffsetQuery;
+
+/// Entry points of the fuzz targets in `fuzz/` (also replayed over the committed
+/// corpus by `cargo test`).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The consumer's decoder: batches back to back, then every record of each.
+    pub fn record_decoder(data: &[u8]) {
+        let batches = crate::batch::BatchIter::new(bytes::Bytes::copy_from_slice(data));
+        for batch in batches {
+            let Ok(batch) = batch else {
+                return;
+            };
+            for record in batch.records() {
+                if record.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use sluice_schema::wire::ErrorCode;
 
 use crate::limits::{PARTITIONS_PER_REQUEST_MAX, TOPICS_PER_REQUEST_MAX};
-use crate::protocol::{error_response, Outgoing};
+use crate::protocol::{error_response, Outgoing, ResponseSize};
 
 /// Counts topic and partition entries of one request and refuses duplicates.
 #[derive(Default)]
@@ -46,15 +46,45 @@ impl Entries {
         Ok(())
     }
 
-    /// Topic entries seen.
-    pub(super) fn topic_count(&self) -> usize {
+    fn topic_count(&self) -> usize {
         self.topics.len()
     }
 
-    /// Partition entries seen.
-    pub(super) fn partition_count(&self) -> usize {
+    fn partition_count(&self) -> usize {
         self.partitions.len()
     }
+}
+
+/// Checks the topic → partition entries of a Produce, Fetch or ListOffsets
+/// request (counts, duplicates) and that its worst-case response fits: a topic
+/// result per topic, a result with an error message per partition.
+pub(super) fn partition_entries<'a, P>(
+    id: u32,
+    what: &str,
+    topics: impl IntoIterator<Item = (&'a str, P)>,
+) -> Result<(), Outgoing>
+where
+    P: IntoIterator<Item = u32>,
+{
+    let mut entries = Entries::default();
+    let mut names_bytes = 0;
+    for (topic, partitions) in topics {
+        entries.topic(topic).map_err(|m| invalid(id, &m))?;
+        names_bytes += topic.len();
+        for partition in partitions {
+            entries
+                .partition(topic, partition)
+                .map_err(|m| invalid(id, &m))?;
+        }
+    }
+    let mut size = ResponseSize::new();
+    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
+        .add(1, names_bytes)
+        .add(
+            entries.partition_count(),
+            ResponseSize::item_with_message(0),
+        );
+    size.check(id, what)
 }
 
 /// Checks a list of topic names (Metadata, DescribeTopics, DeleteTopics).

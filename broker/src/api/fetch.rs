@@ -24,7 +24,7 @@ use sluice_schema::wire::{self, ErrorCode};
 use super::{checks, locate};
 use crate::limits::{BATCH_BYTES_MAX, FETCH_WAIT_MS_MAX, FRAME_BYTES_MAX, READ_BYTES_MAX};
 use crate::metadata::PartitionPlacement;
-use crate::protocol::{cut_message, error_response, ok, Outgoing, ResponseSize};
+use crate::protocol::{cut_message, error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, PartitionRead, ShardReply, ShardRequest};
 use crate::storage::ReadBatches;
@@ -100,25 +100,26 @@ pub(super) async fn handle(
     }
 }
 
-/// The request's partitions, checked (counts, duplicates, response size) and located.
+/// Counts and duplicates of the request's entries, and the worst-case response.
+pub(super) fn check_shape(id: u32, request: &wire::FetchRequest<'_>) -> Result<(), Outgoing> {
+    let topics = request.topics().into_iter().flatten().map(|topic| {
+        let partitions = topic.partitions().into_iter().flatten();
+        (topic.name(), partitions.map(|p| p.partition()))
+    });
+    checks::partition_entries(id, "this Fetch request", topics)
+}
+
+/// The request's partitions, checked and located.
 fn wanted(
     shard: &Rc<Shard>,
     id: u32,
     request: &wire::FetchRequest<'_>,
 ) -> Result<Vec<Wanted>, Outgoing> {
+    check_shape(id, request)?;
     let metadata = shard.topics();
-    let mut entries = checks::Entries::default();
-    let mut names_bytes = 0;
     let mut wanted = Vec::new();
     for topic in request.topics().iter().flatten() {
-        entries
-            .topic(topic.name())
-            .map_err(|m| checks::invalid(id, &m))?;
-        names_bytes += topic.name().len();
         for partition in topic.partitions().iter().flatten() {
-            entries
-                .partition(topic.name(), partition.partition())
-                .map_err(|m| checks::invalid(id, &m))?;
             let target = locate(&metadata, topic.name(), partition.partition())
                 .map(|(placement, _)| placement);
             wanted.push(Wanted {
@@ -137,11 +138,6 @@ fn wanted(
             "fetch names no partition",
         ));
     }
-    let mut size = ResponseSize::new();
-    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
-        .add(1, names_bytes)
-        .add(wanted.len(), ResponseSize::item_with_message(0));
-    size.check(id, "this Fetch request")?;
     Ok(wanted)
 }
 

@@ -6,9 +6,18 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
 use super::{checks, locate};
-use crate::protocol::{error_response, ok, Outgoing, ResponseSize};
+use crate::protocol::{error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ListedOffset, OffsetQuery, ShardReply, ShardRequest};
+
+/// Counts and duplicates of the request's entries, and the worst-case response.
+pub(super) fn check_shape(id: u32, request: &wire::ListOffsetsRequest<'_>) -> Result<(), Outgoing> {
+    let topics = request.topics().into_iter().flatten().map(|topic| {
+        let partitions = topic.partitions().into_iter().flatten();
+        (topic.name(), partitions.map(|p| p.partition()))
+    });
+    checks::partition_entries(id, "this ListOffsets request", topics)
+}
 
 pub(super) async fn handle(
     shard: &Rc<Shard>,
@@ -22,19 +31,13 @@ pub(super) async fn handle(
             "list-offsets request without a body",
         );
     };
+    if let Err(response) = check_shape(id, &request) {
+        return response;
+    }
     let metadata = shard.topics();
     let mut asks = Vec::new();
-    let mut entries = checks::Entries::default();
-    let mut names_bytes = 0;
     for topic in request.topics().iter().flatten() {
-        if let Err(message) = entries.topic(topic.name()) {
-            return checks::invalid(id, &message);
-        }
-        names_bytes += topic.name().len();
         for partition in topic.partitions().iter().flatten() {
-            if let Err(message) = entries.partition(topic.name(), partition.partition()) {
-                return checks::invalid(id, &message);
-            }
             let query = match partition.spec() {
                 wire::OffsetSpec::Earliest => Ok(OffsetQuery::Earliest),
                 wire::OffsetSpec::Latest => Ok(OffsetQuery::Latest),
@@ -49,13 +52,6 @@ pub(super) async fn handle(
             });
             asks.push((topic.name().to_string(), partition.partition(), target));
         }
-    }
-    let mut size = ResponseSize::new();
-    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
-        .add(1, names_bytes)
-        .add(asks.len(), ResponseSize::TABLE_BYTES);
-    if let Err(response) = size.check(id, "this ListOffsets request") {
-        return response;
     }
     let lookups = asks.iter().map(|(_, _, target)| {
         let shard = shard.clone();

@@ -106,6 +106,65 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
     }
 }
 
+/// Verifies a request envelope and runs every check its handler makes before it
+/// touches a shard (shape, counts, duplicates, response size, topic configs).
+/// `Err` holds the refusal a client would get. Used by the fuzz targets.
+pub fn check_request(envelope: &[u8]) -> Result<(), String> {
+    let request = parse(envelope)?;
+    let id = request.correlation_id();
+    let refused = |response: Outgoing| format!("refused with a {}-byte response", response.bytes());
+    use wire::RequestBody as Kind;
+    match request.body_type() {
+        Kind::HandshakeRequest => {
+            let handshake = request.body_as_handshake_request().ok_or("no body")?;
+            let _ = (
+                handshake.version_min(),
+                handshake.version_max(),
+                handshake.client_software(),
+            );
+        }
+        Kind::MetadataRequest => {
+            let names = request.body_as_metadata_request().and_then(|r| r.topics());
+            checks::names(id, names.iter().flatten()).map_err(refused)?;
+        }
+        Kind::DescribeTopicsRequest => {
+            let names = request
+                .body_as_describe_topics_request()
+                .and_then(|r| r.names());
+            checks::names(id, names.iter().flatten()).map_err(refused)?;
+        }
+        Kind::DeleteTopicsRequest => {
+            let names = request
+                .body_as_delete_topics_request()
+                .and_then(|r| r.names());
+            checks::names(id, names.iter().flatten()).map_err(refused)?;
+        }
+        Kind::CreateTopicsRequest => {
+            let create = request.body_as_create_topics_request().ok_or("no body")?;
+            for topic in topics::new_topics(id, &create).map_err(refused)? {
+                crate::metadata::validate_topic_name(&topic.name)?;
+                let entries = topic.configs.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                crate::metadata::TopicConfig::from_entries(entries)?;
+            }
+        }
+        Kind::ListTopicsRequest => {}
+        Kind::ProduceRequest => {
+            let produce = request.body_as_produce_request().ok_or("no body")?;
+            produce::check_shape(id, &produce).map_err(refused)?;
+        }
+        Kind::FetchRequest => {
+            let fetch = request.body_as_fetch_request().ok_or("no body")?;
+            fetch::check_shape(id, &fetch).map_err(refused)?;
+        }
+        Kind::ListOffsetsRequest => {
+            let list = request.body_as_list_offsets_request().ok_or("no body")?;
+            list_offsets::check_shape(id, &list).map_err(refused)?;
+        }
+        other => return Err(format!("unknown request kind {}", other.0)),
+    }
+    Ok(())
+}
+
 /// Looks up (topic, partition) → (shard, log, config) in the metadata snapshot.
 pub(crate) fn locate(
     metadata: &crate::metadata::NodeMetadata,

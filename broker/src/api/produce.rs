@@ -12,14 +12,11 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
 use super::{checks, locate};
-use crate::protocol::{cut_message, error_response, ok, Outgoing, ResponseSize};
+use crate::protocol::{cut_message, error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
 use crate::storage::format::{self, BatchInfo, FrameError};
 use crate::storage::Appended;
-
-/// Longest produce timeout honoured.
-const PRODUCE_TIMEOUT_MS_MAX: u32 = 300_000;
 
 /// One partition of the request, checked.
 struct PartitionPlan {
@@ -42,7 +39,9 @@ pub(super) async fn handle(
         ));
     }
     let timeout = Duration::from_millis(u64::from(
-        request.timeout_ms().clamp(1, PRODUCE_TIMEOUT_MS_MAX),
+        request
+            .timeout_ms()
+            .clamp(1, crate::limits::PRODUCE_TIMEOUT_MS_MAX),
     ));
     if let Err(response) = check_shape(id, &request) {
         return Some(response);
@@ -115,28 +114,12 @@ pub(super) async fn handle(
 }
 
 /// Counts and duplicates of the request's entries, and the worst-case response.
-fn check_shape(id: u32, request: &wire::ProduceRequest<'_>) -> Result<(), Outgoing> {
-    let mut entries = checks::Entries::default();
-    let mut names_bytes = 0;
-    for topic in request.topics().iter().flatten() {
-        entries
-            .topic(topic.name())
-            .map_err(|m| checks::invalid(id, &m))?;
-        names_bytes += topic.name().len();
-        for partition in topic.partitions().iter().flatten() {
-            entries
-                .partition(topic.name(), partition.partition())
-                .map_err(|m| checks::invalid(id, &m))?;
-        }
-    }
-    let mut size = ResponseSize::new();
-    size.add(entries.topic_count(), ResponseSize::item_with_message(0))
-        .add(1, names_bytes)
-        .add(
-            entries.partition_count(),
-            ResponseSize::item_with_message(0),
-        );
-    size.check(id, "this Produce request")
+pub(super) fn check_shape(id: u32, request: &wire::ProduceRequest<'_>) -> Result<(), Outgoing> {
+    let topics = request.topics().into_iter().flatten().map(|topic| {
+        let partitions = topic.partitions().into_iter().flatten();
+        (topic.name(), partitions.map(|p| p.partition()))
+    });
+    checks::partition_entries(id, "this Produce request", topics)
 }
 
 /// Checks one partition entry: payload range, topic and partition, and every batch.

@@ -99,7 +99,10 @@ pub(super) async fn create(
 
 /// The topics of a CreateTopics request, checked for count, duplicates and the
 /// number of configs each.
-fn new_topics(id: u32, request: &wire::CreateTopicsRequest<'_>) -> Result<Vec<NewTopic>, Outgoing> {
+pub(super) fn new_topics(
+    id: u32,
+    request: &wire::CreateTopicsRequest<'_>,
+) -> Result<Vec<NewTopic>, Outgoing> {
     let mut entries = checks::Entries::default();
     let mut topics = Vec::new();
     for topic in request.topics().iter().flatten() {

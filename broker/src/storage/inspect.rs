@@ -188,9 +188,36 @@ pub fn inspect_segment(path: &Path, list_frames: bool) -> Result<SegmentSummary,
     Ok(summary)
 }
 
+/// Inspects a segment held in memory (the whole file, header block included).
+pub fn inspect_bytes(bytes: &[u8]) -> Result<SegmentSummary, String> {
+    let header_block = &bytes[..bytes.len().min(SEGMENT_HEADER_BYTES as usize)];
+    let mut summary = SegmentSummary {
+        path: PathBuf::from("<memory>"),
+        segment_id: 0,
+        shard: 0,
+        capacity: bytes.len() as u64,
+        frames: 0,
+        frame_bytes: 0,
+        end: SEGMENT_HEADER_BYTES,
+        unfinished: header_block.iter().all(|b| *b == 0),
+        frame_list: Vec::new(),
+        bad_frames: Vec::new(),
+    };
+    if summary.unfinished {
+        return Ok(summary);
+    }
+    let header = SegmentHeader::parse(header_block)?;
+    summary.segment_id = header.segment_id.get();
+    summary.shard = header.shard.get();
+    let mut source = scan::MemoryBytes { bytes };
+    futures_lite::future::block_on(walk(&mut source, &mut summary, true))
+        .map_err(|e| e.to_string())?;
+    Ok(summary)
+}
+
 /// Follows frames from the first slot to the end of the data, noting bad regions.
-async fn walk(
-    source: &mut FileBytes,
+async fn walk<S: SegmentBytes>(
+    source: &mut S,
     summary: &mut SegmentSummary,
     list_frames: bool,
 ) -> StorageResult<()> {
