@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use bytes::{Bytes, BytesMut};
 use sluice_broker::storage::checkpoint::Snapshot;
 use sluice_broker::storage::format::{self, SegmentHeader};
-use sluice_broker::storage::{LogState, WalPosition};
+use sluice_broker::storage::{IndexedFrame, LogState, WalPosition};
 use sluice_broker::types::{Epoch, LogId, SegmentId, ShardId};
 use sluice_client::batch::BatchBuilder;
 use sluice_client::request::{
@@ -217,8 +217,17 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
     seeds.entry("wal_scan").or_default().push(scan);
     let mut logs = std::collections::HashMap::new();
     let mut log = LogState::default();
-    log.push(0, 9, WalPosition::new(SegmentId(1), 4096), 500, 5);
-    log.push(10, 19, WalPosition::new(SegmentId(1), 9000), 700, 6);
+    for (index, (base, byte, bytes)) in [(0, 4096, 500), (10, 9000, 700)].into_iter().enumerate() {
+        log.push(IndexedFrame {
+            base_offset: base,
+            end_offset: base + 10,
+            index: index as u64 + 1,
+            term: 1,
+            position: WalPosition::new(SegmentId(1), byte),
+            bytes,
+            max_timestamp_ms: 5 + index as i64,
+        });
+    }
     log.high_watermark = 20;
     log.next_offset = 20;
     logs.insert(LogId(4), log);

@@ -75,7 +75,9 @@ pub fn run(format: OutputFormat, command: WalCommand) -> CliResult {
                                 f.position.to_string(),
                                 f.log_id.to_string(),
                                 f.base_offset.to_string(),
-                                f.last_offset.to_string(),
+                                f.end_offset.to_string(),
+                                f.epoch.to_string(),
+                                if f.control { "control" } else { "batch" }.to_string(),
                                 f.records.to_string(),
                                 f.bytes.to_string(),
                                 f.max_timestamp_ms.to_string(),
@@ -86,7 +88,8 @@ pub fn run(format: OutputFormat, command: WalCommand) -> CliResult {
                 println!();
                 print_table(
                     &[
-                        "SEGMENT", "POSITION", "LOG", "BASE", "LAST", "RECORDS", "BYTES", "MAX_TS",
+                        "SEGMENT", "POSITION", "LOG", "BASE", "END", "EPOCH", "KIND", "RECORDS",
+                        "BYTES", "MAX_TS",
                     ],
                     &rows,
                 )?;

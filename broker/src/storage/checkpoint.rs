@@ -7,20 +7,25 @@
 //! ```text
 //! u64 magic "SLWALCKP" | u32 version | u32 crc32(body) | u64 body_bytes | body
 //! body: u16 shard | u64 scan_from (WalPosition) | u32 log_count | logs...
-//! log:  u32 log_id | u64 log_start | u64 next_offset | i64 max_timestamp_ms | u32 run_count | runs...
-//! run:  u64 base_offset | u64 last_offset | u64 position | u32 bytes | u32 span | i64 max_timestamp_ms
+//! log:  u32 log_id | u64 log_start | u64 end_offset | u64 end_index | i64 max_timestamp_ms
+//!       | u8 replicated | [replica] | u32 run_count | runs...
+//! replica: u64 start_term | u64 term | u64 vote | u64 commit | u64 commit_index
+//!       | u64 commit_offset | u32 term_count | (u64 first_index, u64 term)...
+//! run:  u64 base_offset | u64 end_offset | u64 first_index | u32 entries | u64 position
+//!       | u32 bytes | u32 span | i64 max_timestamp_ms | u8 after_truncation
 //! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
+use super::control::HardState;
 use super::error::{Result, StorageError};
-use super::index::{LogState, Run, WalPosition};
+use super::index::{LogState, Replicated, Run, WalPosition};
 use super::wal::{Wal, WalConfig};
 use crate::types::{LogId, ShardId};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SLWALCKP");
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const PREFIX_BYTES: usize = 24;
 /// File name inside the WAL directory.
 pub const FILE_NAME: &str = "checkpoint";
@@ -45,21 +50,18 @@ impl Snapshot {
             .logs
             .iter()
             .map(|(log, entry)| {
-                let high_watermark = entry.high_watermark;
-                let runs: VecDeque<Run> = entry
-                    .runs
-                    .iter()
-                    .filter(|r| r.last_offset < high_watermark)
-                    .copied()
-                    .collect();
-                let stored_bytes = runs.iter().map(|r| u64::from(r.bytes)).sum();
                 let snapshot = LogState {
                     log_start: entry.log_start,
-                    next_offset: high_watermark,
-                    high_watermark,
-                    runs,
-                    stored_bytes,
+                    next_offset: entry.end_offset,
+                    next_index: entry.end_index,
+                    high_watermark: entry.high_watermark,
+                    durable_end: entry.end_offset,
+                    runs: entry.runs.clone(),
+                    end_index: entry.end_index,
+                    end_offset: entry.end_offset,
+                    stored_bytes: entry.stored_bytes,
                     max_timestamp_ms: entry.max_timestamp_ms,
+                    replicated: entry.replicated.clone(),
                 };
                 (*log, snapshot)
             })
@@ -74,24 +76,46 @@ impl Snapshot {
     /// The checkpoint file's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
-        body.extend_from_slice(&self.shard.0.to_le_bytes());
-        body.extend_from_slice(&self.scan_from.0.to_le_bytes());
-        body.extend_from_slice(&(self.logs.len() as u32).to_le_bytes());
+        let put = |body: &mut Vec<u8>, bytes: &[u8]| body.extend_from_slice(bytes);
+        put(&mut body, &self.shard.0.to_le_bytes());
+        put(&mut body, &self.scan_from.0.to_le_bytes());
+        put(&mut body, &(self.logs.len() as u32).to_le_bytes());
         let mut logs: Vec<_> = self.logs.iter().collect();
         logs.sort_by_key(|(log, _)| **log);
         for (log, entry) in logs {
-            body.extend_from_slice(&log.0.to_le_bytes());
-            body.extend_from_slice(&entry.log_start.to_le_bytes());
-            body.extend_from_slice(&entry.next_offset.to_le_bytes());
-            body.extend_from_slice(&entry.max_timestamp_ms.to_le_bytes());
-            body.extend_from_slice(&(entry.runs.len() as u32).to_le_bytes());
+            put(&mut body, &log.0.to_le_bytes());
+            put(&mut body, &entry.log_start.to_le_bytes());
+            put(&mut body, &entry.end_offset.to_le_bytes());
+            put(&mut body, &entry.end_index.to_le_bytes());
+            put(&mut body, &entry.max_timestamp_ms.to_le_bytes());
+            match &entry.replicated {
+                None => put(&mut body, &[0]),
+                Some(replica) => {
+                    put(&mut body, &[1]);
+                    put(&mut body, &replica.start_term.to_le_bytes());
+                    put(&mut body, &replica.hard_state.term.to_le_bytes());
+                    put(&mut body, &replica.hard_state.vote.to_le_bytes());
+                    put(&mut body, &replica.hard_state.commit.to_le_bytes());
+                    put(&mut body, &replica.commit_index.to_le_bytes());
+                    put(&mut body, &replica.commit_offset.to_le_bytes());
+                    put(&mut body, &(replica.terms.len() as u32).to_le_bytes());
+                    for (first, term) in &replica.terms {
+                        put(&mut body, &first.to_le_bytes());
+                        put(&mut body, &term.to_le_bytes());
+                    }
+                }
+            }
+            put(&mut body, &(entry.runs.len() as u32).to_le_bytes());
             for run in &entry.runs {
-                body.extend_from_slice(&run.base_offset.to_le_bytes());
-                body.extend_from_slice(&run.last_offset.to_le_bytes());
-                body.extend_from_slice(&run.position.0.to_le_bytes());
-                body.extend_from_slice(&run.bytes.to_le_bytes());
-                body.extend_from_slice(&run.span.to_le_bytes());
-                body.extend_from_slice(&run.max_timestamp_ms.to_le_bytes());
+                put(&mut body, &run.base_offset.to_le_bytes());
+                put(&mut body, &run.end_offset.to_le_bytes());
+                put(&mut body, &run.first_index.to_le_bytes());
+                put(&mut body, &run.entries.to_le_bytes());
+                put(&mut body, &run.position.0.to_le_bytes());
+                put(&mut body, &run.bytes.to_le_bytes());
+                put(&mut body, &run.span.to_le_bytes());
+                put(&mut body, &run.max_timestamp_ms.to_le_bytes());
+                put(&mut body, &[u8::from(run.after_truncation)]);
             }
         }
         let mut out = Vec::with_capacity(PREFIX_BYTES + body.len());
@@ -131,31 +155,53 @@ impl Snapshot {
         for _ in 0..log_count {
             let log = LogId(reader.u32()?);
             let log_start = reader.u64()?;
-            let next_offset = reader.u64()?;
+            let end_offset = reader.u64()?;
+            let end_index = reader.u64()?;
             let max_timestamp_ms = reader.u64()? as i64;
+            let replicated = match reader.u8()? {
+                0 => None,
+                1 => Some(read_replica(&mut reader)?),
+                other => return Err(format!("checkpoint log {log}: replicated flag {other}")),
+            };
             let run_count = reader.u32()? as usize;
             let mut runs = VecDeque::with_capacity(run_count.min(1 << 20));
             let mut stored_bytes = 0;
             for _ in 0..run_count {
                 let run = Run {
                     base_offset: reader.u64()?,
-                    last_offset: reader.u64()?,
+                    end_offset: reader.u64()?,
+                    first_index: reader.u64()?,
+                    entries: reader.u32()?,
                     position: WalPosition(reader.u64()?),
                     bytes: reader.u32()?,
                     span: reader.u32()?,
                     max_timestamp_ms: reader.u64()? as i64,
+                    after_truncation: reader.u8()? != 0,
                 };
                 check_run(&run, runs.back())?;
                 stored_bytes += u64::from(run.bytes);
                 runs.push_back(run);
             }
+            if runs
+                .back()
+                .is_some_and(|r: &Run| r.end_index() != end_index || r.end_offset != end_offset)
+            {
+                return Err(format!(
+                    "checkpoint log {log}: its runs do not end where the log does"
+                ));
+            }
             let entry = LogState {
                 log_start,
-                next_offset,
-                high_watermark: next_offset,
+                next_offset: end_offset,
+                next_index: end_index,
+                high_watermark: 0,
+                durable_end: end_offset,
                 runs,
+                end_index,
+                end_offset,
                 stored_bytes,
                 max_timestamp_ms,
+                replicated,
             };
             logs.insert(log, entry);
         }
@@ -201,20 +247,56 @@ impl Snapshot {
 /// A run from a checkpoint must be well formed and follow the previous one; the
 /// frames it names are verified when first read (see read.rs).
 fn check_run(run: &Run, previous: Option<&Run>) -> std::result::Result<(), String> {
-    let well_formed = run.last_offset >= run.base_offset
+    let well_formed = run.end_offset >= run.base_offset
+        && run.entries > 0
         && run.bytes > 0
         && run.span >= run.bytes
         && run.span
             <= crate::limits::INDEX_SPAN_BYTES_MAX.max(crate::limits::BATCH_BYTES_MAX as u32)
         && run.position.byte() >= crate::limits::SEGMENT_HEADER_BYTES
         && run.end().byte() <= crate::limits::SEGMENT_BYTES_MAX;
-    let follows =
-        previous.is_none_or(|p| p.last_offset + 1 == run.base_offset && p.end() <= run.position);
+    let follows = previous.is_none_or(|p| {
+        p.end_offset == run.base_offset
+            && p.end_index() == run.first_index
+            && p.end() <= run.position
+    });
     if well_formed && follows {
         Ok(())
     } else {
         Err(format!("checkpoint holds an impossible index run {run:?}"))
     }
+}
+
+fn read_replica(reader: &mut Reader<'_>) -> std::result::Result<Replicated, String> {
+    let start_term = reader.u64()?;
+    let hard_state = HardState {
+        term: reader.u64()?,
+        vote: reader.u64()?,
+        commit: reader.u64()?,
+    };
+    let commit_index = reader.u64()?;
+    let commit_offset = reader.u64()?;
+    let count = reader.u32()? as usize;
+    let mut terms = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        let entry = (reader.u64()?, reader.u64()?);
+        if terms
+            .last()
+            .is_some_and(|(first, term): &(u64, u64)| entry.0 <= *first || entry.1 <= *term)
+        {
+            return Err("checkpoint holds terms out of order".into());
+        }
+        terms.push(entry);
+    }
+    Ok(Replicated {
+        start_term,
+        terms,
+        hard_state,
+        commit_index,
+        commit_offset,
+        // What preceded the checkpoint may end in a truncation: start a new run.
+        sealed: true,
+    })
 }
 
 struct Reader<'a> {
@@ -232,6 +314,9 @@ impl Reader<'_> {
         let mut out = [0; N];
         out.copy_from_slice(slice);
         Ok(out)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        self.take().map(u8::from_le_bytes)
     }
     fn u16(&mut self) -> std::result::Result<u16, String> {
         self.take().map(u16::from_le_bytes)

@@ -178,10 +178,16 @@ pub fn check_header(header: &BatchHeader, frame_bytes_max: usize) -> Result<usiz
     }
     let record_count = header.record_count.get();
     let last_offset_delta = header.last_offset_delta.get();
-    if record_count == 0
-        || record_count > batch::RECORDS_MAX
-        || last_offset_delta != record_count - 1
-    {
+    // A control frame (see `control.rs`) holds no records; a batch at least one.
+    let control = header.attributes.get() & batch::ATTRIBUTE_CONTROL != 0;
+    let counts_ok = if control {
+        record_count == 0 && last_offset_delta == 0
+    } else {
+        record_count != 0
+            && record_count <= batch::RECORDS_MAX
+            && last_offset_delta == record_count - 1
+    };
+    if !counts_ok {
         return Err(FrameError::BadRecordCount {
             record_count,
             last_offset_delta,
@@ -222,6 +228,10 @@ pub struct BatchInfo {
 /// CRC). `frame_bytes_max` is the topic's `max.message.bytes`.
 pub fn verify_client_batch(bytes: &[u8], frame_bytes_max: usize) -> Result<BatchInfo, FrameError> {
     let header = header(bytes)?;
+    if header.attributes.get() & batch::ATTRIBUTE_CONTROL != 0 {
+        // Control frames are the broker's own (Raft entries and state).
+        return Err(FrameError::BadAttributes(header.attributes.get()));
+    }
     let frame_bytes = check_header(header, frame_bytes_max)?;
     if bytes.len() < frame_bytes {
         return Err(FrameError::Truncated {
@@ -394,14 +404,18 @@ pub fn stamp(frame: &mut [u8], base_offset: Offset, log_id: LogId, epoch: Epoch)
 pub struct StoredFrame {
     /// Partition log.
     pub log_id: LogId,
-    /// First offset.
+    /// First offset (a control frame's: the log's next offset).
     pub base_offset: Offset,
-    /// Last offset.
-    pub last_offset: Offset,
+    /// One past the last offset (`base_offset` for a control frame).
+    pub end_offset: Offset,
     /// Whole frame bytes.
     pub frame_bytes: usize,
     /// Largest record timestamp.
     pub max_timestamp_ms: i64,
+    /// Leader epoch (the Raft term of a replicated log's entry).
+    pub epoch: Epoch,
+    /// A control frame (no records; see `control.rs`).
+    pub control: bool,
 }
 
 /// Verifies a stored frame's header at the start of `bytes` (header CRC and
@@ -423,12 +437,20 @@ pub fn verify_stored_header(
     }
     let frame_bytes = structure?;
     let base_offset = header.base_offset.get();
+    let end_offset = base_offset
+        .checked_add(u64::from(header.record_count.get()))
+        .ok_or(FrameError::BadRecordCount {
+            record_count: header.record_count.get(),
+            last_offset_delta: header.last_offset_delta.get(),
+        })?;
     Ok(StoredFrame {
         log_id: LogId(header.log_id.get()),
         base_offset,
-        last_offset: base_offset + u64::from(header.last_offset_delta.get()),
+        end_offset,
         frame_bytes,
         max_timestamp_ms: header.max_timestamp_ms.get(),
+        epoch: Epoch(header.leader_epoch.get()),
+        control: header.attributes.get() & batch::ATTRIBUTE_CONTROL != 0,
     })
 }
 

@@ -21,10 +21,14 @@ pub struct FrameSummary {
     pub log_id: u32,
     /// First offset.
     pub base_offset: u64,
-    /// Last offset.
-    pub last_offset: u64,
+    /// One past the last offset (= `base_offset` for a control frame).
+    pub end_offset: u64,
     /// Records.
     pub records: u32,
+    /// Leader epoch (Raft term).
+    pub epoch: u32,
+    /// A control frame (Raft entry without records, truncation or hard state).
+    pub control: bool,
     /// Frame bytes.
     pub bytes: u32,
     /// Max record timestamp.
@@ -233,8 +237,10 @@ async fn walk<S: SegmentBytes>(
                         position: at,
                         log_id: frame.log_id.0,
                         base_offset: frame.base_offset,
-                        last_offset: frame.last_offset,
-                        records: (frame.last_offset - frame.base_offset + 1) as u32,
+                        end_offset: frame.end_offset,
+                        records: (frame.end_offset - frame.base_offset) as u32,
+                        epoch: frame.epoch.0,
+                        control: frame.control,
                         bytes: frame.frame_bytes as u32,
                         max_timestamp_ms: frame.max_timestamp_ms,
                     });

@@ -1,6 +1,8 @@
 //! The storage layer: one write-ahead log per shard holding the record batches of
 //! every partition the shard owns, with per-partition indexes, group commit, crash
-//! recovery and retention. Knows nothing of the network or of replication.
+//! recovery and retention. Knows nothing of the network; for replicated logs it
+//! stores what the replica layer hands it (Raft entries, truncations, hard state:
+//! see `control.rs`) and serves reads up to the commit point it is told.
 //!
 //! Layout on disk (see `docs/storage.md`):
 //!
@@ -12,6 +14,7 @@
 mod aligned;
 mod cache;
 pub mod checkpoint;
+pub mod control;
 mod error;
 pub mod format;
 mod index;
@@ -25,9 +28,10 @@ mod segment;
 pub mod testkit;
 mod wal;
 
+pub use control::{Anchor, Control, HardState};
 pub use error::{Result, StorageError};
-pub use index::{LogState, Run, WalPosition};
+pub use index::{IndexedFrame, LogState, Replicated, Run, WalPosition};
 pub use read::ReadBatches;
 pub use recovery::RecoveryReport;
 pub use retention::Retention;
-pub use wal::{Appended, Wal, WalConfig, WalStats};
+pub use wal::{now_ms, Appended, EntryFrame, LogWrite, ReplicatedView, Wal, WalConfig, WalStats};

@@ -72,7 +72,12 @@ impl Wal {
                 let header =
                     format::header(&frame).map_err(|e| StorageError::Failed(e.to_string()))?;
                 let base = header.base_offset.get();
-                let last = base + u64::from(header.last_offset_delta.get());
+                let records = u64::from(header.record_count.get());
+                if records == 0 {
+                    // A control frame: the broker's own, never served.
+                    continue;
+                }
+                let last = base + records - 1;
                 if last < next {
                     continue;
                 }
@@ -100,6 +105,80 @@ impl Wal {
         Ok(out)
     }
 
+    /// Reads the entry frames of a replicated log with Raft indexes in
+    /// `[low, high)`, up to about `max_bytes` (at least one frame): what a leader
+    /// sends a follower that fell behind its in-memory entries. Every frame is
+    /// verified as a read from disk is.
+    pub async fn read_entries(
+        &self,
+        log: LogId,
+        low: u64,
+        high: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>> {
+        let mut out: Vec<(u64, Bytes)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = low;
+        while next < high && (out.is_empty() || bytes < max_bytes) {
+            let Some((file, runs)) = self.plan_entries(log, next)? else {
+                break;
+            };
+            let (found, damage) = self.read_run_entries(log, &file, &runs).await?;
+            let before = next;
+            for entry in found {
+                if entry.index < next {
+                    continue;
+                }
+                if entry.index >= high || (!out.is_empty() && bytes + entry.frame.len() > max_bytes)
+                {
+                    return Ok(out);
+                }
+                bytes += entry.frame.len();
+                next = entry.index + 1;
+                out.push((entry.index, entry.frame));
+            }
+            if let Some(error) = damage {
+                return if out.is_empty() { Err(error) } else { Ok(out) };
+            }
+            if next == before {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The runs of one segment from the one holding Raft index `index` on.
+    fn plan_entries(&self, log: LogId, index: u64) -> Result<Option<(Rc<SegmentFile>, Vec<Run>)>> {
+        let state = self.state.borrow();
+        let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
+        let Some(first) = entry.find_index(index) else {
+            return Ok(None);
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        for run in entry.runs.range(first..) {
+            if let Some(last) = runs.last() {
+                let near = run.position.segment() == last.position.segment()
+                    && run.position.0 >= last.end().0
+                    && run.position.0 - last.end().0 <= COALESCE_GAP_BYTES
+                    && run.end().0 - runs[0].position.0 <= READ_BYTES_MAX as u64;
+                if !near {
+                    break;
+                }
+            }
+            runs.push(*run);
+        }
+        let Some(first_run) = runs.first() else {
+            return Ok(None);
+        };
+        match state.segments.get(&first_run.position.segment()) {
+            Some(segment) => Ok(Some((segment.file.clone(), runs))),
+            None => Err(StorageError::Failed(format!(
+                "the index of log {log} points into segment {}, which is missing",
+                first_run.position.segment()
+            ))),
+        }
+    }
+
     /// Checks that `offset` may be read; returns (high watermark, log start).
     fn check_read(&self, log: LogId, offset: Offset) -> Result<(Offset, Offset)> {
         let state = self.state.borrow();
@@ -110,7 +189,13 @@ impl Wal {
                 return Err(error.clone());
             }
         }
-        if offset < log_start || offset > high_watermark {
+        // A replicated log's end may be past its high watermark (appended, not yet
+        // committed): reading there is waiting, not out of range.
+        let end = match entry.replicated {
+            Some(_) => entry.next_offset.max(high_watermark),
+            None => high_watermark,
+        };
+        if offset < log_start || offset > end {
             return Err(StorageError::OffsetOutOfRange {
                 offset,
                 log_start,
@@ -180,6 +265,23 @@ impl Wal {
         file: &SegmentFile,
         runs: &[Run],
     ) -> Result<(Vec<Bytes>, Option<StorageError>)> {
+        let (found, damage) = self.read_run_entries(log, file, runs).await?;
+        let frames = found
+            .into_iter()
+            .filter(|f| !f.control)
+            .map(|f| f.frame)
+            .collect();
+        Ok((frames, damage))
+    }
+
+    /// Reads runs of one segment with one aligned direct read; returns every entry
+    /// frame of `log` in them (control entries too), checked as `read_runs` does.
+    async fn read_run_entries(
+        &self,
+        log: LogId,
+        file: &SegmentFile,
+        runs: &[Run],
+    ) -> Result<(Vec<FoundEntry>, Option<StorageError>)> {
         let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
             return Ok((Vec::new(), None));
         };
@@ -250,12 +352,22 @@ impl Wal {
 /// position in the segment, reason).
 type Damage = (Offset, u64, String);
 
-/// Walks the frames of `span` (which holds `run`) and returns the frames of `log`,
-/// checking them against the run, up to the first mismatch (if any).
-fn frames_of_log(log: LogId, run: &Run, span: &Bytes) -> (Vec<Bytes>, Option<Damage>) {
+/// An entry frame found in a run: its Raft index, whether it is a control entry,
+/// and its bytes.
+pub(super) struct FoundEntry {
+    pub index: u64,
+    pub control: bool,
+    pub frame: Bytes,
+}
+
+/// Walks the frames of `span` (which holds `run`) and returns the entry frames of
+/// `log`, checking them against the run, up to the first mismatch (if any). The
+/// log's other control frames (hard state, truncation) in the span are skipped.
+fn frames_of_log(log: LogId, run: &Run, span: &Bytes) -> (Vec<FoundEntry>, Option<Damage>) {
     let base = run.position.byte();
     let mut frames = Vec::new();
     let mut expected = run.base_offset;
+    let mut index = run.first_index;
     let mut at = 0usize;
     while at < span.len() {
         let bytes = &span[at..];
@@ -279,6 +391,19 @@ fn frames_of_log(log: LogId, run: &Run, span: &Bytes) -> (Vec<Bytes>, Option<Dam
             Ok(frame) => frame,
             Err(error) => return (frames, fail(error.to_string())),
         };
+        let whole = &bytes[..frame.frame_bytes];
+        if frame.control && !super::control::is_entry_frame(whole) {
+            if at == 0 {
+                return (
+                    frames,
+                    fail(
+                        "the index names an entry here, the segment holds a control record".into(),
+                    ),
+                );
+            }
+            at += frame.frame_bytes;
+            continue;
+        }
         if frame.base_offset != expected {
             let reason = format!(
                 "batch at offset {} where the index expects offset {expected}",
@@ -286,16 +411,21 @@ fn frames_of_log(log: LogId, run: &Run, span: &Bytes) -> (Vec<Bytes>, Option<Dam
             );
             return (frames, fail(reason));
         }
-        expected = frame.last_offset + 1;
-        frames.push(span.slice(at..at + frame.frame_bytes));
+        expected = frame.end_offset;
+        frames.push(FoundEntry {
+            index,
+            control: frame.control,
+            frame: span.slice(at..at + frame.frame_bytes),
+        });
+        index += 1;
         at += frame.frame_bytes;
     }
-    if at != span.len() || expected != run.last_offset + 1 {
+    if at != span.len() || expected != run.end_offset || index != run.end_index() {
         let reason = format!(
-            "the index says the run ends at offset {} (byte {}), the segment at offset {} (byte {})",
-            run.last_offset,
+            "the index says the run ends before offset {} and index {} (byte {}), the segment before offset {expected} and index {index} (byte {})",
+            run.end_offset,
+            run.end_index(),
             base + u64::from(run.span),
-            expected.saturating_sub(1),
             base + at as u64
         );
         return (frames, Some((expected, base + at as u64, reason)));

@@ -120,6 +120,9 @@ impl Wal {
             &mut report,
         )
         .await?;
+        for entry in logs.values_mut() {
+            entry.finish_recovery();
+        }
         let (write_byte, tail_block) = finish_tail(&segments, tail, clean, &mut report).await?;
         report.duration = started.elapsed();
         let wal = Wal::from_recovered(config, segments, write_byte, tail_block, logs, corrupt);
@@ -199,7 +202,7 @@ fn load_checkpoint(
         {
             if let Some(run) = entry.runs.pop_front() {
                 entry.stored_bytes -= u64::from(run.bytes);
-                entry.log_start = entry.log_start.max(run.last_offset + 1);
+                entry.log_start = entry.log_start.max(run.end_offset);
             }
         }
     }
@@ -219,7 +222,7 @@ async fn scan(
     for (log, entry) in logs.iter() {
         for run in &entry.runs {
             if let Some(segment) = segments.get_mut(&run.position.segment()) {
-                segment.logs.insert(*log, run.last_offset);
+                segment.logs.insert(*log, run.end_index());
                 segment.end = segment.end.max(run.end().byte());
             }
         }

@@ -43,7 +43,7 @@ impl Wal {
             let mut new_start = entry.log_start;
             let mut remaining = entry.stored_bytes;
             for run in &entry.runs {
-                if run.last_offset >= entry.high_watermark {
+                if run.end_offset > entry.high_watermark {
                     break;
                 }
                 let too_old = policy
@@ -56,7 +56,7 @@ impl Wal {
                     break;
                 }
                 remaining -= u64::from(run.bytes);
-                new_start = run.last_offset + 1;
+                new_start = run.end_offset;
             }
             if new_start > entry.log_start {
                 entry.advance_start(new_start);
@@ -77,9 +77,9 @@ impl Wal {
                 segment
                     .logs
                     .iter()
-                    .all(|(log, last)| match state.logs.get(log) {
+                    .all(|(log, end_index)| match state.logs.get(log) {
                         None => true,
-                        Some(entry) => *last < entry.log_start,
+                        Some(entry) => *end_index <= entry.first_index(),
                     })
             })
             .map(|(id, _)| *id)

@@ -119,6 +119,7 @@ pub(super) async fn roll(wal: &Rc<Wal>) -> Result<()> {
         state.tail_block.clear();
         state.active_log_bytes.clear();
         state.stats.rolls += 1;
+        super::wal::queue_anchors(&mut state);
     }
     tracing::debug!(shard = %wal.config().shard, segment = %next_id, "rolled WAL segment");
     // Everything before the new segment is durable: a checkpoint here lets the next

@@ -26,9 +26,10 @@
 
 use std::collections::HashMap;
 
+use super::control::Control;
 use super::error::{Result, StorageError};
 use super::format::{self, FrameError};
-use super::index::{LogState, WalPosition};
+use super::index::{IndexedFrame, LogState, WalPosition};
 use crate::limits::BATCH_BYTES_MAX;
 use crate::types::{LogId, Offset, SegmentId};
 use sluice_schema::batch;
@@ -105,8 +106,8 @@ pub struct ScanStats {
     pub bytes: u64,
     /// Logs found corrupt: (log, offset, reason).
     pub corrupt_logs: Vec<(LogId, Offset, String)>,
-    /// Last offset of each log with frames in this segment.
-    pub logs_in_segment: HashMap<LogId, Offset>,
+    /// One past the index of each log's last entry frame in this segment.
+    pub logs_in_segment: HashMap<LogId, u64>,
 }
 
 /// What the bytes at one position are.
@@ -226,53 +227,130 @@ pub async fn scan_segment<S: SegmentBytes>(
             }
         };
         if !corrupt.contains_key(&frame.log_id) {
-            index_frame(source, mode, position, frame, logs, stats)?;
+            index_frame(source, mode, position, frame, logs, stats).await?;
         }
         position += frame.frame_bytes as u64;
     }
 }
 
-/// Adds a valid frame to its log's index; a frame that does not continue its log
-/// is corruption.
-fn index_frame<S: SegmentBytes>(
-    source: &S,
+/// Adds a valid frame to its log's index: an entry frame (a batch, or a control
+/// entry of a replicated log) continues its log; a truncation marker or a hard
+/// state applies to it. A frame that does not continue its log is corruption.
+async fn index_frame<S: SegmentBytes>(
+    source: &mut S,
     mode: ScanMode,
     position: u64,
     frame: format::StoredFrame,
     logs: &mut HashMap<LogId, LogState>,
     stats: &mut ScanStats,
 ) -> Result<()> {
+    let control = if frame.control {
+        let bytes = source.get(position, frame.frame_bytes).await?;
+        Some(
+            Control::decode(bytes).map_err(|error| StorageError::Corrupt {
+                path: source.path(),
+                position,
+                reason: format!("log {} control frame: {error}", frame.log_id),
+            })?,
+        )
+    } else {
+        None
+    };
+    let fresh = !logs.contains_key(&frame.log_id);
     let entry = logs.entry(frame.log_id).or_default();
-    let fresh = entry.runs.is_empty() && entry.next_offset == 0;
-    if !fresh && frame.last_offset < entry.next_offset {
+    if control.is_some() && entry.replicated.is_none() {
+        entry.replicated = Some(Default::default());
+    }
+    let corrupt = |reason: String| StorageError::Corrupt {
+        path: source.path(),
+        position,
+        reason,
+    };
+    match control {
+        Some(Control::Truncate {
+            index,
+            offset,
+            reset,
+            prev_term,
+        }) => {
+            if reset {
+                entry.reset_entries(index, offset, prev_term);
+            } else if index > entry.end_index || index < entry.first_index() {
+                return Err(corrupt(format!(
+                    "log {} truncation at index {index} outside its entries [{}, {})",
+                    frame.log_id,
+                    entry.first_index(),
+                    entry.end_index
+                )));
+            } else {
+                entry.truncate_entries(index, offset);
+            }
+            entry.next_index = entry.end_index;
+            entry.next_offset = entry.end_offset;
+            return Ok(());
+        }
+        Some(Control::State { hard_state, anchor }) => {
+            if fresh {
+                entry.end_index = anchor.next_index;
+                entry.end_offset = anchor.next_offset;
+                entry.next_index = anchor.next_index;
+                entry.next_offset = anchor.next_offset;
+                entry.log_start = anchor.next_offset;
+            } else if anchor.next_index != entry.end_index || anchor.next_offset != entry.end_offset
+            {
+                return Err(corrupt(format!(
+                    "log {} hard state says its next entry is index {} at offset {}, its frames say index {} at offset {}; a crash cannot produce this",
+                    frame.log_id, anchor.next_index, anchor.next_offset, entry.end_index, entry.end_offset
+                )));
+            }
+            if let Some(replicated) = entry.replicated.as_mut() {
+                if fresh {
+                    replicated.start_term = anchor.prev_term;
+                    replicated.terms.clear();
+                }
+                replicated.hard_state = hard_state;
+                if hard_state.commit >= replicated.commit_index {
+                    replicated.commit_index = hard_state.commit;
+                    replicated.commit_offset = replicated.commit_offset.max(anchor.commit_offset);
+                }
+            }
+            entry.fold();
+            return Ok(());
+        }
+        Some(Control::Entry { .. }) | None => {}
+    }
+    if !fresh
+        && control.is_none()
+        && frame.end_offset <= entry.end_offset
+        && frame.base_offset < entry.end_offset
+    {
         // Already indexed from the checkpoint.
         return Ok(());
     }
-    if !fresh && frame.base_offset != entry.next_offset {
-        return Err(StorageError::Corrupt {
-            path: source.path(),
-            position,
-            reason: format!(
-                "log {} batch at offset {} does not continue the log (expected offset {}); a crash cannot produce this",
-                frame.log_id, frame.base_offset, entry.next_offset
-            ),
-        });
+    if !fresh && frame.base_offset != entry.end_offset {
+        return Err(corrupt(format!(
+            "log {} batch at offset {} does not continue the log (expected offset {}); a crash cannot produce this",
+            frame.log_id, frame.base_offset, entry.end_offset
+        )));
     }
     if fresh {
         entry.log_start = frame.base_offset;
+        entry.end_offset = frame.base_offset;
     }
-    entry.push(
-        frame.base_offset,
-        frame.last_offset,
-        WalPosition::new(mode.segment, position),
-        frame.frame_bytes as u32,
-        frame.max_timestamp_ms,
-    );
-    entry.next_offset = frame.last_offset + 1;
-    entry.high_watermark = entry.next_offset;
-    stats
-        .logs_in_segment
-        .insert(frame.log_id, frame.last_offset);
+    let index = entry.end_index;
+    entry.push(IndexedFrame {
+        base_offset: frame.base_offset,
+        end_offset: frame.end_offset,
+        index,
+        term: u64::from(frame.epoch.0),
+        position: WalPosition::new(mode.segment, position),
+        bytes: frame.frame_bytes as u32,
+        max_timestamp_ms: frame.max_timestamp_ms,
+    });
+    entry.next_offset = frame.end_offset;
+    entry.next_index = entry.end_index;
+    entry.set_durable(frame.end_offset);
+    stats.logs_in_segment.insert(frame.log_id, entry.end_index);
     stats.frames += 1;
     stats.bytes += frame.frame_bytes as u64;
     Ok(())

@@ -33,9 +33,10 @@ use bytes::{Bytes, BytesMut};
 use glommio::task::JoinHandle;
 
 use super::cache::TailCache;
+use super::control::{Anchor, Control, HardState};
 use super::error::{Result, StorageError};
 use super::format::{self, BatchInfo};
-use super::index::{LogState, WalPosition};
+use super::index::{IndexedFrame, LogState, WalPosition};
 use super::segment::SegmentFile;
 use crate::limits::{
     INFLIGHT_BYTES_MAX, SECTOR_BYTES, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SEGMENT_HEADER_BYTES,
@@ -84,24 +85,89 @@ pub struct Appended {
 }
 
 /// A frame queued for the writer.
-struct Pending {
-    log: LogId,
-    frame: Bytes,
-    base_offset: Offset,
-    last_offset: Offset,
-    max_timestamp_ms: i64,
-    seq: u64,
+pub(super) struct Pending {
+    pub(super) log: LogId,
+    pub(super) frame: Bytes,
+    pub(super) base_offset: Offset,
+    /// One past the last offset (`base_offset` for a control frame).
+    pub(super) end_offset: Offset,
+    /// Raft index of an entry frame (plain logs: the frame's ordinal).
+    pub(super) index: u64,
+    /// Leader epoch / Raft term.
+    pub(super) term: u64,
+    pub(super) max_timestamp_ms: i64,
+    pub(super) kind: PendingKind,
+    pub(super) seq: u64,
     /// Set on the last frame of an append call.
-    completion: Option<Rc<Completion<Result<()>>>>,
+    pub(super) completion: Option<Rc<Completion<Result<()>>>>,
+}
+
+/// What a queued frame is to the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PendingKind {
+    /// A record batch (an entry with records).
+    Batch,
+    /// A control frame that is a Raft entry (no records).
+    ControlEntry,
+    /// A truncation marker (see `control.rs`).
+    Truncate {
+        index: u64,
+        offset: Offset,
+        reset: bool,
+        prev_term: u64,
+    },
+    /// A hard-state frame.
+    State(HardState),
+}
+
+impl PendingKind {
+    fn is_entry(self) -> bool {
+        matches!(self, PendingKind::Batch | PendingKind::ControlEntry)
+    }
 }
 
 /// A completed write waiting for the `fdatasync` that covers it.
 struct Written {
     seq_end: u64,
     bytes: usize,
-    /// (log, new high watermark) to publish once durable.
-    high_watermarks: Vec<(LogId, Offset)>,
+    /// (log, offset after its last frame in the write) to publish once durable.
+    durable_ends: Vec<(LogId, Offset)>,
     completions: Vec<Rc<Completion<Result<()>>>>,
+}
+
+/// An entry frame of a replicated log, stamped by the replica layer.
+#[derive(Clone, Debug)]
+pub struct EntryFrame {
+    /// Raft index.
+    pub index: u64,
+    /// Raft term (= the frame's leader epoch).
+    pub term: u64,
+    /// First offset.
+    pub base_offset: Offset,
+    /// One past the last offset (= `base_offset` for a control entry).
+    pub end_offset: Offset,
+    /// Largest record timestamp.
+    pub max_timestamp_ms: i64,
+    /// The whole frame (a record batch or a control frame).
+    pub frame: Bytes,
+}
+
+/// One Ready's worth of writes to a replicated log, laid out in this order.
+#[derive(Clone, Debug, Default)]
+pub struct LogWrite {
+    /// A [`Control::Truncate`] to apply before the entries.
+    pub truncate: Option<Control>,
+    /// Entries in index order, continuing the log (after the truncation).
+    pub frames: Vec<EntryFrame>,
+    /// A [`Control::State`] to write after the entries.
+    pub state: Option<Control>,
+}
+
+impl LogWrite {
+    /// True when there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.truncate.is_none() && self.frames.is_empty() && self.state.is_none()
+    }
 }
 
 /// A segment and what it holds.
@@ -109,8 +175,10 @@ pub(super) struct Segment {
     pub file: Rc<SegmentFile>,
     /// End of valid frames.
     pub end: u64,
-    /// Last offset of each log stored in this segment (decides deletion).
-    pub logs: HashMap<LogId, Offset>,
+    /// One past the Raft index (plain logs: ordinal) of each log's last entry frame
+    /// in this segment: the segment is dead once every log's first retained entry
+    /// is past it.
+    pub logs: HashMap<LogId, u64>,
 }
 
 /// Counters, for metrics and benchmarks.
@@ -185,7 +253,8 @@ pub struct Wal {
     tasks: RefCell<Vec<JoinHandle<()>>>,
 }
 
-pub(super) fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -270,6 +339,20 @@ impl Wal {
     /// Registers a new, empty log. Idempotent.
     pub fn create_log(&self, log: LogId) {
         self.state.borrow_mut().logs.entry(log).or_default();
+    }
+
+    /// Registers a replicated log (a Raft group's: its entries arrive stamped, see
+    /// [`Wal::submit`], and its reads stop at the commit point the replica layer
+    /// sets). Idempotent; a log recovered with replica state stays as it is.
+    pub fn create_replicated_log(&self, log: LogId) {
+        let mut state = self.state.borrow_mut();
+        let entry = state
+            .logs
+            .entry(log)
+            .or_insert_with(LogState::new_replicated);
+        if entry.replicated.is_none() {
+            entry.replicated = Some(Default::default());
+        }
     }
 
     /// Caps how many bytes of `log` one segment may hold: the WAL rolls rather than
@@ -424,12 +507,19 @@ impl Wal {
             .logs
             .get_mut(&log)
             .ok_or(StorageError::UnknownLog(log))?;
+        if entry.replicated.is_some() {
+            return Err(StorageError::Failed(format!(
+                "log {log} is replicated: its entries come through its replica"
+            )));
+        }
         let completion = Completion::new();
         let base_offset = entry.next_offset;
-        for (index, (frame, info)) in batches.iter().enumerate() {
+        for (position, (frame, info)) in batches.iter().enumerate() {
             let first = entry.next_offset;
-            let last = first + u64::from(info.record_count) - 1;
-            entry.next_offset = last + 1;
+            let end = first + u64::from(info.record_count);
+            entry.next_offset = end;
+            let index = entry.next_index;
+            entry.next_index += 1;
             let mut stamped = BytesMut::from(&frame[..]);
             format::stamp(&mut stamped, first, log, epoch);
             let seq = state.next_seq;
@@ -438,10 +528,13 @@ impl Wal {
                 log,
                 frame: stamped.freeze(),
                 base_offset: first,
-                last_offset: last,
+                end_offset: end,
+                index,
+                term: u64::from(epoch.0),
                 max_timestamp_ms: info.max_timestamp_ms,
+                kind: PendingKind::Batch,
                 seq,
-                completion: (index + 1 == batches.len()).then(|| completion.clone()),
+                completion: (position + 1 == batches.len()).then(|| completion.clone()),
             });
         }
         state.inflight_bytes += bytes;
@@ -453,6 +546,170 @@ impl Wal {
             log_start: entry.log_start,
         };
         Ok((completion, appended))
+    }
+
+    /// Queues one Ready's write to a replicated log: the truncation, the entries
+    /// (stamped frames, continuing the log after the truncation) and the hard
+    /// state, in that order, all in one unit. The completion fires once all of it
+    /// is durable. Never waits for space: a follower must take what its leader
+    /// sends (the leader's proposals wait in [`Wal::wait_for_space`]).
+    pub fn submit(&self, log: LogId, write: LogWrite) -> Result<Rc<Completion<Result<()>>>> {
+        let completion = self.enqueue_write(log, write)?;
+        self.writer_wake.notify_all();
+        self.extender_wake.notify_all();
+        Ok(completion)
+    }
+
+    fn enqueue_write(&self, log: LogId, write: LogWrite) -> Result<Rc<Completion<Result<()>>>> {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        if let Some(error) = &state.failed {
+            return Err(StorageError::Failed(error.to_string()));
+        }
+        if state.closing {
+            return Err(StorageError::ShuttingDown);
+        }
+        if let Some((offset, error)) = state.corrupt.get(&log) {
+            return Err(StorageError::Corrupt {
+                path: self.config.dir.clone(),
+                position: *offset,
+                reason: format!("log {log} is corrupt at offset {offset}: {error}"),
+            });
+        }
+        let entry = state
+            .logs
+            .get_mut(&log)
+            .ok_or(StorageError::UnknownLog(log))?;
+        if entry.replicated.is_none() {
+            return Err(StorageError::Failed(format!("log {log} is not replicated")));
+        }
+        let frame_limit = (self.config.segment_bytes - SEGMENT_HEADER_BYTES) as usize;
+        check_write(log, entry, &write, frame_limit)?;
+        let now = now_ms();
+        let term = write.frames.last().map_or(0, |f| f.term);
+        let mut queued: Vec<Pending> = Vec::new();
+        if let Some(Control::Truncate {
+            index,
+            offset,
+            reset,
+            prev_term,
+        }) = write.truncate.clone()
+        {
+            let frame = Control::Truncate {
+                index,
+                offset,
+                reset,
+                prev_term,
+            }
+            .encode(log, offset, Epoch(term as u32), now);
+            queued.push(control_pending(
+                log,
+                frame,
+                offset,
+                now,
+                PendingKind::Truncate {
+                    index,
+                    offset,
+                    reset,
+                    prev_term,
+                },
+            ));
+            entry.next_index = index;
+            entry.next_offset = offset;
+        }
+        for frame in write.frames {
+            let kind = if frame.end_offset > frame.base_offset {
+                PendingKind::Batch
+            } else {
+                PendingKind::ControlEntry
+            };
+            entry.next_index = frame.index + 1;
+            entry.next_offset = frame.end_offset;
+            queued.push(Pending {
+                log,
+                base_offset: frame.base_offset,
+                end_offset: frame.end_offset,
+                index: frame.index,
+                term: frame.term,
+                max_timestamp_ms: frame.max_timestamp_ms,
+                kind,
+                seq: 0,
+                completion: None,
+                frame: frame.frame,
+            });
+        }
+        if let Some(Control::State { hard_state, anchor }) = write.state {
+            let frame = Control::State { hard_state, anchor }.encode(
+                log,
+                entry.next_offset,
+                Epoch(hard_state.term as u32),
+                now,
+            );
+            queued.push(control_pending(
+                log,
+                frame,
+                entry.next_offset,
+                now,
+                PendingKind::State(hard_state),
+            ));
+        }
+        let completion = Completion::new();
+        let count = queued.len();
+        for (position, mut pending) in queued.into_iter().enumerate() {
+            pending.seq = state.next_seq;
+            state.next_seq += 1;
+            if position + 1 == count {
+                pending.completion = Some(completion.clone());
+            }
+            state.inflight_bytes += pending.frame.len();
+            state.stats.append_bytes += pending.frame.len() as u64;
+            state.stats.appends += u64::from(pending.kind.is_entry());
+            state.pending.push_back(pending);
+        }
+        if count == 0 {
+            completion.complete(Ok(()));
+        }
+        Ok(completion)
+    }
+
+    /// Waits until `bytes` more fit in the WAL's in-flight budget (a leader calls
+    /// this before proposing, so clients feel backpressure before Raft does).
+    pub async fn wait_for_space(&self, bytes: usize) -> Result<()> {
+        self.reserve(bytes).await
+    }
+
+    /// Moves a replicated log's commit point (see [`LogState::set_commit`]) and
+    /// wakes long-polling reads.
+    pub fn set_commit(&self, log: LogId, index: u64, offset: Offset) {
+        let mut state = self.state.borrow_mut();
+        if let Some(entry) = state.logs.get_mut(&log) {
+            let before = entry.high_watermark;
+            entry.set_commit(index, offset);
+            if entry.high_watermark != before {
+                drop(state);
+                self.durable_advanced.notify_all();
+            }
+        }
+    }
+
+    /// A replicated log's state as recovered or written: see [`ReplicatedView`].
+    pub fn replicated_view(&self, log: LogId) -> Result<ReplicatedView> {
+        let state = self.state.borrow();
+        let entry = state.logs.get(&log).ok_or(StorageError::UnknownLog(log))?;
+        let replicated = entry
+            .replicated
+            .as_ref()
+            .ok_or_else(|| StorageError::Failed(format!("log {log} is not replicated")))?;
+        Ok(ReplicatedView {
+            first_index: entry.first_index(),
+            end_index: entry.next_index,
+            next_offset: entry.next_offset,
+            start_term: replicated.start_term,
+            terms: replicated.terms.clone(),
+            hard_state: replicated.hard_state,
+            commit_offset: replicated.commit_offset,
+            log_start: entry.log_start,
+        })
     }
 
     /// Stops accepting appends, writes and syncs what is queued, and stops the tasks.
@@ -482,18 +739,22 @@ impl Wal {
 
     /// Fails everything queued and rolls offsets back; `sticky` keeps the WAL failed.
     fn fail_pending(&self, state: &mut State, error: &StorageError) {
-        let mut rollback: HashMap<LogId, Offset> = HashMap::new();
+        let mut rollback: HashMap<LogId, (Offset, u64)> = HashMap::new();
         for pending in state.pending.drain(..) {
             state.inflight_bytes -= pending.frame.len();
-            let first = rollback.entry(pending.log).or_insert(pending.base_offset);
-            *first = (*first).min(pending.base_offset);
+            if pending.kind.is_entry() {
+                let first = rollback
+                    .entry(pending.log)
+                    .or_insert((pending.base_offset, pending.index));
+                *first = (first.0.min(pending.base_offset), first.1.min(pending.index));
+            }
             if let Some(completion) = pending.completion {
                 completion.complete(Err(error.clone()));
             }
         }
-        for (log, offset) in rollback {
+        for (log, (offset, index)) in rollback {
             if let Some(entry) = state.logs.get_mut(&log) {
-                entry.truncate_from(offset);
+                entry.truncate_from(offset, index);
             }
             state.cache.truncate(log, offset);
         }
@@ -753,42 +1014,36 @@ async fn wait_for_extent(wal: &Rc<Wal>) -> bool {
 fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new_tail: Vec<u8>) {
     let active = state.active;
     let mut position = state.write_byte;
-    let mut high_watermarks: Vec<(LogId, Offset)> = Vec::new();
+    let mut durable_ends: Vec<(LogId, Offset)> = Vec::new();
     let mut completions = Vec::new();
     let mut bytes = 0;
-    let mut seq_end = state.written_seq;
+    // Writes are numbered in the order they complete (one at a time), so the
+    // syncer's "durable up to" is a write number.
+    let seq_end = state.written_seq + 1;
     for pending in taken {
         let frame_bytes = pending.frame.len() as u32;
         let at = WalPosition::new(active, position);
-        if let Some(log) = state.logs.get_mut(&pending.log) {
-            log.push(
-                pending.base_offset,
-                pending.last_offset,
-                at,
-                frame_bytes,
-                pending.max_timestamp_ms,
-            );
-        }
-        if let Some(segment) = state.segments.get_mut(&active) {
-            segment.logs.insert(pending.log, pending.last_offset);
+        index_pending(state, &pending, at);
+        if pending.kind.is_entry() {
+            if let Some(segment) = state.segments.get_mut(&active) {
+                segment.logs.insert(pending.log, pending.index + 1);
+            }
+            match durable_ends.iter_mut().find(|(log, _)| *log == pending.log) {
+                Some(entry) => entry.1 = pending.end_offset,
+                None => durable_ends.push((pending.log, pending.end_offset)),
+            }
         }
         *state.active_log_bytes.entry(pending.log).or_default() += u64::from(frame_bytes);
-        match high_watermarks
-            .iter_mut()
-            .find(|(log, _)| *log == pending.log)
-        {
-            Some(entry) => entry.1 = pending.last_offset + 1,
-            None => high_watermarks.push((pending.log, pending.last_offset + 1)),
-        }
         position += u64::from(frame_bytes);
         bytes += frame_bytes as usize;
-        seq_end = pending.seq;
-        state.cache.insert(
-            pending.log,
-            pending.base_offset,
-            pending.last_offset,
-            pending.frame,
-        );
+        if pending.kind == PendingKind::Batch {
+            state.cache.insert(
+                pending.log,
+                pending.base_offset,
+                pending.end_offset - 1,
+                pending.frame,
+            );
+        }
         completions.extend(pending.completion);
     }
     debug_assert_eq!(position, end);
@@ -803,11 +1058,183 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
     state.unsynced.push_back(Written {
         seq_end,
         bytes,
-        high_watermarks,
+        durable_ends,
         completions,
     });
     wal.syncer_wake.notify_all();
     wal.extender_wake.notify_all();
+}
+
+/// Applies one written frame to its log's index (entries), truncation or hard state.
+fn index_pending(state: &mut State, pending: &Pending, at: WalPosition) {
+    let Some(log) = state.logs.get_mut(&pending.log) else {
+        return;
+    };
+    match pending.kind {
+        PendingKind::Batch | PendingKind::ControlEntry => log.push(IndexedFrame {
+            base_offset: pending.base_offset,
+            end_offset: pending.end_offset,
+            index: pending.index,
+            term: pending.term,
+            position: at,
+            bytes: pending.frame.len() as u32,
+            max_timestamp_ms: pending.max_timestamp_ms,
+        }),
+        PendingKind::Truncate {
+            index,
+            offset,
+            reset,
+            prev_term,
+        } => {
+            if reset {
+                log.reset_entries(index, offset, prev_term);
+            } else {
+                log.truncate_entries(index, offset);
+            }
+            state.cache.truncate(pending.log, offset);
+        }
+        PendingKind::State(hard_state) => {
+            if let Some(replicated) = log.replicated.as_mut() {
+                replicated.hard_state = hard_state;
+            }
+        }
+    }
+}
+
+/// Puts a hard-state frame for every replicated log at the head of the queue, so
+/// a new segment starts with them: each segment tells every replicated log's next
+/// Raft index and hard state by itself (see `control.rs`). Called at a roll, when
+/// everything written is durable.
+pub(super) fn queue_anchors(state: &mut State) {
+    let now = now_ms();
+    let mut anchors = Vec::new();
+    for (log, entry) in &state.logs {
+        let Some(replicated) = &entry.replicated else {
+            continue;
+        };
+        let hard_state = HardState {
+            commit: replicated.commit_index,
+            ..replicated.hard_state
+        };
+        let anchor = Anchor {
+            next_index: entry.end_index,
+            next_offset: entry.end_offset,
+            prev_term: entry
+                .term_of(entry.end_index.saturating_sub(1))
+                .unwrap_or(0),
+            commit_offset: replicated.commit_offset,
+        };
+        let frame = Control::State { hard_state, anchor }.encode(
+            *log,
+            entry.end_offset,
+            Epoch(hard_state.term as u32),
+            now,
+        );
+        anchors.push(control_pending(
+            *log,
+            frame,
+            entry.end_offset,
+            now,
+            PendingKind::State(hard_state),
+        ));
+    }
+    for mut anchor in anchors.into_iter().rev() {
+        anchor.seq = state.next_seq;
+        state.next_seq += 1;
+        state.inflight_bytes += anchor.frame.len();
+        state.pending.push_front(anchor);
+    }
+}
+
+/// A queued control frame that is not an entry.
+fn control_pending(
+    log: LogId,
+    frame: Bytes,
+    offset: Offset,
+    now: i64,
+    kind: PendingKind,
+) -> Pending {
+    Pending {
+        log,
+        frame,
+        base_offset: offset,
+        end_offset: offset,
+        index: 0,
+        term: 0,
+        max_timestamp_ms: now,
+        kind,
+        seq: 0,
+        completion: None,
+    }
+}
+
+/// Checks a replicated write against the log: a truncation never below what is
+/// committed, entries continuing the log in index and offset, frames that fit.
+fn check_write(log: LogId, entry: &LogState, write: &LogWrite, frame_limit: usize) -> Result<()> {
+    let fail = |reason: String| Err(StorageError::Failed(format!("log {log}: {reason}")));
+    let (mut index, mut offset) = (entry.next_index, entry.next_offset);
+    let commit = entry.replicated.as_ref().map_or(0, |r| r.commit_index);
+    match &write.truncate {
+        None => {}
+        Some(Control::Truncate {
+            index: at,
+            offset: to,
+            reset,
+            ..
+        }) => {
+            if !reset && (*at <= commit || *at > index) {
+                return fail(format!(
+                    "truncation at index {at} outside ({commit}, {index}]"
+                ));
+            }
+            index = *at;
+            offset = *to;
+        }
+        Some(other) => return fail(format!("{other:?} is not a truncation")),
+    }
+    for frame in &write.frames {
+        if frame.index != index || frame.base_offset != offset || frame.end_offset < offset {
+            return fail(format!(
+                "entry {} at offset {} does not continue the log (next: index {index}, offset {offset})",
+                frame.index, frame.base_offset
+            ));
+        }
+        if frame.frame.len() > frame_limit {
+            return Err(StorageError::BatchTooLarge {
+                bytes: frame.frame.len(),
+                limit: frame_limit,
+            });
+        }
+        index += 1;
+        offset = frame.end_offset;
+    }
+    if let Some(state) = &write.state {
+        if !matches!(state, Control::State { .. }) {
+            return fail(format!("{state:?} is not a hard state"));
+        }
+    }
+    Ok(())
+}
+
+/// What a replicated log holds, for its replica to start from.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicatedView {
+    /// First entry still stored.
+    pub first_index: u64,
+    /// One past the last entry.
+    pub end_index: u64,
+    /// Offset after the last entry.
+    pub next_offset: Offset,
+    /// Term of `first_index - 1`.
+    pub start_term: u64,
+    /// Term changes.
+    pub terms: Vec<(u64, u64)>,
+    /// The newest durable hard state.
+    pub hard_state: HardState,
+    /// One past the last committed data offset known.
+    pub commit_offset: Offset,
+    /// First retained offset.
+    pub log_start: Offset,
 }
 
 async fn syncer_loop(wal: Rc<Wal>) {
@@ -864,9 +1291,9 @@ fn publish_durable(wal: &Wal, state: &mut State, target: u64) {
             break;
         };
         state.inflight_bytes -= written.bytes;
-        for (log, high_watermark) in written.high_watermarks {
+        for (log, end) in written.durable_ends {
             if let Some(entry) = state.logs.get_mut(&log) {
-                entry.high_watermark = entry.high_watermark.max(high_watermark);
+                entry.set_durable(end);
             }
         }
         for completion in written.completions {

@@ -13,7 +13,7 @@ proptest! {
     fn client_batches_verify_and_stamping_keeps_payload_crc(
         values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..20),
         timestamp in any::<i64>(),
-        base_offset in any::<u64>(),
+        base_offset in 0..u64::MAX / 2,
         log in any::<u32>(),
         epoch in any::<u32>(),
     ) {
@@ -27,7 +27,9 @@ proptest! {
         let stored = verify_stored(&frame, usize::MAX).unwrap();
         prop_assert_eq!(stored.base_offset, base_offset);
         prop_assert_eq!(stored.log_id, LogId(log));
-        prop_assert_eq!(stored.last_offset, base_offset.wrapping_add(values.len() as u64 - 1));
+        prop_assert_eq!(stored.end_offset, base_offset + values.len() as u64);
+        prop_assert_eq!(stored.epoch, Epoch(epoch));
+        prop_assert!(!stored.control);
     }
 
     #[test]
