@@ -15,6 +15,7 @@ pub mod metadata;
 pub mod net;
 pub mod port;
 pub mod protocol;
+pub mod replication;
 pub mod runtime;
 pub mod shard;
 pub mod shard_messages;

@@ -107,6 +107,9 @@ pub const FETCH_WAITS_PER_SHARD_MAX: usize = 4096;
 pub const FETCH_WAIT_MS_MAX: u32 = 60_000;
 /// Longest produce timeout honoured.
 pub const PRODUCE_TIMEOUT_MS_MAX: u32 = 300_000;
+/// Bytes of applied Raft entries a replica keeps in memory beyond the unapplied
+/// ones (a follower that keeps up is fed from here; older entries come from disk).
+pub const RAFT_ENTRY_CACHE_BYTES: usize = 8 << 20;
 
 const _: () = assert!(SEGMENT_BYTES_DEFAULT.is_multiple_of(SECTOR_BYTES));
 const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(SECTOR_BYTES));

@@ -82,6 +82,11 @@ impl<T> Completion<T> {
         }
     }
 
+    /// Takes the value, if completed (for polling without a task).
+    pub fn take(&self) -> Option<T> {
+        self.value.borrow_mut().take()
+    }
+
     /// True once completed.
     pub fn is_complete(&self) -> bool {
         self.value.borrow().is_some()
