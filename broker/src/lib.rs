@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cluster;
 pub mod fuzzing;
 pub mod limits;
 pub mod mesh;
@@ -18,6 +19,7 @@ pub mod protocol;
 pub mod replication;
 pub mod runtime;
 pub mod shard;
+pub mod shard_cluster;
 pub mod shard_messages;
 pub mod storage;
 pub mod sync;

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Parser;
+use sluice_broker::cluster::ClusterConfig;
 use sluice_broker::runtime::{self, BrokerConfig};
+use sluice_broker::types::NodeId;
 
 #[derive(Parser, Debug)]
 #[command(name = "sluice-broker", version, about = "A Sluice broker node")]
@@ -52,6 +54,13 @@ struct Args {
     /// Host to advertise to clients (default: the listen IP).
     #[arg(long)]
     advertised_host: Option<String>,
+    /// Cluster: where this node listens for other nodes (Raft traffic).
+    #[arg(long, requires = "peers")]
+    peer_listen: Option<SocketAddr>,
+    /// Cluster: every node's peer address, this node's included:
+    /// `1=host:port,2=host:port,3=host:port`. Without it the node runs alone.
+    #[arg(long, requires = "peer_listen")]
+    peers: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +87,15 @@ fn main() -> ExitCode {
     config.frame_timeout = Duration::from_secs(args.frame_timeout_secs.max(1));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.advertised_host = args.advertised_host;
+    if let (Some(peer_listen), Some(peers)) = (args.peer_listen, &args.peers) {
+        match ClusterConfig::new(NodeId(args.node_id), peer_listen, peers) {
+            Ok(cluster) => config.cluster = Some(cluster),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // A panic anywhere is a bug; a node with a dead shard must not limp on half
     // working. Log it and abort: recovery on restart handles the rest.
     let default_hook = std::panic::take_hook();

@@ -159,6 +159,14 @@ pub struct PartitionPlacement {
     pub shard: ShardId,
     /// Its log in that shard's WAL (never reused).
     pub log_id: LogId,
+    /// This node holds a replica (always, on a single node; in a cluster, when
+    /// the node is among the partition's replicas).
+    #[serde(default = "always")]
+    pub local: bool,
+}
+
+fn always() -> bool {
+    true
 }
 
 /// A topic.
@@ -170,6 +178,28 @@ pub struct Topic {
     pub config: TopicConfig,
     /// Partition i is `partitions[i]`.
     pub partitions: Vec<PartitionPlacement>,
+    /// Cluster-wide topic id (from the controller; 0 on a single node).
+    #[serde(default)]
+    pub id: u32,
+    /// Nodes holding each partition's replicas, the preferred leader first (empty
+    /// on a single node).
+    #[serde(default)]
+    pub replicas: Vec<Vec<NodeId>>,
+}
+
+impl Topic {
+    /// The replicas of `partition` (on a single node: just `node`).
+    pub fn replicas_of(&self, partition: usize, node: NodeId) -> Vec<NodeId> {
+        match self.replicas.get(partition) {
+            Some(replicas) => replicas.clone(),
+            None => vec![node],
+        }
+    }
+
+    /// The Raft group of `partition`, in a cluster.
+    pub fn group(&self, partition: u32) -> Option<crate::replication::GroupId> {
+        (self.id != 0).then(|| crate::replication::GroupId::partition(self.id, partition))
+    }
 }
 
 /// The node's durable metadata.
@@ -185,6 +215,9 @@ pub struct NodeMetadata {
     pub next_log_id: u32,
     /// Topics by name.
     pub topics: BTreeMap<String, Topic>,
+    /// In a cluster: the controller log position this metadata reflects.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::controller::ClusterState>,
 }
 
 /// Why metadata could not be loaded or changed.
@@ -215,6 +248,7 @@ impl NodeMetadata {
             shard_count,
             next_log_id: 1,
             topics: BTreeMap::new(),
+            cluster: None,
         }
     }
 
@@ -346,6 +380,7 @@ impl NodeMetadata {
             placements.push(PartitionPlacement {
                 shard: ShardId(shard as u16),
                 log_id: LogId(self.next_log_id),
+                local: true,
             });
             self.next_log_id += 1;
         }
@@ -354,6 +389,8 @@ impl NodeMetadata {
             name: name.to_string(),
             config,
             partitions: placements,
+            id: 0,
+            replicas: Vec::new(),
         };
         Ok(self.topics.entry(name.to_string()).or_insert(topic))
     }

@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -11,9 +12,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
+use crate::cluster::controller::CONTROLLER_LOG;
+use crate::cluster::{ClusterConfig, ClusterView, NodeAddress};
 use crate::mesh::{Mesh, MeshBuilders};
 use crate::metadata::{parse_provision, NodeMetadata, TopicConfig};
+use crate::replication::host::ReplicaHost;
+use crate::replication::transport::PeerTransport;
 use crate::shard::{Shard, ShardSettings};
+use crate::shard_cluster::{ShardCluster, ShardInbound};
 use crate::storage::{Wal, WalConfig};
 use crate::types::{NodeId, ShardId};
 
@@ -48,6 +54,8 @@ pub struct BrokerConfig {
     pub advertised_host: Option<String>,
     /// Registered I/O memory per shard (glommio `io_memory`).
     pub io_memory_bytes: usize,
+    /// In a cluster: this node's id, peer port and every node's peer address.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl BrokerConfig {
@@ -68,6 +76,7 @@ impl BrokerConfig {
             retention_check: Duration::from_secs(5),
             advertised_host: None,
             io_memory_bytes: 4 << 20,
+            cluster: None,
         }
     }
 }
@@ -150,6 +159,16 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         connections_max: config.connections_max,
         frame_timeout: config.frame_timeout,
     });
+    let view = config.cluster.clone().map(|cluster| {
+        Arc::new(ClusterView::new(
+            cluster,
+            NodeAddress {
+                host: settings.advertised_host.clone(),
+                port: settings.advertised_port,
+                shard_count: shards as u16,
+            },
+        ))
+    });
     let metadata = Arc::new(ArcSwap::from_pointee(metadata));
     let meshes = MeshBuilders::new(shards);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -162,7 +181,17 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         .on_all_shards(move || {
             let ready = ready_tx.clone();
             async move {
-                let result = run_shard(shard_config, settings, metadata, meshes, flag, listen, ready.clone()).await;
+                let result = run_shard(
+                    shard_config,
+                    settings,
+                    metadata,
+                    meshes,
+                    flag,
+                    listen,
+                    view.clone(),
+                    ready.clone(),
+                )
+                .await;
                 if let Err(error) = &result {
                     let _ = ready.send(Err(error.clone()));
                 }
@@ -194,6 +223,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
     Ok(handle)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_shard(
     config: BrokerConfig,
     settings: Arc<ShardSettings>,
@@ -201,6 +231,7 @@ async fn run_shard(
     meshes: MeshBuilders,
     shutdown: Arc<AtomicBool>,
     listen: SocketAddr,
+    view: Option<Arc<ClusterView>>,
     ready: mpsc::Sender<Result<(), String>>,
 ) -> Result<(), String> {
     let (mesh, inbox) = Mesh::join(meshes).await?;
@@ -224,8 +255,29 @@ async fn run_shard(
     for (log, offset, reason) in &report.corrupt_logs {
         tracing::error!(shard = %id, %log, offset, %reason, "partition log is corrupt; nothing at or past this offset is served");
     }
-    sync_logs(&wal, &metadata.load(), id);
-    let shard = Shard::new(id, wal.clone(), metadata, mesh.clone(), settings, shutdown);
+    sync_logs(&wal, &metadata.load(), id, view.is_some());
+    let cluster = view.as_ref().map(|view| {
+        let own = view
+            .node_address(view.config.node)
+            .expect("the view knows this node");
+        let transport = PeerTransport::start(view.clone(), &own);
+        let host = ReplicaHost::new(
+            settings.node_id,
+            wal.clone(),
+            view.clone(),
+            transport.clone(),
+        );
+        ShardCluster::new(view.clone(), host, transport, id)
+    });
+    let shard = Shard::new(
+        id,
+        wal.clone(),
+        metadata,
+        mesh.clone(),
+        settings,
+        shutdown,
+        cluster,
+    );
     let handler_shard = shard.clone();
     mesh.serve(inbox, move |request| {
         let shard = handler_shard.clone();
@@ -233,9 +285,16 @@ async fn run_shard(
     });
     let listener =
         crate::net::bind_listener(listen).map_err(|e| bind_error(listen, &e.to_string()))?;
+    if let Some(cluster) = shard.cluster.clone() {
+        start_cluster_shard(&shard, &cluster).await?;
+    }
     glommio::spawn_local(shard.clone().retention_loop()).detach();
     let _ = ready.send(Ok(()));
     crate::net::serve(shard.clone(), listener).await;
+    if let Some(cluster) = &shard.cluster {
+        cluster.host.close();
+        cluster.transport.close();
+    }
     wal.close().await;
     if let Err(error) = wal.checkpoint().await {
         tracing::warn!(shard = %id, %error, "cannot write the WAL checkpoint at shutdown (next start rescans)");
@@ -245,20 +304,61 @@ async fn run_shard(
 }
 
 /// Makes the WAL's logs match the metadata: create missing logs, drop deleted ones.
-fn sync_logs(wal: &Wal, metadata: &NodeMetadata, shard: ShardId) {
+/// In a cluster, partition logs are replicated (their replicas create them) and
+/// shard 0 also holds the controller's log.
+fn sync_logs(wal: &Wal, metadata: &NodeMetadata, shard: ShardId, cluster: bool) {
     let mut wanted = std::collections::HashSet::new();
     for topic in metadata.topics.values() {
-        for placement in topic.partitions.iter().filter(|p| p.shard == shard) {
+        let here = topic
+            .partitions
+            .iter()
+            .filter(|p| p.shard == shard && p.local);
+        for placement in here {
             wanted.insert(placement.log_id);
-            wal.create_log(placement.log_id);
+            if cluster {
+                wal.create_replicated_log(placement.log_id);
+            } else {
+                wal.create_log(placement.log_id);
+            }
             wal.set_segment_limit(placement.log_id, topic.config.segment_bytes);
         }
+    }
+    if cluster && usize::from(shard.0) == crate::shard::CONTROLLER_SHARD {
+        wanted.insert(CONTROLLER_LOG);
+        wal.create_replicated_log(CONTROLLER_LOG);
     }
     for log in wal.log_ids() {
         if !wanted.contains(&log) {
             wal.delete_log(log);
         }
     }
+}
+
+/// Starts a cluster shard: its replicas, the controller (shard 0), the peer
+/// listener and the leadership gossip.
+async fn start_cluster_shard(shard: &Rc<Shard>, cluster: &Rc<ShardCluster>) -> Result<(), String> {
+    if cluster.controller.is_some() {
+        cluster.host.set_apply_sink(shard.controller_sink());
+        glommio::spawn_local(shard.clone().controller_loop()).detach();
+    }
+    shard.start_replicas().await;
+    glommio::spawn_local(cluster.host.clone().run()).detach();
+    glommio::spawn_local(shard.clone().gossip_loop()).detach();
+    let peer_listen = cluster.view.config.peer_listen;
+    let listener = crate::net::bind_listener(peer_listen).map_err(|e| {
+        bind_error(peer_listen, &e.to_string()).replace("--listen", "--peer-listen")
+    })?;
+    let inbound: Rc<dyn crate::replication::transport::Inbound> =
+        Rc::new(ShardInbound(shard.clone()));
+    let stopping = shard.clone();
+    glommio::spawn_local(crate::replication::transport::serve_peers(
+        listener,
+        cluster.view.clone(),
+        inbound,
+        move || stopping.shutting_down(),
+    ))
+    .detach();
+    Ok(())
 }
 
 fn bind_error(listen: SocketAddr, error: &str) -> String {
@@ -415,9 +515,45 @@ fn prepare_metadata(config: &BrokerConfig) -> Result<NodeMetadata, String> {
         config.shards as u16,
     )
     .map_err(|e| e.to_string())?;
+    let single_node_topics = metadata.topics.values().any(|t| t.id == 0);
+    match (&config.cluster, &metadata.cluster) {
+        (Some(_), None) if single_node_topics => {
+            return Err(format!(
+                "{} holds the topics of a single node; a cluster node starts from an empty data dir (choose another with --data-dir)",
+                config.data_dir.display()
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(format!(
+                "{} belongs to a cluster node; start it with its --peer-listen and --peers",
+                config.data_dir.display()
+            ));
+        }
+        _ => {}
+    }
+    if config.cluster.is_some() && metadata.cluster.is_none() {
+        // Mark the data dir as a cluster node's from its first start.
+        metadata.cluster = Some(Default::default());
+        metadata
+            .store(&config.data_dir)
+            .map_err(|e| e.to_string())?;
+    }
+    if metadata.node_id != NodeId(config.node_id) {
+        return Err(format!(
+            "{} belongs to node {}; start with --node-id {} (or choose another --data-dir)",
+            config.data_dir.display(),
+            metadata.node_id,
+            metadata.node_id
+        ));
+    }
     let Some(path) = &config.provision else {
         return Ok(metadata);
     };
+    if config.cluster.is_some() {
+        return Err(
+            "--provision creates topics on a single node; in a cluster create them with `sluice topic create` against any node".into(),
+        );
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read provisioning file {}: {e}", path.display()))?;
     let topics = parse_provision(&text).map_err(|e| format!("{}: {e}", path.display()))?;

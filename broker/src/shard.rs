@@ -14,6 +14,7 @@ use sluice_schema::wire::ErrorCode;
 use crate::limits::{FETCH_WAITS_PER_SHARD_MAX, SHARD_REQUEST_BYTES_MAX};
 use crate::mesh::Mesh;
 use crate::metadata::{validate_topic_name, NodeMetadata, Topic, TopicConfig};
+use crate::shard_cluster::ShardCluster;
 use crate::shard_messages::{
     ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, PartitionRead, ShardReply,
     ShardRequest,
@@ -64,6 +65,8 @@ pub struct Shard {
     pub request_budget: Rc<Budget>,
     /// Slots for long-polling fetches (`FETCH_WAITS_PER_SHARD_MAX`).
     pub fetch_waits: Rc<glommio::sync::Semaphore>,
+    /// In a cluster: replicas, peer links, the controller (see `shard_cluster`).
+    pub cluster: Option<Rc<ShardCluster>>,
 }
 
 /// The metadata controller lives on shard 0.
@@ -78,6 +81,7 @@ impl Shard {
         mesh: Rc<Mesh>,
         settings: Arc<ShardSettings>,
         shutdown: Arc<AtomicBool>,
+        cluster: Option<ShardCluster>,
     ) -> Rc<Shard> {
         Rc::new(Shard {
             id,
@@ -91,6 +95,7 @@ impl Shard {
             fetch_waits: Rc::new(glommio::sync::Semaphore::new(
                 FETCH_WAITS_PER_SHARD_MAX as u64,
             )),
+            cluster: cluster.map(Rc::new),
         })
     }
 
@@ -112,12 +117,17 @@ impl Shard {
     /// Executes a request on this shard.
     pub async fn execute(self: &Rc<Self>, request: ShardRequest) -> ShardReply {
         match request {
-            ShardRequest::Produce { log, batches } => ShardReply::Produced(
-                self.wal
-                    .append(log, Epoch(0), &batches)
-                    .await
-                    .map_err(ApiError::from),
-            ),
+            ShardRequest::Produce { log, batches, acks } => {
+                let group = self.cluster.as_ref().and_then(|c| c.host.group_of(log));
+                ShardReply::Produced(match group {
+                    Some(group) => self.produce_replicated(group, log, &batches, acks).await,
+                    None => self
+                        .wal
+                        .append(log, Epoch(0), &batches)
+                        .await
+                        .map_err(ApiError::from),
+                })
+            }
             ShardRequest::ReadMany { reads, budget } => {
                 ShardReply::ReadMany(self.read_many(&reads, budget).await)
             }
@@ -130,9 +140,10 @@ impl Shard {
                 self.wait_for_data(log, seen_high_watermark, wait).await;
                 ShardReply::Waited
             }
-            ShardRequest::ListOffset { log, query } => {
-                ShardReply::Offset(self.list_offset(log, query))
-            }
+            ShardRequest::ListOffset { log, query } => ShardReply::Offset(
+                self.check_serving(log)
+                    .and_then(|()| self.list_offset(log, query)),
+            ),
             ShardRequest::Describe(logs) => ShardReply::Described(
                 logs.iter()
                     .map(|log| {
@@ -164,8 +175,29 @@ impl Shard {
             ShardRequest::CreateTopics {
                 topics,
                 validate_only,
+            } if self.cluster.is_some() => {
+                ShardReply::Admin(self.cluster_create_topics(topics, validate_only).await)
+            }
+            ShardRequest::CreateTopics {
+                topics,
+                validate_only,
             } => ShardReply::Admin(self.create_topics(topics, validate_only).await),
+            ShardRequest::DeleteTopics(names) if self.cluster.is_some() => {
+                ShardReply::Admin(self.cluster_delete_topics(names).await)
+            }
             ShardRequest::DeleteTopics(names) => ShardReply::Admin(self.delete_topics(names).await),
+            ShardRequest::Raft(batch) => {
+                self.step_forwarded(batch);
+                ShardReply::Done
+            }
+            ShardRequest::CreateReplicas(specs) => {
+                self.create_replicas(specs).await;
+                ShardReply::Done
+            }
+            ShardRequest::DropReplicas(groups) => {
+                self.drop_replicas(groups);
+                ShardReply::Done
+            }
         }
     }
 
@@ -181,6 +213,10 @@ impl Shard {
         let mut remaining = budget;
         let mut results = Vec::with_capacity(reads.len());
         for read in reads {
+            if let Err(error) = self.check_serving(read.log) {
+                results.push(Err(error));
+                continue;
+            }
             let result = if remaining == 0 {
                 self.wal
                     .log_offsets(read.log)

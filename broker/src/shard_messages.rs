@@ -5,7 +5,7 @@ use sluice_schema::wire::ErrorCode;
 
 use crate::storage::format::BatchInfo;
 use crate::storage::{Appended, ReadBatches, StorageError};
-use crate::types::{LogId, Offset};
+use crate::types::{LogId, NodeId, Offset};
 
 /// An error as the API reports it: a wire code, a message, and for out-of-range
 /// errors the valid range.
@@ -19,6 +19,8 @@ pub struct ApiError {
     pub log_start: Offset,
     /// High watermark, when known.
     pub high_watermark: Offset,
+    /// With `NotLeader`: the leader, if known.
+    pub leader: Option<NodeId>,
 }
 
 impl ApiError {
@@ -29,6 +31,29 @@ impl ApiError {
             message: message.into(),
             log_start: 0,
             high_watermark: 0,
+            leader: None,
+        }
+    }
+
+    /// This node does not lead `what`; `leader` (at `address`) does, if known.
+    pub fn not_leader(what: &str, leader: Option<NodeId>, address: Option<String>) -> Self {
+        let (code, message) = match (leader, address) {
+            (Some(node), Some(address)) => (
+                ErrorCode::NotLeader,
+                format!("this node does not lead {what}: node {node} at {address} does"),
+            ),
+            (Some(node), None) => (
+                ErrorCode::NotLeader,
+                format!("this node does not lead {what}: node {node} does"),
+            ),
+            (None, _) => (
+                ErrorCode::LeaderNotAvailable,
+                format!("{what} has no leader right now (an election is in progress); retry"),
+            ),
+        };
+        ApiError {
+            leader,
+            ..ApiError::new(code, message)
         }
     }
 }
@@ -106,6 +131,8 @@ pub struct NewTopic {
     pub partitions: u32,
     /// key=value configs.
     pub configs: Vec<(String, String)>,
+    /// Replicas per partition (0: the default).
+    pub replication_factor: u16,
 }
 
 /// One partition of a multi-partition read.
@@ -135,6 +162,9 @@ pub enum ShardRequest {
         log: LogId,
         /// Verified client batches.
         batches: Vec<(Bytes, BatchInfo)>,
+        /// The request's acks (a replicated log answers -1 on quorum, 0/1 on the
+        /// leader's own durability).
+        acks: i8,
     },
     /// Reply once the log's high watermark passes `seen_high_watermark`, or after
     /// `wait_ms`.
@@ -168,6 +198,27 @@ pub enum ShardRequest {
     },
     /// Delete topics (shard 0).
     DeleteTopics(Vec<String>),
+    /// Raft messages from a peer for groups this shard hosts (fire and forget).
+    Raft(Vec<(u64, Bytes)>),
+    /// Create local replicas (and their logs) of new partitions.
+    CreateReplicas(Vec<ReplicaSpec>),
+    /// Drop local replicas (and their logs) of deleted partitions.
+    DropReplicas(Vec<(u64, LogId)>),
+}
+
+/// A local replica to create.
+#[derive(Clone, Debug)]
+pub struct ReplicaSpec {
+    /// Raft group id.
+    pub group: u64,
+    /// Its log in the shard's WAL.
+    pub log: LogId,
+    /// Per-segment byte limit of the log.
+    pub segment_bytes: u64,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Campaign at once (the preferred leader, for a new group).
+    pub campaign: bool,
 }
 
 impl ShardRequest {

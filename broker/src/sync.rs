@@ -98,6 +98,29 @@ impl<T> Completion<T> {
     }
 }
 
+impl<T> Completion<T> {
+    /// Waits until completed, leaving the value in the slot (for [`Completion::take`]).
+    pub fn wait_ref(self: &Rc<Self>) -> CompletionReady<T> {
+        CompletionReady { slot: self.clone() }
+    }
+}
+
+/// Future returned by [`Completion::wait_ref`].
+pub struct CompletionReady<T> {
+    slot: Rc<Completion<T>>,
+}
+
+impl<T> Future for CompletionReady<T> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.slot.value.borrow().is_some() {
+            return Poll::Ready(());
+        }
+        *self.slot.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 /// Future returned by [`Completion::wait`].
 pub struct CompletionWait<T> {
     slot: Rc<Completion<T>>,

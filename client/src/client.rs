@@ -333,11 +333,24 @@ impl Client {
         Ok(route)
     }
 
-    /// Creates a topic.
+    /// Creates a topic (the cluster's default replication factor).
     pub async fn create_topic(
         &self,
         name: &str,
         partitions: u32,
+        configs: Vec<(String, String)>,
+    ) -> Result<()> {
+        self.create_topic_replicated(name, partitions, 0, configs)
+            .await
+    }
+
+    /// Creates a topic with `replication_factor` replicas per partition (0: the
+    /// cluster's default, min(3, nodes)).
+    pub async fn create_topic_replicated(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
         configs: Vec<(String, String)>,
     ) -> Result<()> {
         let body = RequestBody::CreateTopics {
@@ -345,6 +358,7 @@ impl Client {
                 name: name.to_owned(),
                 partitions,
                 configs,
+                replication_factor,
             }],
             validate_only: false,
         };

@@ -29,6 +29,8 @@ pub struct NewTopic {
     pub partitions: u32,
     /// Config overrides (`key`, `value`).
     pub configs: Vec<(String, String)>,
+    /// Replicas per partition; 0 asks for the cluster's default (min(3, nodes)).
+    pub replication_factor: u16,
 }
 
 /// One partition's range of the produce payload.
@@ -283,6 +285,7 @@ fn encode_create(
             name: Some(name),
             partitions: topic.partitions,
             configs: Some(configs),
+            replication_factor: topic.replication_factor,
         };
         topic_offsets.push(wire::NewTopic::create(fbb, &args));
     }

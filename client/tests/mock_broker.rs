@@ -109,6 +109,8 @@ fn respond(
         let args = wire::MetadataResponseArgs {
             topics: Some(topics),
             brokers: None,
+            controller_node: 0,
+            node_id: 1,
         };
         let body = wire::MetadataResponse::create(fbb, &args).as_union_value();
         return Some((wire::ResponseBody::MetadataResponse, body, empty));

@@ -1,4 +1,5 @@
-//! Sluice wire protocol: the flatbuffers schema (`fbs/sluice.fbs`), the Rust code
+//! Sluice wire protocols: the flatbuffers schemas (`fbs/sluice.fbs` for clients,
+//! `fbs/peer.fbs` between nodes), the Rust code
 //! `flatc` generates from it (committed; `tools/gen-schema.sh` regenerates it and CI
 //! fails on drift), and the wire constants both ends share.
 //!
@@ -23,6 +24,12 @@ mod generated;
 
 /// Generated flatbuffers types (`sluice.wire` namespace).
 pub use generated::sluice_generated::sluice::wire;
+
+/// Generated flatbuffers types of the node-to-node protocol (`sluice.peer`).
+pub use generated::peer_generated::sluice::peer;
+
+/// The node-to-node protocol version (exchanged in `peer::Hello`).
+pub const PEER_PROTOCOL_VERSION: u16 = 1;
 
 /// The protocol versions this build speaks (negotiated by the Handshake request).
 pub const PROTOCOL_VERSION_MIN: u16 = 1;

@@ -37,6 +37,7 @@ pub fn create(raw: &mut Raw, name: &str, partitions: u32, configs: &[(&str, &str
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            replication_factor: 0,
         }],
         validate_only: false,
     };

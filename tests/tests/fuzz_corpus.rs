@@ -90,6 +90,7 @@ fn request_bodies() -> Vec<(RequestBody, Vec<u8>)> {
                     name: "orders".into(),
                     partitions: 3,
                     configs: vec![("retention.ms".into(), "3600000".into())],
+                    replication_factor: 0,
                 }],
                 validate_only: true,
             },

@@ -223,6 +223,7 @@ fn a_response_over_the_envelope_limit_is_refused_not_truncated() {
                 name: format!("{:0>240}", chunk * 1024 + i),
                 partitions: 1,
                 configs: vec![],
+                replication_factor: 0,
             })
             .collect();
         let reply = raw

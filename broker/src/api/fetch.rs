@@ -120,7 +120,7 @@ fn wanted(
     let mut wanted = Vec::new();
     for topic in request.topics().iter().flatten() {
         for partition in topic.partitions().iter().flatten() {
-            let target = locate(&metadata, topic.name(), partition.partition())
+            let target = locate(shard, &metadata, topic.name(), partition.partition())
                 .map(|(placement, _)| placement);
             wanted.push(Wanted {
                 topic: topic.name().to_string(),
@@ -270,6 +270,7 @@ fn respond(
                     payload_offset: start as u32,
                     payload_bytes: (payload_bytes - start) as u32,
                     message: None,
+                    leader_node: 0,
                 }
             }
             Err(error) => {
@@ -282,6 +283,7 @@ fn respond(
                     payload_offset: start as u32,
                     payload_bytes: 0,
                     message,
+                    leader_node: error.leader.map_or(0, |n| n.0),
                 }
             }
         };

@@ -48,7 +48,7 @@ pub(super) async fn handle(
                 )),
             };
             let target = query.and_then(|q| {
-                locate(&metadata, topic.name(), partition.partition()).map(|(p, _)| (p, q))
+                locate(shard, &metadata, topic.name(), partition.partition()).map(|(p, _)| (p, q))
             });
             asks.push((topic.name().to_string(), partition.partition(), target));
         }
@@ -85,6 +85,7 @@ pub(super) async fn handle(
                 timestamp_ms: listed.timestamp_ms,
                 log_start_offset: listed.log_start,
                 high_watermark: listed.high_watermark,
+                leader_node: 0,
             },
             Err(error) => wire::ListOffsetsPartitionResultArgs {
                 partition: *partition,
@@ -93,6 +94,7 @@ pub(super) async fn handle(
                 timestamp_ms: -1,
                 log_start_offset: error.log_start,
                 high_watermark: error.high_watermark,
+                leader_node: error.leader.map_or(0, |n| n.0),
             },
         };
         let result = wire::ListOffsetsPartitionResult::create(&mut fbb, &args);

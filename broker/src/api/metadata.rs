@@ -24,43 +24,57 @@ pub(super) async fn handle(
     };
     let mut size = ResponseSize::new();
     for name in &names {
-        let partitions = metadata.topics.get(name).map_or(0, |t| t.partitions.len());
+        let topic = metadata.topics.get(name);
+        let partitions = topic.map_or(0, |t| t.partitions.len());
+        let replicas = topic.map_or(0, |t| t.replicas.iter().map(Vec::len).sum::<usize>());
         size.add(1, ResponseSize::item_with_message(name.len()))
-            .add(partitions, ResponseSize::TABLE_BYTES);
+            .add(partitions, ResponseSize::TABLE_BYTES + 8)
+            .add(replicas, 4);
     }
     if let Err(response) = size.check(id, "this Metadata request") {
         return response;
     }
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
-    let host = fbb.create_string(&shard.settings.advertised_host);
-    let broker = wire::BrokerInfo::create(
-        &mut fbb,
-        &wire::BrokerInfoArgs {
-            node_id: shard.settings.node_id.0,
-            host: Some(host),
-            port: shard.settings.advertised_port,
-            shard_count: shard.mesh.shard_count() as u16,
-        },
-    );
-    let brokers = fbb.create_vector(&[broker]);
+    let brokers: Vec<_> = known_brokers(shard)
+        .into_iter()
+        .map(|(node, host, port, shard_count)| {
+            let host = fbb.create_string(&host);
+            wire::BrokerInfo::create(
+                &mut fbb,
+                &wire::BrokerInfoArgs {
+                    node_id: node,
+                    host: Some(host),
+                    port,
+                    shard_count,
+                },
+            )
+        })
+        .collect();
+    let brokers = fbb.create_vector(&brokers);
     let mut topics = Vec::with_capacity(names.len());
     for name in &names {
         let topic_name = fbb.create_string(name);
         let (error, partitions) = match metadata.topics.get(name) {
             None => (ErrorCode::UnknownTopic, None),
             Some(topic) => {
-                let partitions: Vec<_> = topic
-                    .partitions
-                    .iter()
-                    .enumerate()
-                    .map(|(index, placement)| {
+                let partitions: Vec<_> = (0..topic.partitions.len())
+                    .map(|index| {
+                        let view = shard.partition_view(topic, index);
+                        let replicas: Vec<u32> = view.replicas.iter().map(|n| n.0).collect();
+                        let replicas = fbb.create_vector(&replicas);
                         wire::PartitionMetadata::create(
                             &mut fbb,
                             &wire::PartitionMetadataArgs {
                                 partition: index as u32,
-                                leader_node: shard.settings.node_id.0,
-                                shard: placement.shard.0,
-                                error: ErrorCode::None,
+                                leader_node: view.leader.map_or(0, |n| n.0),
+                                shard: view.leader_shard,
+                                error: if view.leader.is_some() {
+                                    ErrorCode::None
+                                } else {
+                                    ErrorCode::LeaderNotAvailable
+                                },
+                                replicas: Some(replicas),
+                                leader_epoch: view.epoch,
                             },
                         )
                     })
@@ -83,6 +97,8 @@ pub(super) async fn handle(
         &wire::MetadataResponseArgs {
             brokers: Some(brokers),
             topics: Some(topics),
+            controller_node: shard.controller_leader().map_or(0, |n| n.0),
+            node_id: shard.settings.node_id.0,
         },
     );
     ok(
@@ -92,4 +108,28 @@ pub(super) async fn handle(
         body.as_union_value(),
         Vec::new(),
     )
+}
+
+/// (node, host, port, shards) of every node whose client address is known.
+fn known_brokers(shard: &Shard) -> Vec<(u32, String, u16, u16)> {
+    let own = (
+        shard.settings.node_id.0,
+        shard.settings.advertised_host.clone(),
+        shard.settings.advertised_port,
+        shard.mesh.shard_count() as u16,
+    );
+    let Some(cluster) = shard.cluster.as_deref() else {
+        return vec![own];
+    };
+    cluster
+        .view
+        .nodes()
+        .into_iter()
+        .filter_map(|(node, address, _)| {
+            if node == shard.settings.node_id {
+                return Some(own.clone());
+            }
+            address.map(|a| (node.0, a.host, a.port, a.shard_count))
+        })
+        .collect()
 }

@@ -166,7 +166,11 @@ pub fn check_request(envelope: &[u8]) -> Result<(), String> {
 }
 
 /// Looks up (topic, partition) → (shard, log, config) in the metadata snapshot.
+/// In a cluster, a partition without a replica on this node is `NotLeader` (with
+/// the leader as this node knows it); whether the local replica leads is decided
+/// on its shard.
 pub(crate) fn locate(
+    shard: &Shard,
     metadata: &crate::metadata::NodeMetadata,
     topic: &str,
     partition: u32,
@@ -190,5 +194,11 @@ pub(crate) fn locate(
             ),
         )
     })?;
+    if !placement.local {
+        let group = found
+            .group(partition)
+            .unwrap_or(crate::replication::GroupId::CONTROLLER);
+        return Err(shard.not_leader(group, &format!("partition {partition} of '{topic}'")));
+    }
     Ok((*placement, found.config.clone()))
 }

@@ -55,7 +55,7 @@ pub(super) async fn handle(
             .flatten()
             .map(|partition| PartitionPlan {
                 partition: partition.partition(),
-                target: check_partition(&metadata, topic.name(), partition, payload),
+                target: check_partition(shard, &metadata, topic.name(), partition, payload),
             })
             .collect();
         plan.push((topic.name().to_string(), partitions));
@@ -80,6 +80,7 @@ pub(super) async fn handle(
                         ShardRequest::Produce {
                             log: placement.log_id,
                             batches,
+                            acks,
                         },
                     )
                     .await
@@ -124,6 +125,7 @@ pub(super) fn check_shape(id: u32, request: &wire::ProduceRequest<'_>) -> Result
 
 /// Checks one partition entry: payload range, topic and partition, and every batch.
 fn check_partition(
+    shard: &Shard,
     metadata: &crate::metadata::NodeMetadata,
     topic: &str,
     partition: wire::ProducePartition<'_>,
@@ -144,7 +146,7 @@ fn check_partition(
                 ),
             )
         })?;
-    let (placement, config) = locate(metadata, topic, partition.partition())?;
+    let (placement, config) = locate(shard, metadata, topic, partition.partition())?;
     let batches = split_batches(payload.slice(start..end), config.max_message_bytes as usize)?;
     Ok((placement, batches))
 }
@@ -201,14 +203,21 @@ fn respond(
                 let result = results
                     .next()
                     .unwrap_or_else(|| Err(ApiError::new(ErrorCode::Internal, "missing result")));
-                let (error, base_offset, log_start_offset, message) = match result {
+                let (error, base_offset, log_start_offset, message, leader) = match result {
                     Ok(appended) => (
                         ErrorCode::None,
                         appended.base_offset,
                         appended.log_start,
                         None,
+                        None,
                     ),
-                    Err(error) => (error.code, 0, error.log_start, Some(error.message)),
+                    Err(error) => (
+                        error.code,
+                        0,
+                        error.log_start,
+                        Some(error.message),
+                        error.leader,
+                    ),
                 };
                 let message = message.map(|m| fbb.create_string(cut_message(&m)));
                 wire::ProducePartitionResult::create(
@@ -219,6 +228,7 @@ fn respond(
                         base_offset,
                         log_start_offset,
                         message,
+                        leader_node: leader.map_or(0, |n| n.0),
                     },
                 )
             })

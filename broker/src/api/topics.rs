@@ -126,6 +126,7 @@ pub(super) fn new_topics(
                 .flatten()
                 .map(|e| (e.key().to_string(), e.value().to_string()))
                 .collect(),
+            replication_factor: topic.replication_factor(),
         });
     }
     Ok(topics)
@@ -233,7 +234,7 @@ pub(super) async fn describe(
     let mut by_shard: HashMap<ShardId, Vec<crate::types::LogId>> = HashMap::new();
     for name in &names {
         if let Some(topic) = metadata.topics.get(name) {
-            for placement in &topic.partitions {
+            for placement in topic.partitions.iter().filter(|p| p.local) {
                 by_shard
                     .entry(placement.shard)
                     .or_default()
@@ -303,38 +304,44 @@ pub(super) async fn describe(
             .iter()
             .enumerate()
             .map(|(index, placement)| {
-                let (offsets, error) = match offsets.get(&placement.log_id) {
+                let view = shard.partition_view(topic, index);
+                let empty = LogDescription {
+                    log_start: 0,
+                    high_watermark: 0,
+                    size_bytes: 0,
+                    corrupt_from: None,
+                };
+                let local = offsets.get(&placement.log_id).filter(|_| placement.local);
+                let (mut offsets, mut error) = match local {
                     Some(Ok(d)) if d.corrupt_from.is_some() => (*d, ErrorCode::CorruptLog),
                     Some(Ok(d)) => (*d, ErrorCode::None),
-                    Some(Err(e)) => (
-                        LogDescription {
-                            log_start: 0,
-                            high_watermark: 0,
-                            size_bytes: 0,
-                            corrupt_from: None,
-                        },
-                        e.code,
-                    ),
-                    None => (
-                        LogDescription {
-                            log_start: 0,
-                            high_watermark: 0,
-                            size_bytes: 0,
-                            corrupt_from: None,
-                        },
-                        ErrorCode::Internal,
-                    ),
+                    Some(Err(e)) => (empty, e.code),
+                    None if placement.local => (empty, ErrorCode::Internal),
+                    None => (empty, ErrorCode::None),
                 };
+                // Another node leads: its numbers are the ones that count.
+                if let Some((high_watermark, log_start)) = view.reported {
+                    offsets.high_watermark = high_watermark;
+                    offsets.log_start = log_start;
+                }
+                if view.leader.is_none() && error == ErrorCode::None {
+                    error = ErrorCode::LeaderNotAvailable;
+                }
+                let replicas: Vec<u32> = view.replicas.iter().map(|n| n.0).collect();
+                let replicas = fbb.create_vector(&replicas);
                 wire::PartitionDescription::create(
                     &mut fbb,
                     &wire::PartitionDescriptionArgs {
                         partition: index as u32,
-                        leader_node: shard.settings.node_id.0,
-                        shard: placement.shard.0,
+                        leader_node: view.leader.map_or(0, |n| n.0),
+                        shard: view.leader_shard,
                         log_start_offset: offsets.log_start,
                         high_watermark: offsets.high_watermark,
                         size_bytes: offsets.size_bytes,
                         error,
+                        replicas: Some(replicas),
+                        in_sync: view.in_sync,
+                        leader_epoch: view.epoch,
                     },
                 )
             })

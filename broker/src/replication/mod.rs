@@ -12,9 +12,11 @@
 // raft-rs's protobuf messages are built field by field, as its own docs do.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod host;
 pub mod raft_log;
 pub mod replica;
 #[cfg(test)]
 mod sim;
+pub mod transport;
 
 pub use replica::{AckMode, Acked, GroupId, ReadyOut, Replica, ReplicaConfig, ReplicaError};

@@ -144,7 +144,8 @@ pub struct Replica {
     /// Highest index durable here.
     persisted_index: u64,
     waiters: VecDeque<Waiter>,
-    /// Deliver committed entries' data (the controller's state machine).
+    /// The entries are a state machine's commands (the controller's), delivered
+    /// to the host once committed; they are never record batches.
     wants_applied: bool,
     leader: Option<NodeId>,
     /// Writes handed to the host and not yet reported durable.
@@ -211,7 +212,7 @@ impl Replica {
         let mut at = config.commit_offset;
         for entry in &config.recovered.uncommitted {
             offsets.push_back((entry.index, at));
-            at = entry_end_offset(entry, at);
+            at = entry_end_offset(entry, at, config.wants_applied);
         }
         debug_assert!(first_uncommitted == u64::MAX || first_uncommitted == commit + 1);
         let log = RaftLog::new(&voters, config.recovered);
@@ -317,6 +318,21 @@ impl Replica {
             .collect()
     }
 
+    /// Voters whose log reaches the commit index (the leader's view; 0 elsewhere):
+    /// fewer than all voters means the partition is under-replicated.
+    pub fn in_sync(&self) -> u16 {
+        if !self.is_leader() {
+            return 0;
+        }
+        let commit = self.node.raft.raft_log.committed;
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, pr)| pr.matched >= commit)
+            .count() as u16
+    }
+
     /// Voters of the group.
     pub fn voters(&self) -> Vec<NodeId> {
         self.node
@@ -338,7 +354,7 @@ impl Replica {
     /// Steps a message from a peer. Entries are verified first: a damaged one
     /// drops the whole message (the leader sends it again).
     pub fn step(&mut self, message: Message) -> Result<(), String> {
-        if message.get_msg_type() == MessageType::MsgAppend {
+        if message.get_msg_type() == MessageType::MsgAppend && !self.wants_applied {
             for entry in message.get_entries() {
                 check_entry(self.log, entry)?;
             }
@@ -416,7 +432,7 @@ impl Replica {
         let mut at = self.next_offset;
         for entry in self.node.raft.raft_log.unstable_entries() {
             if entry.index > self.node.store().last() {
-                at = entry_end_offset(entry, at);
+                at = entry_end_offset(entry, at, self.wants_applied);
             }
         }
         at
@@ -565,7 +581,7 @@ impl Replica {
         for entry in entries {
             let at = self.next_offset;
             self.offsets.push_back((entry.index, at));
-            let frame = entry_frame(self.log, entry, at);
+            let frame = entry_frame(self.log, entry, at, self.wants_applied);
             self.next_offset = frame.end_offset;
             write.frames.push(frame);
         }
@@ -607,12 +623,10 @@ impl Replica {
     fn apply(&mut self, committed: &[Entry], out: &mut ReadyOut) {
         for entry in committed {
             if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
-                if let Ok(header) = format::header(&entry.data) {
-                    if header.record_count.get() > 0 {
-                        let end = header.base_offset.get() + u64::from(header.record_count.get());
-                        debug_assert!(end >= self.high_watermark, "high watermark moves back");
-                        self.high_watermark = self.high_watermark.max(end);
-                    }
+                if let Some((base, records, _)) = batch_of(entry, self.wants_applied) {
+                    let end = base + records;
+                    debug_assert!(end >= self.high_watermark, "high watermark moves back");
+                    self.high_watermark = self.high_watermark.max(end);
                 }
                 if self.wants_applied {
                     out.applied.push((entry.index, entry.data.clone()));
@@ -688,34 +702,43 @@ fn check_entry(log: LogId, entry: &Entry) -> Result<(), String> {
     Ok(())
 }
 
-/// The offset after `entry` when it starts at `at`.
-fn entry_end_offset(entry: &Entry, at: Offset) -> Offset {
-    if entry.get_entry_type() == EntryType::EntryNormal {
-        if let Ok(header) = format::header(&entry.data) {
-            if entry.data.len() >= sluice_schema::batch::HEADER_BYTES {
-                return header.base_offset.get() + u64::from(header.record_count.get());
-            }
-        }
+/// A data entry's batch: (first offset, records, max timestamp). An opaque
+/// replica's entries (the controller's commands) are never batches.
+fn batch_of(entry: &Entry, opaque: bool) -> Option<(Offset, u64, i64)> {
+    if opaque
+        || entry.get_entry_type() != EntryType::EntryNormal
+        || entry.data.len() < sluice_schema::batch::HEADER_BYTES
+    {
+        return None;
     }
-    at
+    let header = format::header(&entry.data).ok()?;
+    (header.magic.get() == sluice_schema::batch::MAGIC && header.record_count.get() > 0).then(
+        || {
+            (
+                header.base_offset.get(),
+                u64::from(header.record_count.get()),
+                header.max_timestamp_ms.get(),
+            )
+        },
+    )
+}
+
+/// The offset after `entry` when it starts at `at`.
+fn entry_end_offset(entry: &Entry, at: Offset, opaque: bool) -> Offset {
+    batch_of(entry, opaque).map_or(at, |(base, records, _)| base + records)
 }
 
 /// The WAL frame for an entry starting at offset `at`.
-fn entry_frame(log: LogId, entry: &Entry, at: Offset) -> EntryFrame {
+fn entry_frame(log: LogId, entry: &Entry, at: Offset, opaque: bool) -> EntryFrame {
     let term = entry.term;
-    let is_batch = entry.get_entry_type() == EntryType::EntryNormal
-        && entry.data.len() >= sluice_schema::batch::HEADER_BYTES
-        && format::header(&entry.data).is_ok_and(|h| h.record_count.get() > 0);
-    if is_batch {
-        let header = format::header(&entry.data).expect("checked above");
-        let base = header.base_offset.get();
+    if let Some((base, records, max_timestamp_ms)) = batch_of(entry, opaque) {
         debug_assert_eq!(base, at, "a data entry starts at the log's next offset");
         return EntryFrame {
             index: entry.index,
             term,
             base_offset: base,
-            end_offset: base + u64::from(header.record_count.get()),
-            max_timestamp_ms: header.max_timestamp_ms.get(),
+            end_offset: base + records,
+            max_timestamp_ms,
             frame: entry.data.clone(),
         };
     }

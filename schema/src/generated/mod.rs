@@ -1,1 +1,2 @@
 pub mod sluice_generated;
+pub mod peer_generated;

@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 24;
+pub const ENUM_MAX_ERROR_CODE: u16 = 27;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 25] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 28] = [
   ErrorCode::None,
   ErrorCode::Internal,
   ErrorCode::MalformedRequest,
@@ -42,6 +42,9 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 25] = [
   ErrorCode::TooManyConnections,
   ErrorCode::TopicBusy,
   ErrorCode::ResponseTooLarge,
+  ErrorCode::NotLeader,
+  ErrorCode::LeaderNotAvailable,
+  ErrorCode::InvalidReplicationFactor,
 ];
 
 /// One error-code enum for every request and response. 0 means success.
@@ -103,9 +106,16 @@ impl ErrorCode {
   /// docs/protocol.md); ask for less (fewer topics or partitions, a smaller
   /// max_bytes). Never sent with a truncated body.
   pub const ResponseTooLarge: Self = Self(24);
+  /// This node does not lead the partition (or the cluster's controller): the
+  /// result's leader_node names the leader if known. Refresh metadata and retry there.
+  pub const NotLeader: Self = Self(25);
+  /// No leader is known right now (an election is in progress). Retriable.
+  pub const LeaderNotAvailable: Self = Self(26);
+  /// The replication factor is outside [1, min(5, nodes)].
+  pub const InvalidReplicationFactor: Self = Self(27);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 24;
+  pub const ENUM_MAX: u16 = 27;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Internal,
@@ -132,6 +142,9 @@ impl ErrorCode {
     Self::TooManyConnections,
     Self::TopicBusy,
     Self::ResponseTooLarge,
+    Self::NotLeader,
+    Self::LeaderNotAvailable,
+    Self::InvalidReplicationFactor,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -161,6 +174,9 @@ impl ErrorCode {
       Self::TooManyConnections => Some("TooManyConnections"),
       Self::TopicBusy => Some("TopicBusy"),
       Self::ResponseTooLarge => Some("ResponseTooLarge"),
+      Self::NotLeader => Some("NotLeader"),
+      Self::LeaderNotAvailable => Some("LeaderNotAvailable"),
+      Self::InvalidReplicationFactor => Some("InvalidReplicationFactor"),
       _ => None,
     }
   }
@@ -545,8 +561,9 @@ pub struct ResponseBodyUnionTableOffset {}
 pub enum ConfigEntryOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// acks: 0 = no response, 1 = leader durable, -1 = all replicas durable.
-/// On a single node 1 and -1 both mean: after fdatasync of the broker's WAL.
+/// acks: 0 = no response, 1 = leader durable, -1 = a quorum of replicas durable
+/// (the high watermark covers the records). On a single node 1 and -1 both mean:
+/// after fdatasync of the broker's WAL.
 pub struct ConfigEntry<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -1241,6 +1258,8 @@ impl<'a> PartitionMetadata<'a> {
   pub const VT_LEADER_NODE: ::flatbuffers::VOffsetT = 6;
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 8;
   pub const VT_ERROR: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1249,9 +1268,11 @@ impl<'a> PartitionMetadata<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionMetadataArgs
+    args: &'args PartitionMetadataArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionMetadata<'bldr>> {
     let mut builder = PartitionMetadataBuilder::new(_fbb);
+    builder.add_leader_epoch(args.leader_epoch);
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_leader_node(args.leader_node);
     builder.add_partition(args.partition);
     builder.add_error(args.error);
@@ -1267,6 +1288,7 @@ impl<'a> PartitionMetadata<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(PartitionMetadata::VT_PARTITION, Some(0)).unwrap()}
   }
+  /// 0 when no leader is known (error is then LeaderNotAvailable).
   #[inline]
   pub fn leader_node(&self) -> u32 {
     // Safety:
@@ -1289,6 +1311,22 @@ impl<'a> PartitionMetadata<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<ErrorCode>(PartitionMetadata::VT_ERROR, Some(ErrorCode::None)).unwrap()}
   }
+  /// Nodes holding a replica (a single node: just itself).
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionMetadata::VT_REPLICAS, None)}
+  }
+  /// The leader's epoch (Raft term); 0 on a single node.
+  #[inline]
+  pub fn leader_epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionMetadata::VT_LEADER_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
@@ -1301,17 +1339,21 @@ impl ::flatbuffers::Verifiable for PartitionMetadata<'_> {
      .visit_field::<u32>("leader_node", Self::VT_LEADER_NODE, false)?
      .visit_field::<u16>("shard", Self::VT_SHARD, false)?
      .visit_field::<ErrorCode>("error", Self::VT_ERROR, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<u64>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionMetadataArgs {
+pub struct PartitionMetadataArgs<'a> {
     pub partition: u32,
     pub leader_node: u32,
     pub shard: u16,
     pub error: ErrorCode,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub leader_epoch: u64,
 }
-impl<'a> Default for PartitionMetadataArgs {
+impl<'a> Default for PartitionMetadataArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionMetadataArgs {
@@ -1319,6 +1361,8 @@ impl<'a> Default for PartitionMetadataArgs {
       leader_node: 0,
       shard: 0,
       error: ErrorCode::None,
+      replicas: None,
+      leader_epoch: 0,
     }
   }
 }
@@ -1345,6 +1389,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionMetadataBuilder<'a, 
     self.fbb_.push_slot::<ErrorCode>(PartitionMetadata::VT_ERROR, error, ErrorCode::None);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionMetadata::VT_REPLICAS, replicas);
+  }
+  #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: u64) {
+    self.fbb_.push_slot::<u64>(PartitionMetadata::VT_LEADER_EPOCH, leader_epoch, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionMetadataBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionMetadataBuilder {
@@ -1366,6 +1418,8 @@ impl ::core::fmt::Debug for PartitionMetadata<'_> {
       ds.field("leader_node", &self.leader_node());
       ds.field("shard", &self.shard());
       ds.field("error", &self.error());
+      ds.field("replicas", &self.replicas());
+      ds.field("leader_epoch", &self.leader_epoch());
       ds.finish()
   }
 }
@@ -1518,6 +1572,8 @@ impl<'a> ::flatbuffers::Follow<'a> for MetadataResponse<'a> {
 impl<'a> MetadataResponse<'a> {
   pub const VT_BROKERS: ::flatbuffers::VOffsetT = 4;
   pub const VT_TOPICS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CONTROLLER_NODE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1529,6 +1585,8 @@ impl<'a> MetadataResponse<'a> {
     args: &'args MetadataResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<MetadataResponse<'bldr>> {
     let mut builder = MetadataResponseBuilder::new(_fbb);
+    builder.add_node_id(args.node_id);
+    builder.add_controller_node(args.controller_node);
     if let Some(x) = args.topics { builder.add_topics(x); }
     if let Some(x) = args.brokers { builder.add_brokers(x); }
     builder.finish()
@@ -1549,6 +1607,22 @@ impl<'a> MetadataResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicMetadata>>>>(MetadataResponse::VT_TOPICS, None)}
   }
+  /// The node leading the controller group (0: unknown, or a single node).
+  #[inline]
+  pub fn controller_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(MetadataResponse::VT_CONTROLLER_NODE, Some(0)).unwrap()}
+  }
+  /// The node that answered.
+  #[inline]
+  pub fn node_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(MetadataResponse::VT_NODE_ID, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
@@ -1559,6 +1633,8 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<BrokerInfo>>>>("brokers", Self::VT_BROKERS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<TopicMetadata>>>>("topics", Self::VT_TOPICS, false)?
+     .visit_field::<u32>("controller_node", Self::VT_CONTROLLER_NODE, false)?
+     .visit_field::<u32>("node_id", Self::VT_NODE_ID, false)?
      .finish();
     Ok(())
   }
@@ -1566,6 +1642,8 @@ impl ::flatbuffers::Verifiable for MetadataResponse<'_> {
 pub struct MetadataResponseArgs<'a> {
     pub brokers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<BrokerInfo<'a>>>>>,
     pub topics: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<TopicMetadata<'a>>>>>,
+    pub controller_node: u32,
+    pub node_id: u32,
 }
 impl<'a> Default for MetadataResponseArgs<'a> {
   #[inline]
@@ -1573,6 +1651,8 @@ impl<'a> Default for MetadataResponseArgs<'a> {
     MetadataResponseArgs {
       brokers: None,
       topics: None,
+      controller_node: 0,
+      node_id: 0,
     }
   }
 }
@@ -1589,6 +1669,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MetadataResponseBuilder<'a, '
   #[inline]
   pub fn add_topics(&mut self, topics: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<TopicMetadata<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MetadataResponse::VT_TOPICS, topics);
+  }
+  #[inline]
+  pub fn add_controller_node(&mut self, controller_node: u32) {
+    self.fbb_.push_slot::<u32>(MetadataResponse::VT_CONTROLLER_NODE, controller_node, 0);
+  }
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u32) {
+    self.fbb_.push_slot::<u32>(MetadataResponse::VT_NODE_ID, node_id, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MetadataResponseBuilder<'a, 'b, A> {
@@ -1610,6 +1698,8 @@ impl ::core::fmt::Debug for MetadataResponse<'_> {
     let mut ds = f.debug_struct("MetadataResponse");
       ds.field("brokers", &self.brokers());
       ds.field("topics", &self.topics());
+      ds.field("controller_node", &self.controller_node());
+      ds.field("node_id", &self.node_id());
       ds.finish()
   }
 }
@@ -1632,6 +1722,7 @@ impl<'a> NewTopic<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_CONFIGS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REPLICATION_FACTOR: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1646,6 +1737,7 @@ impl<'a> NewTopic<'a> {
     if let Some(x) = args.configs { builder.add_configs(x); }
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_replication_factor(args.replication_factor);
     builder.finish()
   }
 
@@ -1671,6 +1763,14 @@ impl<'a> NewTopic<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConfigEntry>>>>(NewTopic::VT_CONFIGS, None)}
   }
+  /// Replicas per partition; 0 means the default, min(3, nodes).
+  #[inline]
+  pub fn replication_factor(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(NewTopic::VT_REPLICATION_FACTOR, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for NewTopic<'_> {
@@ -1682,6 +1782,7 @@ impl ::flatbuffers::Verifiable for NewTopic<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ConfigEntry>>>>("configs", Self::VT_CONFIGS, false)?
+     .visit_field::<u16>("replication_factor", Self::VT_REPLICATION_FACTOR, false)?
      .finish();
     Ok(())
   }
@@ -1690,6 +1791,7 @@ pub struct NewTopicArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub partitions: u32,
     pub configs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ConfigEntry<'a>>>>>,
+    pub replication_factor: u16,
 }
 impl<'a> Default for NewTopicArgs<'a> {
   #[inline]
@@ -1698,6 +1800,7 @@ impl<'a> Default for NewTopicArgs<'a> {
       name: None, // required field
       partitions: 0,
       configs: None,
+      replication_factor: 0,
     }
   }
 }
@@ -1718,6 +1821,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NewTopicBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_configs(&mut self, configs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ConfigEntry<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NewTopic::VT_CONFIGS, configs);
+  }
+  #[inline]
+  pub fn add_replication_factor(&mut self, replication_factor: u16) {
+    self.fbb_.push_slot::<u16>(NewTopic::VT_REPLICATION_FACTOR, replication_factor, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NewTopicBuilder<'a, 'b, A> {
@@ -1741,6 +1848,7 @@ impl ::core::fmt::Debug for NewTopic<'_> {
       ds.field("name", &self.name());
       ds.field("partitions", &self.partitions());
       ds.field("configs", &self.configs());
+      ds.field("replication_factor", &self.replication_factor());
       ds.finish()
   }
 }
@@ -2684,6 +2792,9 @@ impl<'a> PartitionDescription<'a> {
   pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 12;
   pub const VT_SIZE_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_ERROR: ::flatbuffers::VOffsetT = 16;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_IN_SYNC: ::flatbuffers::VOffsetT = 20;
+  pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2692,14 +2803,17 @@ impl<'a> PartitionDescription<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionDescriptionArgs
+    args: &'args PartitionDescriptionArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionDescription<'bldr>> {
     let mut builder = PartitionDescriptionBuilder::new(_fbb);
+    builder.add_leader_epoch(args.leader_epoch);
     builder.add_size_bytes(args.size_bytes);
     builder.add_high_watermark(args.high_watermark);
     builder.add_log_start_offset(args.log_start_offset);
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_leader_node(args.leader_node);
     builder.add_partition(args.partition);
+    builder.add_in_sync(args.in_sync);
     builder.add_error(args.error);
     builder.add_shard(args.shard);
     builder.finish()
@@ -2756,6 +2870,31 @@ impl<'a> PartitionDescription<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<ErrorCode>(PartitionDescription::VT_ERROR, Some(ErrorCode::None)).unwrap()}
   }
+  /// Nodes holding a replica.
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionDescription::VT_REPLICAS, None)}
+  }
+  /// Voters whose log reaches the commit point, as the leader last reported
+  /// (fewer than replicas: under-replicated).
+  #[inline]
+  pub fn in_sync(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(PartitionDescription::VT_IN_SYNC, Some(0)).unwrap()}
+  }
+  /// The leader's epoch (Raft term).
+  #[inline]
+  pub fn leader_epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionDescription::VT_LEADER_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionDescription<'_> {
@@ -2771,11 +2910,14 @@ impl ::flatbuffers::Verifiable for PartitionDescription<'_> {
      .visit_field::<u64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
      .visit_field::<u64>("size_bytes", Self::VT_SIZE_BYTES, false)?
      .visit_field::<ErrorCode>("error", Self::VT_ERROR, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<u16>("in_sync", Self::VT_IN_SYNC, false)?
+     .visit_field::<u64>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionDescriptionArgs {
+pub struct PartitionDescriptionArgs<'a> {
     pub partition: u32,
     pub leader_node: u32,
     pub shard: u16,
@@ -2783,8 +2925,11 @@ pub struct PartitionDescriptionArgs {
     pub high_watermark: u64,
     pub size_bytes: u64,
     pub error: ErrorCode,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub in_sync: u16,
+    pub leader_epoch: u64,
 }
-impl<'a> Default for PartitionDescriptionArgs {
+impl<'a> Default for PartitionDescriptionArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionDescriptionArgs {
@@ -2795,6 +2940,9 @@ impl<'a> Default for PartitionDescriptionArgs {
       high_watermark: 0,
       size_bytes: 0,
       error: ErrorCode::None,
+      replicas: None,
+      in_sync: 0,
+      leader_epoch: 0,
     }
   }
 }
@@ -2833,6 +2981,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionDescriptionBuilder<'
     self.fbb_.push_slot::<ErrorCode>(PartitionDescription::VT_ERROR, error, ErrorCode::None);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionDescription::VT_REPLICAS, replicas);
+  }
+  #[inline]
+  pub fn add_in_sync(&mut self, in_sync: u16) {
+    self.fbb_.push_slot::<u16>(PartitionDescription::VT_IN_SYNC, in_sync, 0);
+  }
+  #[inline]
+  pub fn add_leader_epoch(&mut self, leader_epoch: u64) {
+    self.fbb_.push_slot::<u64>(PartitionDescription::VT_LEADER_EPOCH, leader_epoch, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionDescriptionBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionDescriptionBuilder {
@@ -2857,6 +3017,9 @@ impl ::core::fmt::Debug for PartitionDescription<'_> {
       ds.field("high_watermark", &self.high_watermark());
       ds.field("size_bytes", &self.size_bytes());
       ds.field("error", &self.error());
+      ds.field("replicas", &self.replicas());
+      ds.field("in_sync", &self.in_sync());
+      ds.field("leader_epoch", &self.leader_epoch());
       ds.finish()
   }
 }
@@ -3521,6 +3684,7 @@ impl<'a> ProducePartitionResult<'a> {
   pub const VT_BASE_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 10;
   pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER_NODE: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3534,6 +3698,7 @@ impl<'a> ProducePartitionResult<'a> {
     let mut builder = ProducePartitionResultBuilder::new(_fbb);
     builder.add_log_start_offset(args.log_start_offset);
     builder.add_base_offset(args.base_offset);
+    builder.add_leader_node(args.leader_node);
     if let Some(x) = args.message { builder.add_message(x); }
     builder.add_partition(args.partition);
     builder.add_error(args.error);
@@ -3577,6 +3742,14 @@ impl<'a> ProducePartitionResult<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ProducePartitionResult::VT_MESSAGE, None)}
   }
+  /// With NotLeader: the leader as this node knows it (0: unknown).
+  #[inline]
+  pub fn leader_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ProducePartitionResult::VT_LEADER_NODE, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ProducePartitionResult<'_> {
@@ -3590,6 +3763,7 @@ impl ::flatbuffers::Verifiable for ProducePartitionResult<'_> {
      .visit_field::<u64>("base_offset", Self::VT_BASE_OFFSET, false)?
      .visit_field::<u64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
+     .visit_field::<u32>("leader_node", Self::VT_LEADER_NODE, false)?
      .finish();
     Ok(())
   }
@@ -3600,6 +3774,7 @@ pub struct ProducePartitionResultArgs<'a> {
     pub base_offset: u64,
     pub log_start_offset: u64,
     pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub leader_node: u32,
 }
 impl<'a> Default for ProducePartitionResultArgs<'a> {
   #[inline]
@@ -3610,6 +3785,7 @@ impl<'a> Default for ProducePartitionResultArgs<'a> {
       base_offset: 0,
       log_start_offset: 0,
       message: None,
+      leader_node: 0,
     }
   }
 }
@@ -3640,6 +3816,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ProducePartitionResultBuilder
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ProducePartitionResult::VT_MESSAGE, message);
   }
   #[inline]
+  pub fn add_leader_node(&mut self, leader_node: u32) {
+    self.fbb_.push_slot::<u32>(ProducePartitionResult::VT_LEADER_NODE, leader_node, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ProducePartitionResultBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ProducePartitionResultBuilder {
@@ -3662,6 +3842,7 @@ impl ::core::fmt::Debug for ProducePartitionResult<'_> {
       ds.field("base_offset", &self.base_offset());
       ds.field("log_start_offset", &self.log_start_offset());
       ds.field("message", &self.message());
+      ds.field("leader_node", &self.leader_node());
       ds.finish()
   }
 }
@@ -4292,6 +4473,7 @@ impl<'a> FetchPartitionResult<'a> {
   pub const VT_PAYLOAD_OFFSET: ::flatbuffers::VOffsetT = 12;
   pub const VT_PAYLOAD_BYTES: ::flatbuffers::VOffsetT = 14;
   pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_LEADER_NODE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4305,6 +4487,7 @@ impl<'a> FetchPartitionResult<'a> {
     let mut builder = FetchPartitionResultBuilder::new(_fbb);
     builder.add_log_start_offset(args.log_start_offset);
     builder.add_high_watermark(args.high_watermark);
+    builder.add_leader_node(args.leader_node);
     if let Some(x) = args.message { builder.add_message(x); }
     builder.add_payload_bytes(args.payload_bytes);
     builder.add_payload_offset(args.payload_offset);
@@ -4365,6 +4548,14 @@ impl<'a> FetchPartitionResult<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FetchPartitionResult::VT_MESSAGE, None)}
   }
+  /// With NotLeader: the leader as this node knows it (0: unknown).
+  #[inline]
+  pub fn leader_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(FetchPartitionResult::VT_LEADER_NODE, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchPartitionResult<'_> {
@@ -4380,6 +4571,7 @@ impl ::flatbuffers::Verifiable for FetchPartitionResult<'_> {
      .visit_field::<u32>("payload_offset", Self::VT_PAYLOAD_OFFSET, false)?
      .visit_field::<u32>("payload_bytes", Self::VT_PAYLOAD_BYTES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
+     .visit_field::<u32>("leader_node", Self::VT_LEADER_NODE, false)?
      .finish();
     Ok(())
   }
@@ -4392,6 +4584,7 @@ pub struct FetchPartitionResultArgs<'a> {
     pub payload_offset: u32,
     pub payload_bytes: u32,
     pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub leader_node: u32,
 }
 impl<'a> Default for FetchPartitionResultArgs<'a> {
   #[inline]
@@ -4404,6 +4597,7 @@ impl<'a> Default for FetchPartitionResultArgs<'a> {
       payload_offset: 0,
       payload_bytes: 0,
       message: None,
+      leader_node: 0,
     }
   }
 }
@@ -4442,6 +4636,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchPartitionResultBuilder<'
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchPartitionResult::VT_MESSAGE, message);
   }
   #[inline]
+  pub fn add_leader_node(&mut self, leader_node: u32) {
+    self.fbb_.push_slot::<u32>(FetchPartitionResult::VT_LEADER_NODE, leader_node, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchPartitionResultBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchPartitionResultBuilder {
@@ -4466,6 +4664,7 @@ impl ::core::fmt::Debug for FetchPartitionResult<'_> {
       ds.field("payload_offset", &self.payload_offset());
       ds.field("payload_bytes", &self.payload_bytes());
       ds.field("message", &self.message());
+      ds.field("leader_node", &self.leader_node());
       ds.finish()
   }
 }
@@ -5041,6 +5240,7 @@ impl<'a> ListOffsetsPartitionResult<'a> {
   pub const VT_TIMESTAMP_MS: ::flatbuffers::VOffsetT = 10;
   pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 12;
   pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEADER_NODE: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5056,6 +5256,7 @@ impl<'a> ListOffsetsPartitionResult<'a> {
     builder.add_log_start_offset(args.log_start_offset);
     builder.add_timestamp_ms(args.timestamp_ms);
     builder.add_offset(args.offset);
+    builder.add_leader_node(args.leader_node);
     builder.add_partition(args.partition);
     builder.add_error(args.error);
     builder.finish()
@@ -5106,6 +5307,14 @@ impl<'a> ListOffsetsPartitionResult<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ListOffsetsPartitionResult::VT_HIGH_WATERMARK, Some(0)).unwrap()}
   }
+  /// With NotLeader: the leader as this node knows it (0: unknown).
+  #[inline]
+  pub fn leader_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListOffsetsPartitionResult::VT_LEADER_NODE, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ListOffsetsPartitionResult<'_> {
@@ -5120,6 +5329,7 @@ impl ::flatbuffers::Verifiable for ListOffsetsPartitionResult<'_> {
      .visit_field::<i64>("timestamp_ms", Self::VT_TIMESTAMP_MS, false)?
      .visit_field::<u64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
      .visit_field::<u64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
+     .visit_field::<u32>("leader_node", Self::VT_LEADER_NODE, false)?
      .finish();
     Ok(())
   }
@@ -5131,6 +5341,7 @@ pub struct ListOffsetsPartitionResultArgs {
     pub timestamp_ms: i64,
     pub log_start_offset: u64,
     pub high_watermark: u64,
+    pub leader_node: u32,
 }
 impl<'a> Default for ListOffsetsPartitionResultArgs {
   #[inline]
@@ -5142,6 +5353,7 @@ impl<'a> Default for ListOffsetsPartitionResultArgs {
       timestamp_ms: 0,
       log_start_offset: 0,
       high_watermark: 0,
+      leader_node: 0,
     }
   }
 }
@@ -5176,6 +5388,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListOffsetsPartitionResultBui
     self.fbb_.push_slot::<u64>(ListOffsetsPartitionResult::VT_HIGH_WATERMARK, high_watermark, 0);
   }
   #[inline]
+  pub fn add_leader_node(&mut self, leader_node: u32) {
+    self.fbb_.push_slot::<u32>(ListOffsetsPartitionResult::VT_LEADER_NODE, leader_node, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListOffsetsPartitionResultBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ListOffsetsPartitionResultBuilder {
@@ -5199,6 +5415,7 @@ impl ::core::fmt::Debug for ListOffsetsPartitionResult<'_> {
       ds.field("timestamp_ms", &self.timestamp_ms());
       ds.field("log_start_offset", &self.log_start_offset());
       ds.field("high_watermark", &self.high_watermark());
+      ds.field("leader_node", &self.leader_node());
       ds.finish()
   }
 }
