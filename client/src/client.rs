@@ -21,6 +21,12 @@ use crate::error::{check_code, Code, Error, Result};
 use crate::request::{ListOffsetsSpec, NewTopic, OffsetQuery, RequestBody};
 use crate::response::{Metadata, ResponseBody, TopicDescription, TopicResult, TopicSummary};
 
+/// A request to a partition's leader is tried this many times while leadership
+/// moves (each after refreshing metadata).
+pub const LEADER_RETRIES: u32 = 20;
+/// Wait between those tries.
+pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(100);
+
 /// Connection attempts per shard when filling the per-shard connection set.
 pub const SHARD_CONNECT_ATTEMPTS_PER_SHARD: usize = 4;
 
@@ -66,13 +72,25 @@ impl ClientConfig {
     }
 }
 
+/// Where a partition's requests go: its leader node and the shard there that
+/// owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Leader node id.
+    pub node: u32,
+    /// Owning shard on that node.
+    pub shard: u16,
+}
+
 /// Where each partition of a topic lives (from Metadata).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicRoute {
     /// Topic name.
     pub name: Arc<str>,
-    /// Owning shard of each partition, indexed by partition number.
+    /// Owning shard of each partition (on its leader), indexed by partition.
     pub shards: Vec<u16>,
+    /// Leader node of each partition (0: unknown, an election is in progress).
+    pub leaders: Vec<u32>,
 }
 
 impl TopicRoute {
@@ -84,6 +102,14 @@ impl TopicRoute {
     /// Owning shard of `partition`.
     pub fn shard(&self, partition: u32) -> Option<u16> {
         self.shards.get(partition as usize).copied()
+    }
+
+    /// Leader node and shard of `partition`; `None` when the partition does not
+    /// exist or has no known leader.
+    pub fn target(&self, partition: u32) -> Option<Target> {
+        let node = *self.leaders.get(partition as usize)?;
+        let shard = self.shard(partition)?;
+        (node != 0).then_some(Target { node, shard })
     }
 }
 
@@ -116,9 +142,42 @@ impl std::fmt::Debug for Client {
 
 struct Inner {
     config: ClientConfig,
-    connections: Mutex<Vec<Option<Arc<Connection>>>>,
+    /// Per node: its address and one connection per shard (when shard-aware).
+    nodes: Mutex<HashMap<u32, NodeConnections>>,
+    /// The node the client bootstrapped on (admin requests go there).
+    home: Mutex<Option<u32>>,
+    /// Client addresses of nodes, from Metadata.
+    addresses: Mutex<HashMap<u32, String>>,
     routes: Mutex<HashMap<String, Arc<TopicRoute>>>,
     reconnecting: tokio::sync::Mutex<()>,
+}
+
+/// One node's connections.
+#[derive(Default)]
+struct NodeConnections {
+    addr: String,
+    slots: Vec<Option<Arc<Connection>>>,
+}
+
+impl NodeConnections {
+    fn live(&self, shard: u16) -> Option<Arc<Connection>> {
+        self.slots
+            .get(usize::from(shard))
+            .cloned()
+            .flatten()
+            .filter(|c| c.is_alive())
+    }
+
+    fn any_live(&self) -> Option<Arc<Connection>> {
+        self.slots.iter().flatten().find(|c| c.is_alive()).cloned()
+    }
+
+    fn missing(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| !slot.as_ref().is_some_and(|c| c.is_alive()))
+            .count()
+    }
 }
 
 impl Client {
@@ -130,12 +189,14 @@ impl Client {
         }
         let inner = Arc::new(Inner {
             config,
-            connections: Mutex::new(Vec::new()),
+            nodes: Mutex::new(HashMap::new()),
+            home: Mutex::new(None),
+            addresses: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
             reconnecting: tokio::sync::Mutex::new(()),
         });
         let client = Client { inner };
-        client.reconnect().await?;
+        client.reconnect_home().await?;
         Ok(client)
     }
 
@@ -144,23 +205,37 @@ impl Client {
         &self.inner.config
     }
 
-    /// Shards of the connected broker (1 before anything is known).
-    pub fn shard_count(&self) -> u16 {
-        self.lock_connections().len().max(1) as u16
+    fn home(&self) -> Option<u32> {
+        *self
+            .inner
+            .home
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Shards that currently have their own live connection.
+    /// Shards of the node the client bootstrapped on (1 before anything is known).
+    pub fn shard_count(&self) -> u16 {
+        let home = self.home();
+        let nodes = self.lock_nodes();
+        home.and_then(|node| nodes.get(&node))
+            .map_or(1, |n| n.slots.len().max(1) as u16)
+    }
+
+    /// Shards of the bootstrap node that currently have their own live connection.
     pub fn connected_shards(&self) -> Vec<u16> {
-        let connections = self.lock_connections();
-        let live = connections.iter().enumerate();
-        live.filter(|(_, connection)| connection.as_ref().is_some_and(|c| c.is_alive()))
-            .map(|(shard, _)| shard as u16)
+        let home = self.home();
+        let nodes = self.lock_nodes();
+        let Some(node) = home.and_then(|node| nodes.get(&node)) else {
+            return Vec::new();
+        };
+        (0..node.slots.len() as u16)
+            .filter(|shard| node.live(*shard).is_some())
             .collect()
     }
 
-    fn lock_connections(&self) -> std::sync::MutexGuard<'_, Vec<Option<Arc<Connection>>>> {
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<u32, NodeConnections>> {
         self.inner
-            .connections
+            .nodes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -172,33 +247,73 @@ impl Client {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Opens a first connection and fills the per-shard set.
-    async fn reconnect(&self) -> Result<()> {
+    fn lock_addresses(&self) -> std::sync::MutexGuard<'_, HashMap<u32, String>> {
+        self.inner
+            .addresses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes sure some node has a live connection to send admin requests to: the
+    /// bootstrap node while it answers, else the next reachable broker.
+    async fn reconnect_home(&self) -> Result<()> {
         let _serialized = self.inner.reconnecting.lock().await;
-        if self.any_live_connection().is_some() && self.missing_shards() == 0 {
-            return Ok(());
+        if let Some(node) = self.home() {
+            if self
+                .lock_nodes()
+                .get(&node)
+                .and_then(NodeConnections::any_live)
+                .is_some()
+            {
+                return Ok(());
+            }
         }
         let first = self.connect_any().await?;
+        let node = first.info().node_id;
         let addr = first.addr().to_owned();
-        let shard_count = usize::from(first.info().shard_count);
-        {
-            let mut connections = self.lock_connections();
-            connections.resize(shard_count, None);
-            connections.retain(|_| true);
-            let shard = usize::from(first.shard());
-            connections[shard] = Some(Arc::new(first));
-        }
+        self.adopt(node, &addr, first);
+        *self
+            .inner
+            .home
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(node);
         if self.inner.config.shard_aware {
-            self.fill_shards(&addr, shard_count).await;
+            self.fill_shards(node, &addr).await;
         }
         Ok(())
     }
 
+    /// Puts a fresh connection into its node's slot for its shard.
+    fn adopt(&self, node: u32, addr: &str, connection: Connection) {
+        let shard_count = usize::from(connection.info().shard_count.max(1));
+        let shard = usize::from(connection.shard());
+        let mut nodes = self.lock_nodes();
+        let entry = nodes.entry(node).or_default();
+        entry.addr = addr.to_owned();
+        if entry.slots.len() != shard_count {
+            entry.slots.resize(shard_count, None);
+        }
+        if let Some(slot) = entry.slots.get_mut(shard) {
+            if !slot.as_ref().is_some_and(|c| c.is_alive()) {
+                *slot = Some(Arc::new(connection));
+            }
+        }
+    }
+
     async fn connect_any(&self) -> Result<Connection> {
         let config = &self.inner.config;
+        let mut candidates: Vec<String> = config
+            .brokers
+            .iter()
+            .map(|b| with_default_port(b))
+            .collect();
+        for addr in self.lock_addresses().values() {
+            if !candidates.contains(addr) {
+                candidates.push(addr.clone());
+            }
+        }
         let mut failures = Vec::new();
-        for broker in &config.brokers {
-            let addr = with_default_port(broker);
+        for addr in candidates {
             match Connection::open(&addr, &config.client_id, config.connect_timeout).await {
                 Ok(connection) => return Ok(connection),
                 Err(Error::Connect { reason, .. }) => failures.push(format!("{addr}: {reason}")),
@@ -217,17 +332,23 @@ impl Client {
         })
     }
 
-    fn missing_shards(&self) -> usize {
-        let connections = self.lock_connections();
-        let live = |slot: &&Option<Arc<Connection>>| slot.as_ref().is_some_and(|c| c.is_alive());
-        connections.len() - connections.iter().filter(live).count()
+    fn missing_shards(&self, node: u32) -> usize {
+        self.lock_nodes()
+            .get(&node)
+            .map_or(1, NodeConnections::missing)
     }
 
-    async fn fill_shards(&self, addr: &str, shard_count: usize) {
+    /// Opens connections to `node` until every shard has one (bounded attempts:
+    /// the kernel, not the client, picks the shard of each connection).
+    async fn fill_shards(&self, node: u32, addr: &str) {
         let config = &self.inner.config;
+        let shard_count = self
+            .lock_nodes()
+            .get(&node)
+            .map_or(1, |n| n.slots.len().max(1));
         let attempts = SHARD_CONNECT_ATTEMPTS_PER_SHARD * shard_count;
         for _ in 0..attempts {
-            if self.missing_shards() == 0 {
+            if self.missing_shards(node) == 0 {
                 return;
             }
             let Ok(connection) =
@@ -235,69 +356,105 @@ impl Client {
             else {
                 return;
             };
-            let shard = usize::from(connection.shard());
-            let mut connections = self.lock_connections();
-            let slot = connections.get_mut(shard);
-            if let Some(slot) = slot {
-                if !slot.as_ref().is_some_and(|c| c.is_alive()) {
-                    *slot = Some(Arc::new(connection));
-                }
+            if connection.info().node_id != node {
+                // The address now belongs to another node: metadata will say.
+                return;
             }
+            self.adopt(node, addr, connection);
         }
         tracing::debug!(
-            missing = self.missing_shards(),
+            node,
+            missing = self.missing_shards(node),
             "not every shard got its own connection"
         );
     }
 
-    fn any_live_connection(&self) -> Option<Arc<Connection>> {
-        let connections = self.lock_connections();
-        connections
-            .iter()
-            .flatten()
-            .find(|connection| connection.is_alive())
-            .cloned()
-    }
-
-    /// The connection owned by `shard`, or any live one; reconnects if none is.
-    pub(crate) async fn connection_for_shard(&self, shard: u16) -> Result<Arc<Connection>> {
-        if let Some(connection) = self.lookup_shard(shard) {
+    /// A connection to `target`'s node, preferably to its shard; connects to the
+    /// node (by its address from Metadata) when there is none.
+    pub(crate) async fn connection_to(&self, target: Target) -> Result<Arc<Connection>> {
+        if let Some(connection) = self.lookup(target) {
             return Ok(connection);
         }
-        self.reconnect().await?;
-        self.lookup_shard(shard).ok_or_else(|| Error::Connect {
-            addr: self.inner.config.brokers.join(","),
-            reason: "no live connection after reconnecting".into(),
+        let addr = {
+            let known = self.lock_nodes().get(&target.node).map(|n| n.addr.clone());
+            known
+                .filter(|a| !a.is_empty())
+                .or_else(|| self.lock_addresses().get(&target.node).cloned())
+        };
+        let Some(addr) = addr else {
+            return Err(Error::Connect {
+                addr: format!("node {}", target.node),
+                reason: "its address is not known yet (refreshing metadata)".into(),
+            });
+        };
+        let config = &self.inner.config;
+        let connection = Connection::open(&addr, &config.client_id, config.connect_timeout).await?;
+        if connection.info().node_id != target.node {
+            return Err(Error::Connect {
+                addr,
+                reason: format!(
+                    "it is node {}, not node {} (refreshing metadata)",
+                    connection.info().node_id,
+                    target.node
+                ),
+            });
+        }
+        self.adopt(target.node, &addr, connection);
+        if config.shard_aware {
+            self.fill_shards(target.node, &addr).await;
+        }
+        self.lookup(target).ok_or_else(|| Error::Connect {
+            addr,
+            reason: "no live connection after connecting".into(),
         })
     }
 
-    fn lookup_shard(&self, shard: u16) -> Option<Arc<Connection>> {
-        let own = {
-            let connections = self.lock_connections();
-            connections.get(usize::from(shard)).cloned().flatten()
-        };
-        match own {
-            Some(connection) if connection.is_alive() => Some(connection),
-            _ => self.any_live_connection(),
-        }
+    fn lookup(&self, target: Target) -> Option<Arc<Connection>> {
+        let nodes = self.lock_nodes();
+        let node = nodes.get(&target.node)?;
+        node.live(target.shard).or_else(|| node.any_live())
     }
 
-    /// Sends a request on the connection of `shard` (or any connection).
-    pub(crate) async fn send_to_shard(
+    /// A connection for admin requests (the bootstrap node, or the next one up).
+    async fn home_connection(&self) -> Result<Arc<Connection>> {
+        if let Some(connection) = self.home().and_then(|node| {
+            self.lock_nodes()
+                .get(&node)
+                .and_then(NodeConnections::any_live)
+        }) {
+            return Ok(connection);
+        }
+        self.reconnect_home().await?;
+        self.home()
+            .and_then(|node| {
+                self.lock_nodes()
+                    .get(&node)
+                    .and_then(NodeConnections::any_live)
+            })
+            .ok_or_else(|| Error::Connect {
+                addr: self.inner.config.brokers.join(","),
+                reason: "no live connection after reconnecting".into(),
+            })
+    }
+
+    /// Sends a request to `target` (its leader node and shard).
+    pub(crate) async fn send_to(
         &self,
-        shard: u16,
+        target: Target,
         body: &RequestBody,
         payload: Vec<Bytes>,
         timeout: Duration,
     ) -> Result<ResponseBody> {
-        let connection = self.connection_for_shard(shard).await?;
+        let connection = self.connection_to(target).await?;
         connection.request(body, payload, timeout).await
     }
 
-    /// Sends a request without payload on any connection with the default timeout.
+    /// Sends a request without payload to the bootstrap node with the default
+    /// timeout.
     pub async fn send(&self, body: &RequestBody) -> Result<ResponseBody> {
         let timeout = self.inner.config.request_timeout;
-        self.send_to_shard(0, body, Vec::new(), timeout).await
+        let connection = self.home_connection().await?;
+        connection.request(body, Vec::new(), timeout).await
     }
 
     /// Cluster metadata for `topics` (empty = all topics).
@@ -306,7 +463,13 @@ impl Client {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
         };
         match self.send(&body).await? {
-            ResponseBody::Metadata(metadata) => Ok(metadata),
+            ResponseBody::Metadata(metadata) => {
+                let mut addresses = self.lock_addresses();
+                for broker in metadata.brokers.iter().filter(|b| b.port != 0) {
+                    addresses.insert(broker.node_id, format!("{}:{}", broker.host, broker.port));
+                }
+                Ok(metadata)
+            }
             other => Err(unexpected("Metadata", &other)),
         }
     }
@@ -418,20 +581,51 @@ impl Client {
         partition: u32,
         query: OffsetQuery,
     ) -> Result<ListedOffset> {
-        let route = self.topic_route(topic, false).await?;
-        let shard = route
-            .shard(partition)
-            .ok_or_else(|| Error::UnknownPartition {
-                topic: topic.to_owned(),
-                partition,
-            })?;
-        let body = RequestBody::ListOffsets {
-            topics: vec![(topic.to_owned(), vec![ListOffsetsSpec { partition, query }])],
+        let mut refresh = false;
+        let mut attempts = 0;
+        let response = loop {
+            attempts += 1;
+            let route = self.topic_route(topic, refresh).await?;
+            if partition >= route.partition_count() {
+                return Err(Error::UnknownPartition {
+                    topic: topic.to_owned(),
+                    partition,
+                });
+            }
+            let result = match route.target(partition) {
+                Some(target) => {
+                    let body = RequestBody::ListOffsets {
+                        topics: vec![(
+                            topic.to_owned(),
+                            vec![ListOffsetsSpec { partition, query }],
+                        )],
+                    };
+                    let timeout = self.inner.config.request_timeout;
+                    self.send_to(target, &body, Vec::new(), timeout).await
+                }
+                None => Err(Error::from_code(Code::LeaderNotAvailable, None)),
+            };
+            match result {
+                Ok(ResponseBody::ListOffsets(topics)) => {
+                    let stale = topics
+                        .iter()
+                        .flat_map(|(_, r)| r)
+                        .any(|r| r.partition == partition && r.error.means_stale_route());
+                    if stale && attempts < LEADER_RETRIES {
+                        refresh = true;
+                        tokio::time::sleep(LEADER_RETRY_WAIT).await;
+                        continue;
+                    }
+                    break ResponseBody::ListOffsets(topics);
+                }
+                Ok(other) => break other,
+                Err(error) if error.means_stale_route() && attempts < LEADER_RETRIES => {
+                    refresh = true;
+                    tokio::time::sleep(LEADER_RETRY_WAIT).await;
+                }
+                Err(error) => return Err(error),
+            }
         };
-        let timeout = self.inner.config.request_timeout;
-        let response = self
-            .send_to_shard(shard, &body, Vec::new(), timeout)
-            .await?;
         let ResponseBody::ListOffsets(topics) = response else {
             return Err(unexpected("ListOffsets", &response));
         };
@@ -478,6 +672,7 @@ fn route_from(
     partitions: &[crate::response::PartitionMetadata],
 ) -> Result<TopicRoute> {
     let mut shards = Vec::with_capacity(partitions.len());
+    let mut leaders = Vec::with_capacity(partitions.len());
     for (index, partition) in partitions.iter().enumerate() {
         if partition.partition as usize != index {
             return Err(Error::MalformedResponse(format!(
@@ -485,6 +680,7 @@ fn route_from(
             )));
         }
         shards.push(partition.shard);
+        leaders.push(partition.leader_node);
     }
     if shards.is_empty() {
         return Err(Error::MalformedResponse(format!(
@@ -494,6 +690,7 @@ fn route_from(
     Ok(TopicRoute {
         name: Arc::from(topic),
         shards,
+        leaders,
     })
 }
 

@@ -64,12 +64,43 @@ impl Drop for Connection {
     }
 }
 
+/// How long one connection's handshake may go unanswered before the client
+/// tries a new connection (see [`Connection::open`]).
+pub const HANDSHAKE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+const HANDSHAKE_UNANSWERED: &str = "handshake timed out";
+
 impl Connection {
-    /// Connects, sets TCP_NODELAY and performs the handshake.
+    /// Connects, sets TCP_NODELAY and performs the handshake, within
+    /// `connect_timeout`. A connection whose handshake goes unanswered for
+    /// [`HANDSHAKE_ATTEMPT_TIMEOUT`] is dropped and the connection tried again:
+    /// right after a broker restarts on the same port, the kernel may still hand
+    /// some connections to listening sockets its crashed predecessor left behind
+    /// (they are torn down asynchronously), and those never answer.
     pub(crate) async fn open(
         addr: &str,
         client_id: &str,
         connect_timeout: Duration,
+    ) -> Result<Connection> {
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = remaining.min(HANDSHAKE_ATTEMPT_TIMEOUT);
+            match Connection::open_once(addr, client_id, remaining, attempt).await {
+                Err(Error::Connect { reason, .. })
+                    if reason == HANDSHAKE_UNANSWERED && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(%addr, "handshake unanswered; connecting again");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(
+        addr: &str,
+        client_id: &str,
+        connect_timeout: Duration,
+        handshake_timeout: Duration,
     ) -> Result<Connection> {
         let connecting = tokio::time::timeout(connect_timeout, TcpStream::connect(addr));
         let stream = match connecting.await {
@@ -88,7 +119,7 @@ impl Connection {
         let (mut read_half, mut write_half) = stream.into_split();
         let mut decoder = FrameDecoder::default();
         let handshake = tokio::time::timeout(
-            connect_timeout,
+            handshake_timeout,
             handshake(
                 addr,
                 client_id,
@@ -99,7 +130,7 @@ impl Connection {
         );
         let info = handshake
             .await
-            .map_err(|_| connect_error(addr, "handshake timed out".into()))??;
+            .map_err(|_| connect_error(addr, HANDSHAKE_UNANSWERED.into()))??;
         Ok(Connection::start(
             addr, client_id, info, read_half, write_half, decoder,
         ))

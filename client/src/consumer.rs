@@ -24,7 +24,7 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, BatchIter, Header, RecordIter};
-use crate::client::{partition_error, unexpected, Client};
+use crate::client::{partition_error, unexpected, Client, Target};
 use crate::error::{Code, Error, Result};
 use crate::request::{FetchPartitionSpec, OffsetQuery, RequestBody};
 use crate::response::{FetchPartitionResult, ResponseBody};
@@ -142,7 +142,9 @@ enum Position {
 struct PartState {
     topic: Arc<str>,
     partition: u32,
-    shard: u16,
+    /// The partition's leader as last known; `None` after it proved stale (a
+    /// fresh route is fetched before the next fetch).
+    target: Option<Target>,
     fetch: Position,
     consumed: Option<u64>,
     epoch: u64,
@@ -166,9 +168,14 @@ struct ItemOutcome {
     result: Result<(u64, FetchPartitionResult)>,
 }
 
-struct Outcome {
-    shard: u16,
-    items: Vec<ItemOutcome>,
+enum Outcome {
+    /// A fetch to `target` finished.
+    Fetched {
+        target: Target,
+        items: Vec<ItemOutcome>,
+    },
+    /// Fresh leaders for partitions whose route was stale: (index, epoch, leader).
+    Routed(Vec<(usize, u64, Option<Target>)>),
 }
 
 struct Current {
@@ -182,7 +189,8 @@ pub struct Consumer {
     config: ConsumerConfig,
     parts: Vec<PartState>,
     index: HashMap<(Arc<str>, u32), usize>,
-    shards_busy: HashSet<u16>,
+    /// Leaders with a fetch in flight (one fetch per leader shard at a time).
+    targets_busy: HashSet<Target>,
     outcomes_tx: mpsc::UnboundedSender<Outcome>,
     outcomes: mpsc::UnboundedReceiver<Outcome>,
     buffer: VecDeque<FetchedBatch>,
@@ -208,7 +216,7 @@ impl Consumer {
             config,
             parts: Vec::new(),
             index: HashMap::new(),
-            shards_busy: HashSet::new(),
+            targets_busy: HashSet::new(),
             outcomes_tx,
             outcomes,
             buffer: VecDeque::new(),
@@ -229,12 +237,13 @@ impl Consumer {
             partitions
         };
         for &partition in wanted {
-            let shard = route
-                .shard(partition)
-                .ok_or_else(|| Error::UnknownPartition {
+            if partition >= route.partition_count() {
+                return Err(Error::UnknownPartition {
                     topic: topic.to_owned(),
                     partition,
-                })?;
+                });
+            }
+            let target = route.target(partition);
             let key = (route.name.clone(), partition);
             if self.index.contains_key(&key) {
                 continue;
@@ -243,7 +252,7 @@ impl Consumer {
             self.parts.push(PartState {
                 topic: route.name.clone(),
                 partition,
-                shard,
+                target,
                 fetch: Position::Pending(self.config.start),
                 consumed: None,
                 epoch: 0,
@@ -432,13 +441,22 @@ impl Consumer {
         if self.buffered_bytes >= self.config.buffered_bytes_max {
             return;
         }
-        let mut by_shard: HashMap<u16, Vec<FetchItem>> = HashMap::new();
+        let mut by_target: HashMap<Target, Vec<FetchItem>> = HashMap::new();
+        let mut unrouted: Vec<(usize, u64, Arc<str>, u32)> = Vec::new();
         for (index, part) in self.parts.iter_mut().enumerate() {
-            if part.in_flight || part.paused || self.shards_busy.contains(&part.shard) {
+            if part.in_flight || part.paused {
+                continue;
+            }
+            let Some(target) = part.target else {
+                part.in_flight = true;
+                unrouted.push((index, part.epoch, part.topic.clone(), part.partition));
+                continue;
+            };
+            if self.targets_busy.contains(&target) {
                 continue;
             }
             part.in_flight = true;
-            by_shard.entry(part.shard).or_default().push(FetchItem {
+            by_target.entry(target).or_default().push(FetchItem {
                 index,
                 epoch: part.epoch,
                 topic: part.topic.clone(),
@@ -446,12 +464,20 @@ impl Consumer {
                 position: part.fetch,
             });
         }
-        for (shard, items) in by_shard {
-            self.shards_busy.insert(shard);
+        if !unrouted.is_empty() {
+            tokio::spawn(route_task(
+                self.client.clone(),
+                self.config.clone(),
+                unrouted,
+                self.outcomes_tx.clone(),
+            ));
+        }
+        for (target, items) in by_target {
+            self.targets_busy.insert(target);
             let task = fetch_task(
                 self.client.clone(),
                 self.config.clone(),
-                shard,
+                target,
                 items,
                 self.outcomes_tx.clone(),
             );
@@ -460,11 +486,35 @@ impl Consumer {
     }
 
     fn apply(&mut self, outcome: Outcome) {
-        self.shards_busy.remove(&outcome.shard);
-        for item in outcome.items {
+        let items = match outcome {
+            Outcome::Routed(routes) => {
+                for (index, epoch, target) in routes {
+                    let part = &mut self.parts[index];
+                    part.in_flight = false;
+                    if epoch == part.epoch || part.target.is_none() {
+                        part.target = target;
+                    }
+                }
+                return;
+            }
+            Outcome::Fetched { target, items } => {
+                self.targets_busy.remove(&target);
+                items
+            }
+        };
+        for item in items {
             let part = &mut self.parts[item.index];
             part.in_flight = false;
             if item.epoch != part.epoch {
+                continue;
+            }
+            let stale = match &item.result {
+                Err(error) => error.means_stale_route(),
+                Ok((_, result)) => result.error.means_stale_route(),
+            };
+            if stale {
+                tracing::debug!(topic = %part.topic, partition = part.partition, "leader moved or unreachable; refreshing its route");
+                part.target = None;
                 continue;
             }
             match item.result {
@@ -583,11 +633,36 @@ async fn resolve(client: &Client, topic: &str, partition: u32, position: Positio
     Ok(client.list_offsets(topic, partition, query).await?.offset)
 }
 
+/// Looks up the leaders of partitions whose route was stale (after a short wait,
+/// so an election can finish).
+async fn route_task(
+    client: Client,
+    config: ConsumerConfig,
+    parts: Vec<(usize, u64, Arc<str>, u32)>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    tokio::time::sleep(config.retry_backoff.min(crate::client::LEADER_RETRY_WAIT)).await;
+    let mut routes: HashMap<Arc<str>, Option<Arc<crate::client::TopicRoute>>> = HashMap::new();
+    let mut found = Vec::with_capacity(parts.len());
+    for (index, epoch, topic, partition) in parts {
+        if !routes.contains_key(&topic) {
+            let route = client.topic_route(&topic, true).await.ok();
+            routes.insert(topic.clone(), route);
+        }
+        let target = routes
+            .get(&topic)
+            .and_then(|route| route.as_ref())
+            .and_then(|route| route.target(partition));
+        found.push((index, epoch, target));
+    }
+    let _ = outcomes.send(Outcome::Routed(found));
+}
+
 /// Resolves pending positions, fetches, and reports the outcome of each item.
 async fn fetch_task(
     client: Client,
     config: ConsumerConfig,
-    shard: u16,
+    target: Target,
     items: Vec<FetchItem>,
     outcomes: mpsc::UnboundedSender<Outcome>,
 ) {
@@ -595,7 +670,7 @@ async fn fetch_task(
     for item in &items {
         offsets.push(resolve(&client, &item.topic, item.partition, item.position).await);
     }
-    let mut results = fetch(&client, &config, shard, &items, &offsets).await;
+    let mut results = fetch(&client, &config, target, &items, &offsets).await;
     let mut outcome_items = Vec::with_capacity(items.len());
     let mut retriable = false;
     for (item, offset) in items.iter().zip(offsets) {
@@ -611,8 +686,8 @@ async fn fetch_task(
     if retriable {
         tokio::time::sleep(config.retry_backoff).await;
     }
-    let _ = outcomes.send(Outcome {
-        shard,
+    let _ = outcomes.send(Outcome::Fetched {
+        target,
         items: outcome_items,
     });
 }
@@ -622,7 +697,7 @@ type FetchResults = Result<Vec<(String, Vec<FetchPartitionResult>)>>;
 async fn fetch(
     client: &Client,
     config: &ConsumerConfig,
-    shard: u16,
+    target: Target,
     items: &[FetchItem],
     offsets: &[Result<u64>],
 ) -> FetchResults {
@@ -651,10 +726,7 @@ async fn fetch(
         topics,
     };
     let timeout = client.config().request_timeout + config.max_wait;
-    match client
-        .send_to_shard(shard, &body, Vec::new(), timeout)
-        .await?
-    {
+    match client.send_to(target, &body, Vec::new(), timeout).await? {
         ResponseBody::Fetch(topics) => Ok(topics),
         other => Err(unexpected("Fetch", &other)),
     }

@@ -66,6 +66,13 @@ pub enum Code {
     TopicBusy,
     /// The response would exceed the protocol's limits: ask for less.
     ResponseTooLarge,
+    /// The node does not lead the partition: refresh metadata, send to the
+    /// leader. Retriable.
+    NotLeader,
+    /// No leader right now (an election). Retriable.
+    LeaderNotAvailable,
+    /// The replication factor is outside what the cluster allows.
+    InvalidReplicationFactor,
     /// A code this client does not know (a newer broker).
     Unknown(u16),
 }
@@ -73,7 +80,7 @@ pub enum Code {
 impl Code {
     /// Maps a wire code to [`Code`].
     pub fn from_wire(code: wire::ErrorCode) -> Code {
-        const TABLE: [Code; 25] = [
+        const TABLE: [Code; 28] = [
             Code::None,
             Code::Internal,
             Code::MalformedRequest,
@@ -99,6 +106,9 @@ impl Code {
             Code::TooManyConnections,
             Code::TopicBusy,
             Code::ResponseTooLarge,
+            Code::NotLeader,
+            Code::LeaderNotAvailable,
+            Code::InvalidReplicationFactor,
         ];
         TABLE
             .get(usize::from(code.0))
@@ -131,7 +141,15 @@ impl Code {
                 | Code::ShuttingDown
                 | Code::TooManyConnections
                 | Code::TopicBusy
+                | Code::NotLeader
+                | Code::LeaderNotAvailable
         )
+    }
+
+    /// Whether the error says the client's idea of the partition's leader is
+    /// stale (refresh metadata before retrying).
+    pub fn means_stale_route(self) -> bool {
+        matches!(self, Code::NotLeader | Code::LeaderNotAvailable)
     }
 
     /// `true` for [`Code::None`].
@@ -286,6 +304,16 @@ impl Error {
             Error::Broker { code, .. } => code.is_retriable(),
             Error::Io { .. } | Error::ConnectionClosed { .. } | Error::Timeout(_) => true,
             Error::Connect { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether retrying should first refresh where partitions lead: the broker said
+    /// "not the leader", or the connection to it failed.
+    pub fn means_stale_route(&self) -> bool {
+        match self {
+            Error::Broker { code, .. } => code.means_stale_route(),
+            Error::Io { .. } | Error::ConnectionClosed { .. } | Error::Connect { .. } => true,
             _ => false,
         }
     }

@@ -42,7 +42,7 @@ mod connection;
 mod consumer;
 mod producer;
 
-pub use client::{Client, ClientConfig, ListedOffset, TopicRoute};
+pub use client::{Client, ClientConfig, ListedOffset, Target, TopicRoute};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
 pub use error::{Code, Error, Result};
 pub use partitioner::NullKeyPolicy;

@@ -38,7 +38,7 @@ use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
 use crate::batch::{BatchBuilder, Header, HEADER_BYTES};
-use crate::client::{partition_error, unexpected, Client, TopicRoute};
+use crate::client::{partition_error, unexpected, Client, Target, TopicRoute};
 use crate::error::{Error, Result};
 use crate::partitioner::{partition_for_key, NullKeyPolicy};
 use crate::request::{ProducePartitionRange, ProduceTopicRanges, RequestBody};
@@ -396,6 +396,10 @@ struct TopicState {
     partitions: Vec<PartitionQueue>,
     sticky: u32,
     round_robin: u32,
+    /// The route's leaders proved stale (NotLeader, a dead connection, no leader
+    /// known): the sender fetches metadata again before sending more.
+    stale: bool,
+    refreshing: bool,
 }
 
 #[derive(Default)]
@@ -571,6 +575,8 @@ impl Producer {
                     partitions,
                     sticky: rand::random::<u32>(),
                     round_robin: 0,
+                    stale: false,
+                    refreshing: false,
                 });
         }
     }
@@ -724,9 +730,8 @@ struct PartitionGroup {
 }
 
 /// A produce request being assembled for one shard.
-#[derive(Default)]
 struct Draft {
-    shard: u16,
+    target: Target,
     payload_bytes: usize,
     groups: Vec<PartitionGroup>,
 }
@@ -740,6 +745,8 @@ struct Collected {
 async fn run_sender(shared: Arc<Shared>) {
     loop {
         let collected = collect(&shared, Instant::now());
+        // After collecting: it may have found a partition without a leader.
+        refresh_stale_routes(&shared);
         for draft in collected.drafts {
             tokio::spawn(dispatch(shared.clone(), draft));
         }
@@ -758,12 +765,48 @@ async fn run_sender(shared: Arc<Shared>) {
     }
 }
 
-/// Seals lingered batches and takes every sendable batch, grouped per shard.
+/// Fetches metadata for topics whose leaders proved stale, in the background;
+/// the new route replaces the old and wakes the sender.
+fn refresh_stale_routes(shared: &Arc<Shared>) {
+    let mut state = shared.lock();
+    for (name, topic) in state.topics.iter_mut() {
+        if !topic.stale || topic.refreshing {
+            continue;
+        }
+        topic.refreshing = true;
+        let (shared, name) = (shared.clone(), name.clone());
+        tokio::spawn(async move {
+            let route = shared.client.topic_route(&name, true).await;
+            tracing::debug!(topic = %name, ?route, "refreshed a stale route");
+            {
+                let mut state = shared.lock();
+                if let Some(topic) = state.topics.get_mut(&name) {
+                    topic.refreshing = false;
+                    match route {
+                        Ok(route) if route.partition_count() as usize == topic.partitions.len() => {
+                            topic.stale = route.leaders.contains(&0);
+                            topic.route = route;
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+            }
+            if shared.lock().topics.get(&name).is_some_and(|t| t.stale) {
+                // No leader yet for some partition: ask again shortly.
+                tokio::time::sleep(crate::client::LEADER_RETRY_WAIT).await;
+            }
+            shared.wake.notify_one();
+        });
+    }
+}
+
+/// Seals lingered batches and takes every sendable batch, grouped per leader
+/// node and shard.
 fn collect(shared: &Shared, now: Instant) -> Collected {
     let config = &shared.config;
     let closing = shared.closing.load(Ordering::Acquire);
     let mut state = shared.lock();
-    let mut drafts: HashMap<u16, Draft> = HashMap::new();
+    let mut drafts: HashMap<Target, Draft> = HashMap::new();
     let mut finished = Vec::new();
     let mut deadline: Option<Instant> = None;
     let mut idle = true;
@@ -778,16 +821,22 @@ fn collect(shared: &Shared, now: Instant) -> Collected {
                 }
             }
             idle &= queue.is_idle();
-            let Some(shard) = topic.route.shard(partition as u32) else {
+            let Some(target) = topic.route.target(partition as u32) else {
+                // No leader known: wait for fresh metadata.
+                topic.stale |= !queue.ready.is_empty();
                 continue;
             };
+            if topic.stale && topic.refreshing {
+                continue;
+            }
             let taken = take_sendable(queue, config, now, &mut deadline);
             if taken.is_empty() {
                 continue;
             }
-            let draft = drafts.entry(shard).or_insert_with(|| Draft {
-                shard,
-                ..Draft::default()
+            let draft = drafts.entry(target).or_insert_with(|| Draft {
+                target,
+                payload_bytes: 0,
+                groups: Vec::new(),
             });
             draft.payload_bytes += taken.iter().map(|batch| batch.frame.len()).sum::<usize>();
             draft.groups.push(PartitionGroup {
@@ -796,7 +845,7 @@ fn collect(shared: &Shared, now: Instant) -> Collected {
                 batches: taken,
             });
             if draft.payload_bytes >= config.request_bytes_max {
-                finished.extend(drafts.remove(&shard));
+                finished.extend(drafts.remove(&target));
             }
         }
     }
@@ -852,16 +901,22 @@ fn prune_outstanding(state: &mut State) {
 
 /// Sends one produce request and applies its outcome.
 async fn dispatch(shared: Arc<Shared>, draft: Draft) {
+    tracing::debug!(
+        target_node = draft.target.node,
+        shard = draft.target.shard,
+        groups = draft.groups.len(),
+        "sending a produce request"
+    );
     let (body, payload) = build_produce(&shared, &draft);
     let client = &shared.client;
     let timeout = client.config().request_timeout + Duration::from_secs(5);
     let outcome = match shared.config.acks {
-        Acks::None => match client.connection_for_shard(draft.shard).await {
+        Acks::None => match client.connection_to(draft.target).await {
             Ok(connection) => connection.send_oneway(&body, payload).map(|()| None),
             Err(error) => Err(error),
         },
         _ => client
-            .send_to_shard(draft.shard, &body, payload, timeout)
+            .send_to(draft.target, &body, payload, timeout)
             .await
             .map(Some),
     };
@@ -951,7 +1006,13 @@ fn complete(shared: &Shared, groups: Vec<PartitionGroup>, outcome: Result<Option
                 continue;
             };
             queue.in_flight = queue.in_flight.saturating_sub(1);
+            let stale = result.as_ref().err().is_some_and(Error::means_stale_route);
             released += settle(shared, queue, group.batches, result, now);
+            if stale {
+                if let Some(topic) = state.topics.get_mut(&*group.topic) {
+                    topic.stale = true;
+                }
+            }
         }
     }
     shared.release(released);

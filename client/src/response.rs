@@ -37,10 +37,12 @@ pub struct BrokerInfo {
     pub port: u16,
     /// Shards.
     pub shard_count: u16,
+    /// The answering node heard from it recently.
+    pub reachable: bool,
 }
 
 /// Where a partition lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionMetadata {
     /// Partition.
     pub partition: u32,
@@ -50,6 +52,10 @@ pub struct PartitionMetadata {
     pub shard: u16,
     /// Per-partition error.
     pub error: Code,
+    /// Nodes holding a replica.
+    pub replicas: Vec<u32>,
+    /// Leader epoch (Raft term; 0 on a single node).
+    pub leader_epoch: u64,
 }
 
 /// Layout of one topic.
@@ -70,6 +76,10 @@ pub struct Metadata {
     pub brokers: Vec<BrokerInfo>,
     /// Topics.
     pub topics: Vec<TopicMetadata>,
+    /// The node leading the cluster's controller (0: unknown, or a single node).
+    pub controller_node: u32,
+    /// The node that answered.
+    pub node_id: u32,
 }
 
 /// Outcome for one topic of a create/delete request.
@@ -93,7 +103,7 @@ pub struct TopicSummary {
 }
 
 /// State of one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionDescription {
     /// Partition.
     pub partition: u32,
@@ -109,6 +119,12 @@ pub struct PartitionDescription {
     pub size_bytes: u64,
     /// Per-partition error.
     pub error: Code,
+    /// Nodes holding a replica.
+    pub replicas: Vec<u32>,
+    /// Replicas caught up with the commit point (as the leader last reported).
+    pub in_sync: u16,
+    /// Leader epoch (Raft term).
+    pub leader_epoch: u64,
 }
 
 /// Full description of a topic.
@@ -301,6 +317,7 @@ fn metadata(body: wire::MetadataResponse<'_>) -> ResponseBody {
             host: broker.host().to_owned(),
             port: broker.port(),
             shard_count: broker.shard_count(),
+            reachable: broker.reachable(),
         })
         .collect();
     let topics = opt_vec(body.topics())
@@ -311,6 +328,10 @@ fn metadata(body: wire::MetadataResponse<'_>) -> ResponseBody {
                     leader_node: partition.leader_node(),
                     shard: partition.shard(),
                     error: Code::from_wire(partition.error()),
+                    replicas: partition
+                        .replicas()
+                        .map_or(Vec::new(), |r| r.iter().collect()),
+                    leader_epoch: partition.leader_epoch(),
                 })
                 .collect();
             partitions.sort_by_key(|partition| partition.partition);
@@ -321,7 +342,12 @@ fn metadata(body: wire::MetadataResponse<'_>) -> ResponseBody {
             }
         })
         .collect();
-    ResponseBody::Metadata(Metadata { brokers, topics })
+    ResponseBody::Metadata(Metadata {
+        brokers,
+        topics,
+        controller_node: body.controller_node(),
+        node_id: body.node_id(),
+    })
 }
 
 fn topic_results(
@@ -361,6 +387,11 @@ fn describe(body: wire::DescribeTopicsResponse<'_>) -> ResponseBody {
                     high_watermark: partition.high_watermark(),
                     size_bytes: partition.size_bytes(),
                     error: Code::from_wire(partition.error()),
+                    replicas: partition
+                        .replicas()
+                        .map_or(Vec::new(), |r| r.iter().collect()),
+                    in_sync: partition.in_sync(),
+                    leader_epoch: partition.leader_epoch(),
                 })
                 .collect();
             partitions.sort_by_key(|partition| partition.partition);

@@ -78,6 +78,7 @@ fn respond(
     if request.body_as_handshake_request().is_some() {
         let args = wire::HandshakeResponseArgs {
             version: 1,
+            node_id: 1,
             shard_count: 1,
             frame_bytes_max: 64 << 20,
             ..Default::default()
@@ -90,6 +91,7 @@ fn respond(
             .map(|partition| {
                 let args = wire::PartitionMetadataArgs {
                     partition,
+                    leader_node: 1,
                     ..Default::default()
                 };
                 wire::PartitionMetadata::create(fbb, &args)

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod cluster;
 pub mod proto;
 
 use std::io::{Read, Write};
@@ -111,6 +112,28 @@ impl Broker {
     pub fn start(name: &str, extra: &[&str]) -> Broker {
         let dir = scratch(name);
         Broker::start_in(&dir.join("data"), free_port(), extra)
+    }
+
+    /// Starts a broker on `data_dir` and `port` without waiting for it to listen
+    /// (see [`Broker::wait_until_ready`]).
+    pub fn start_in_background(data_dir: &Path, port: u16, extra: &[&str]) -> Broker {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--listen".to_string(),
+            addr.to_string(),
+        ];
+        if !extra.contains(&"--segment-mib") {
+            args.extend(["--segment-mib".to_string(), "16".to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Broker::spawn(data_dir, addr, args)
+    }
+
+    /// Waits until the broker answers a handshake (fails the test after 60 s).
+    pub fn wait_until_ready(&self) {
+        self.wait_ready();
     }
 
     /// Starts a broker on `data_dir` and `port`.
@@ -252,24 +275,7 @@ impl Broker {
 
     /// Runs the `sluice` CLI against this broker.
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut command = Command::new(bin("sluice"));
-        command.arg("--brokers").arg(self.brokers()).args(args);
-        command.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+        run_cli(&self.brokers(), args, stdin)
     }
 
     /// Runs the CLI and returns stdout, failing the test on a non-zero exit.
@@ -283,6 +289,28 @@ impl Broker {
         );
         String::from_utf8(output.stdout).unwrap()
     }
+}
+
+/// Runs the `sluice` CLI with `--brokers brokers` and returns its output.
+pub fn run_cli(brokers: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(bin("sluice"));
+    command.arg("--brokers").arg(brokers).args(args);
+    command.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
 }
 
 impl Drop for Broker {

@@ -4,6 +4,7 @@
 //! and an async `run`; adding a subcommand is one module, one `Command` variant
 //! and one match arm in [`run`].
 
+mod cluster;
 mod consume;
 mod output;
 mod produce;
@@ -52,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: topic::TopicCommand,
     },
+    /// Cluster state: nodes, controller, leaders, under-replicated partitions.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// Send stdin lines as records.
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
@@ -73,6 +79,7 @@ pub async fn connect(brokers: &[String]) -> CliResult<Client> {
 async fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Topic { command } => topic::run(&cli.brokers, cli.format, command).await,
+        Command::Cluster { command } => cluster::run(&cli.brokers, cli.format, command).await,
         Command::Produce(args) => produce::run(&cli.brokers, args).await,
         Command::Consume(args) => consume::run(&cli.brokers, cli.format, args).await,
         Command::Wal { command } => wal::run(cli.format, command),
@@ -80,6 +87,18 @@ async fn run(cli: Cli) -> CliResult {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool: a closed pipe downstream ends the process quietly.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    // Client diagnostics on stderr when asked for: SLUICE_LOG=debug.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

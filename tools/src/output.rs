@@ -37,6 +37,13 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) -> CliResult {
     Ok(())
 }
 
+/// Prints one line (a closed stdout is an error, not a panic).
+pub fn line(text: &str) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
 /// Prints a JSON value on one line.
 pub fn print_json(value: &serde_json::Value) -> CliResult {
     let mut out = std::io::stdout().lock();

@@ -42,6 +42,9 @@ pub struct CreateArgs {
     /// Number of partitions.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Replicas per partition (a cluster; default: min(3, nodes)).
+    #[arg(long)]
+    replication_factor: Option<u16>,
     /// Config override `key=value` (repeatable).
     #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_config)]
     configs: Vec<(String, String)>,
@@ -59,7 +62,12 @@ pub async fn run(brokers: &[String], format: OutputFormat, command: TopicCommand
     match command {
         TopicCommand::Create(args) => {
             client
-                .create_topic(&args.name, args.partitions, args.configs)
+                .create_topic_replicated(
+                    &args.name,
+                    args.partitions,
+                    args.replication_factor.unwrap_or(0),
+                    args.configs,
+                )
                 .await?;
             println!(
                 "created topic {} with {} partition(s)",
@@ -110,6 +118,9 @@ fn description_json(topic: &TopicDescription) -> serde_json::Value {
                 "partition": partition.partition,
                 "leader": partition.leader_node,
                 "shard": partition.shard,
+                "replicas": partition.replicas,
+                "in_sync": partition.in_sync,
+                "leader_epoch": partition.leader_epoch,
                 "log_start_offset": partition.log_start_offset,
                 "high_watermark": partition.high_watermark,
                 "size_bytes": partition.size_bytes,
@@ -121,18 +132,22 @@ fn description_json(topic: &TopicDescription) -> serde_json::Value {
 }
 
 fn print_description(topic: &TopicDescription) -> CliResult {
-    println!(
+    crate::output::line(&format!(
         "topic: {}  partitions: {}",
         topic.name,
         topic.partitions.len()
-    );
+    ))?;
     let rows: Vec<Vec<String>> = topic
         .partitions
         .iter()
         .map(|partition| {
+            let replicas: Vec<String> = partition.replicas.iter().map(u32::to_string).collect();
             vec![
                 partition.partition.to_string(),
                 partition.leader_node.to_string(),
+                replicas.join(","),
+                partition.in_sync.to_string(),
+                partition.leader_epoch.to_string(),
                 partition.shard.to_string(),
                 partition.log_start_offset.to_string(),
                 partition.high_watermark.to_string(),
@@ -144,6 +159,9 @@ fn print_description(topic: &TopicDescription) -> CliResult {
     let headers = [
         "PARTITION",
         "LEADER",
+        "REPLICAS",
+        "IN-SYNC",
+        "EPOCH",
         "SHARD",
         "LOG-START",
         "HIGH-WATERMARK",
@@ -152,7 +170,7 @@ fn print_description(topic: &TopicDescription) -> CliResult {
     ];
     print_table(&headers, &rows)?;
     if !topic.configs.is_empty() {
-        println!();
+        crate::output::line("")?;
         let rows: Vec<Vec<String>> = topic
             .configs
             .iter()

@@ -37,7 +37,7 @@ pub(super) async fn handle(
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
     let brokers: Vec<_> = known_brokers(shard)
         .into_iter()
-        .map(|(node, host, port, shard_count)| {
+        .map(|(node, host, port, shard_count, reachable)| {
             let host = fbb.create_string(&host);
             wire::BrokerInfo::create(
                 &mut fbb,
@@ -46,6 +46,7 @@ pub(super) async fn handle(
                     host: Some(host),
                     port,
                     shard_count,
+                    reachable,
                 },
             )
         })
@@ -110,13 +111,15 @@ pub(super) async fn handle(
     )
 }
 
-/// (node, host, port, shards) of every node whose client address is known.
-fn known_brokers(shard: &Shard) -> Vec<(u32, String, u16, u16)> {
+/// (node, host, port, shards, reachable) of every node of the cluster (host ""
+/// and port 0 where the address is not known yet).
+fn known_brokers(shard: &Shard) -> Vec<(u32, String, u16, u16, bool)> {
     let own = (
         shard.settings.node_id.0,
         shard.settings.advertised_host.clone(),
         shard.settings.advertised_port,
         shard.mesh.shard_count() as u16,
+        true,
     );
     let Some(cluster) = shard.cluster.as_deref() else {
         return vec![own];
@@ -125,11 +128,14 @@ fn known_brokers(shard: &Shard) -> Vec<(u32, String, u16, u16)> {
         .view
         .nodes()
         .into_iter()
-        .filter_map(|(node, address, _)| {
+        .map(|(node, address, alive)| {
             if node == shard.settings.node_id {
-                return Some(own.clone());
+                return own.clone();
             }
-            address.map(|a| (node.0, a.host, a.port, a.shard_count))
+            match address {
+                Some(a) => (node.0, a.host, a.port, a.shard_count, alive),
+                None => (node.0, String::new(), 0, 0, false),
+            }
         })
         .collect()
 }

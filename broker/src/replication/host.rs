@@ -127,12 +127,21 @@ impl ReplicaHost {
             .wal
             .replicated_view(new.log)
             .map_err(|e| e.to_string())?;
+        let last = view.end_index.saturating_sub(1);
+        let before_first = view.first_index.saturating_sub(1);
+        // Where the offset is known (commit_index pairs with commit_offset), and
+        // how far the durable hard state says is committed (possibly further).
+        let point = view.commit_index.clamp(before_first, last);
         let commit = view
             .hard_state
             .commit
-            .min(view.end_index.saturating_sub(1))
-            .max(view.first_index.saturating_sub(1));
-        let from = new.applied.unwrap_or(commit).min(commit) + 1;
+            .max(point)
+            .min(last)
+            .max(before_first);
+        // A partition re-applies from the point its offsets are known; a state
+        // machine from what it has applied.
+        let applied = new.applied.map_or(point, |a| a.clamp(before_first, commit));
+        let from = applied + 1;
         let mut uncommitted = Vec::new();
         if from < view.end_index {
             let frames = self
@@ -164,7 +173,7 @@ impl ReplicaHost {
             recovered,
             next_offset: view.next_offset,
             commit_offset: view.commit_offset,
-            applied: new.applied,
+            applied: Some(applied),
             wants_applied: new.wants_applied,
             campaign: new.campaign,
         })?;
@@ -429,6 +438,13 @@ impl ReplicaHost {
         let changed = hosted.published.as_ref().is_none_or(|old| {
             old.leader != info.leader || old.term != info.term || old.in_sync != info.in_sync
         });
+        let leader_moved = hosted
+            .published
+            .as_ref()
+            .is_none_or(|old| old.leader != info.leader || old.term != info.term);
+        if leader_moved && info.leader == Some(self.node) {
+            tracing::info!(%group, term = info.term, "this node now leads the group");
+        }
         if changed
             || (replica.is_leader()
                 && hosted

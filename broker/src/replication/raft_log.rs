@@ -72,13 +72,14 @@ pub struct Recovered {
     pub hard_state: crate::storage::HardState,
     /// Offset of the first retained record.
     pub start_offset: u64,
-    /// Entries above the commit index, read back (the cache must hold them).
+    /// Entries above the applied index, read back (the cache must hold them).
     pub uncommitted: Vec<Entry>,
 }
 
 impl RaftLog {
-    /// A log for a group with voters `voters` over what the WAL recovered.
-    pub fn new(voters: &[u64], recovered: Recovered) -> RaftLog {
+    /// A log for a group with voters `voters` over what the WAL recovered, applied
+    /// up to `applied` (entries after it are in `recovered.uncommitted`).
+    pub fn new(voters: &[u64], recovered: Recovered, applied: u64) -> RaftLog {
         let mut hard_state = HardState::default();
         hard_state.term = recovered.hard_state.term;
         hard_state.vote = recovered.hard_state.vote;
@@ -89,7 +90,7 @@ impl RaftLog {
             .max(recovered.first_index.saturating_sub(1));
         let mut conf_state = ConfState::default();
         conf_state.voters = voters.to_vec();
-        let applied = hard_state.commit;
+        let applied = applied.min(hard_state.commit);
         let mut log = RaftLog {
             first_index: recovered.first_index.max(1),
             last_index: recovered.last_index,
@@ -409,6 +410,7 @@ mod tests {
                 last_index: 0,
                 ..Recovered::default()
             },
+            0,
         )
     }
 

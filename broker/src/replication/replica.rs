@@ -214,9 +214,11 @@ impl Replica {
             offsets.push_back((entry.index, at));
             at = entry_end_offset(entry, at, config.wants_applied);
         }
-        debug_assert!(first_uncommitted == u64::MAX || first_uncommitted == commit + 1);
-        let log = RaftLog::new(&voters, config.recovered);
         let applied = config.applied.unwrap_or(commit).min(commit);
+        // The cache must hold every entry above the applied index (a state machine
+        // may have applied less than is committed).
+        debug_assert!(first_uncommitted == u64::MAX || first_uncommitted == applied + 1);
+        let log = RaftLog::new(&voters, config.recovered, applied);
         let raft_config = raft::Config {
             id: u64::from(config.node.0),
             election_tick: ELECTION_TICKS,

@@ -707,6 +707,7 @@ impl Wal {
             start_term: replicated.start_term,
             terms: replicated.terms.clone(),
             hard_state: replicated.hard_state,
+            commit_index: replicated.commit_index,
             commit_offset: replicated.commit_offset,
             log_start: entry.log_start,
         })
@@ -1231,7 +1232,9 @@ pub struct ReplicatedView {
     pub terms: Vec<(u64, u64)>,
     /// The newest durable hard state.
     pub hard_state: HardState,
-    /// One past the last committed data offset known.
+    /// The commit point whose offset is known: entries up to here are committed...
+    pub commit_index: u64,
+    /// ...and end (their data) before this offset.
     pub commit_offset: Offset,
     /// First retained offset.
     pub log_start: Offset,

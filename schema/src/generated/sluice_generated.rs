@@ -1110,6 +1110,7 @@ impl<'a> BrokerInfo<'a> {
   pub const VT_HOST: ::flatbuffers::VOffsetT = 6;
   pub const VT_PORT: ::flatbuffers::VOffsetT = 8;
   pub const VT_SHARD_COUNT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REACHABLE: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1125,6 +1126,7 @@ impl<'a> BrokerInfo<'a> {
     builder.add_node_id(args.node_id);
     builder.add_shard_count(args.shard_count);
     builder.add_port(args.port);
+    builder.add_reachable(args.reachable);
     builder.finish()
   }
 
@@ -1136,6 +1138,7 @@ impl<'a> BrokerInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(BrokerInfo::VT_NODE_ID, Some(0)).unwrap()}
   }
+  /// Empty (and port 0) while the answering node has not heard the node's address.
   #[inline]
   pub fn host(&self) -> &'a str {
     // Safety:
@@ -1157,6 +1160,14 @@ impl<'a> BrokerInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u16>(BrokerInfo::VT_SHARD_COUNT, Some(0)).unwrap()}
   }
+  /// The answering node heard from this node recently (itself: always).
+  #[inline]
+  pub fn reachable(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(BrokerInfo::VT_REACHABLE, Some(true)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
@@ -1169,6 +1180,7 @@ impl ::flatbuffers::Verifiable for BrokerInfo<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("host", Self::VT_HOST, true)?
      .visit_field::<u16>("port", Self::VT_PORT, false)?
      .visit_field::<u16>("shard_count", Self::VT_SHARD_COUNT, false)?
+     .visit_field::<bool>("reachable", Self::VT_REACHABLE, false)?
      .finish();
     Ok(())
   }
@@ -1178,6 +1190,7 @@ pub struct BrokerInfoArgs<'a> {
     pub host: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub port: u16,
     pub shard_count: u16,
+    pub reachable: bool,
 }
 impl<'a> Default for BrokerInfoArgs<'a> {
   #[inline]
@@ -1187,6 +1200,7 @@ impl<'a> Default for BrokerInfoArgs<'a> {
       host: None, // required field
       port: 0,
       shard_count: 0,
+      reachable: true,
     }
   }
 }
@@ -1213,6 +1227,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BrokerInfoBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u16>(BrokerInfo::VT_SHARD_COUNT, shard_count, 0);
   }
   #[inline]
+  pub fn add_reachable(&mut self, reachable: bool) {
+    self.fbb_.push_slot::<bool>(BrokerInfo::VT_REACHABLE, reachable, true);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BrokerInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     BrokerInfoBuilder {
@@ -1235,6 +1253,7 @@ impl ::core::fmt::Debug for BrokerInfo<'_> {
       ds.field("host", &self.host());
       ds.field("port", &self.port());
       ds.field("shard_count", &self.shard_count());
+      ds.field("reachable", &self.reachable());
       ds.finish()
   }
 }
