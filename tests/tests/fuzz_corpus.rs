@@ -241,7 +241,107 @@ fn seeds() -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         .entry("checkpoint")
         .or_default()
         .push(snapshot.encode());
+    let (replicated_scan, replicated_checkpoint) = replicated_seeds();
+    seeds.entry("wal_scan").or_default().push(replicated_scan);
     seeds
+        .entry("checkpoint")
+        .or_default()
+        .push(replicated_checkpoint);
+    seeds
+}
+
+/// A segment image of a replicated log (hard state, a leader's no-op, batches, a
+/// truncation and its replacement) and a checkpoint of such a log.
+fn replicated_seeds() -> (Vec<u8>, Vec<u8>) {
+    use sluice_broker::storage::{Anchor, Control, HardState, Replicated};
+    let log = LogId(9);
+    let state = |term: u64, commit: u64, next_index: u64, next_offset: u64| {
+        Control::State {
+            hard_state: HardState {
+                term,
+                vote: 1,
+                commit,
+            },
+            anchor: Anchor {
+                next_index,
+                next_offset,
+                prev_term: term,
+                commit_offset: next_offset,
+            },
+        }
+        .encode(log, next_offset, Epoch(term as u32), 0)
+        .to_vec()
+    };
+    let noop = |offset: u64, term: u32| {
+        Control::Entry {
+            entry_type: 0,
+            data: Bytes::new(),
+            context: Bytes::new(),
+        }
+        .encode(log, offset, Epoch(term), 0)
+        .to_vec()
+    };
+    let data = |offset: u64, term: u32, seed: u64| {
+        let mut frame = batch(2, seed).to_vec();
+        format::stamp(&mut frame, offset, log, Epoch(term));
+        frame
+    };
+    let truncate = Control::Truncate {
+        index: 3,
+        offset: 2,
+        reset: false,
+        prev_term: 0,
+    }
+    .encode(log, 2, Epoch(2), 0)
+    .to_vec();
+    let frames = vec![
+        state(1, 0, 1, 0),
+        noop(0, 1),
+        data(0, 1, 1),
+        data(2, 1, 2),
+        state(1, 2, 4, 4),
+        truncate,
+        data(2, 2, 3),
+        state(2, 3, 4, 4),
+    ];
+    let mut scan = vec![8u8];
+    scan.extend(segment_image(&frames));
+    let mut entry = LogState::new_replicated();
+    entry.replicated = Some(Replicated {
+        start_term: 0,
+        terms: vec![(1, 1), (3, 2)],
+        hard_state: HardState {
+            term: 2,
+            vote: 1,
+            commit: 3,
+        },
+        commit_index: 3,
+        commit_offset: 4,
+        sealed: false,
+    });
+    for (index, (base, byte)) in [(0u64, 4096u64), (0, 4300), (2, 9000)]
+        .into_iter()
+        .enumerate()
+    {
+        entry.push(IndexedFrame {
+            base_offset: base,
+            end_offset: if index == 0 { base } else { base + 2 },
+            index: index as u64 + 1,
+            term: if index < 2 { 1 } else { 2 },
+            position: WalPosition::new(SegmentId(1), byte),
+            bytes: 200,
+            max_timestamp_ms: 0,
+        });
+    }
+    let mut logs = std::collections::HashMap::new();
+    logs.insert(log, entry);
+    let checkpoint = Snapshot {
+        shard: ShardId(0),
+        scan_from: WalPosition::new(SegmentId(1), 12288),
+        logs,
+    }
+    .encode();
+    (scan, checkpoint)
 }
 
 #[test]
