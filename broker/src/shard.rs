@@ -424,6 +424,9 @@ impl Shard {
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
             self.wal.apply_retention(&policies, now);
+            if let Some(cluster) = &self.cluster {
+                cluster.host.compact_all();
+            }
             if let Err(error) = self.wal.delete_dead_segments().await {
                 tracing::warn!(shard = %self.id, %error, "retention could not delete segments");
             }

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sluice_schema::wire::ErrorCode;
 use sluice_tests::cluster::{replica_log, Cluster, LoggedBatch};
-use sluice_tests::{bin, scratch};
+use sluice_tests::proto::{batch, produce};
+use sluice_tests::{bin, scratch, Raw};
 
 const NODE_ARGS: [&str; 2] = ["--shards", "2"];
 
@@ -165,6 +167,13 @@ fn three_nodes_replicate_and_every_node_serves_the_same_data() {
             assert!((1..=3).contains(&partition["leader"].as_u64().unwrap()));
         }
     }
+    // A node that does not lead a partition refuses its produce, naming the leader.
+    let leader = cluster.leader_of("orders", 0).unwrap();
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    let mut raw = Raw::open(cluster.node(follower).addr);
+    let (error, _, message) = produce(&mut raw, "orders", 0, &batch(&[b"misrouted"]), -1);
+    assert_eq!(error, ErrorCode::NotLeader, "{message}");
+    assert!(message.contains(&cluster.address(leader)), "{message}");
     cluster.wait_for(Duration::from_secs(10), "a fully replicated status", |c| {
         c.status_on(2).is_some_and(|s| {
             s["under_replicated"].as_array().unwrap().is_empty()
@@ -473,4 +482,96 @@ fn the_controller_fails_over_and_topics_can_still_be_created() {
     let lines: String = (0..100).map(|i| format!("{i}\n")).collect();
     cluster.cli_ok(&["produce", "second", "--acks", "all"], Some(&lines));
     assert_eq!(consumed(&cluster, Some(controller), "second").len(), 100);
+}
+
+#[test]
+fn a_follower_behind_the_leaders_retention_restarts_from_a_snapshot() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(
+        "cluster-snapshot",
+        3,
+        &[
+            "--shards",
+            "1",
+            "--retention-check-ms",
+            "200",
+            "--segment-mib",
+            "4",
+        ],
+    );
+    cluster.cli_ok(
+        &[
+            "topic",
+            "create",
+            "t",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "3",
+            "--config",
+            "segment.bytes=1048576",
+            "--config",
+            "retention.bytes=1048576",
+        ],
+        None,
+    );
+    let (leader, _) = cluster.wait_for_leader("t", 0, Duration::from_secs(20));
+    let follower = (1..=3).find(|n| *n != leader).unwrap();
+    cluster.kill9(follower);
+    let value = "v".repeat(1000);
+    let lines: String = (0..6000).map(|i| format!("{i:06} {value}\n")).collect();
+    cluster.cli_ok(&["produce", "t", "--acks", "all"], Some(&lines));
+    // Retention drops the oldest entries on the leader: the follower's next entry
+    // is gone from its log.
+    cluster.wait_for(Duration::from_secs(20), "retention on the leader", |c| {
+        c.describe_on(leader, "t")
+            .is_some_and(|d| d["partitions"][0]["log_start_offset"].as_u64().unwrap_or(0) > 0)
+    });
+    cluster.restart(follower);
+    cluster.wait_for(Duration::from_secs(30), "the follower to catch up", |c| {
+        c.describe_on(leader, "t")
+            .is_some_and(|d| d["partitions"][0]["in_sync"].as_u64() == Some(3))
+    });
+    let on_leader = consumed(&cluster, Some(leader), "t");
+    // The follower can lead and serves the same records from the same log start.
+    let mut current = leader;
+    for _ in 0..10 {
+        cluster.kill9(current);
+        let (next, _) = cluster.wait_for_leader("t", 0, Duration::from_secs(20));
+        cluster.restart(current);
+        if next == follower {
+            break;
+        }
+        cluster.wait_for(
+            Duration::from_secs(30),
+            "the restarted node to catch up",
+            |c| {
+                c.describe_on(next, "t")
+                    .is_some_and(|d| d["partitions"][0]["in_sync"].as_u64() == Some(3))
+            },
+        );
+        current = next;
+    }
+    assert_eq!(
+        cluster.wait_for_leader("t", 0, Duration::from_secs(20)).0,
+        follower
+    );
+    let on_follower = consumed(&cluster, Some(follower), "t");
+    let last = on_leader.keys().next_back().unwrap();
+    assert_eq!(
+        on_follower.get(last),
+        on_leader.get(last),
+        "the newest record is the same"
+    );
+    let first = on_follower.keys().next().unwrap().1;
+    assert!(
+        first > 0,
+        "the follower's log starts where the leader's snapshot said"
+    );
+    assert_eq!(on_follower.keys().next_back(), on_leader.keys().next_back());
+    for (position, value) in &on_follower {
+        if let Some(expected) = on_leader.get(position) {
+            assert_eq!(value, expected, "offset {} differs", position.1);
+        }
+    }
 }

@@ -210,6 +210,19 @@ impl ReplicaHost {
         self.replicas.borrow().get(&group).map(|h| f(&h.replica))
     }
 
+    /// After retention: tells each replica where its log starts now, so Raft
+    /// sends a follower that needs what is gone a snapshot instead.
+    pub fn compact_all(&self) {
+        let mut replicas = self.replicas.borrow_mut();
+        for hosted in replicas.values_mut() {
+            if let Ok(view) = self.wal.replicated_view(hosted.replica.log) {
+                hosted
+                    .replica
+                    .compacted(view.first_index, view.start_term, view.log_start);
+            }
+        }
+    }
+
     /// Groups hosted here.
     pub fn groups(&self) -> Vec<GroupId> {
         self.replicas.borrow().keys().copied().collect()
@@ -330,6 +343,9 @@ impl ReplicaHost {
                 for message in &out.messages {
                     self.outbound
                         .send(NodeId(message.to as u32), group, message);
+                    if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                        hosted.replica.snapshot_sent(message.to);
+                    }
                 }
                 applied.extend(out.applied);
                 let Some(write) = out.write else {

@@ -525,6 +525,12 @@ impl Replica {
         self.node.on_entries_fetched(request.context);
     }
 
+    /// A snapshot message to `to` went out (the transport does not report
+    /// delivery: Raft probes the follower again if it never arrived).
+    pub fn snapshot_sent(&mut self, to: u64) {
+        self.node.report_snapshot(to, raft::SnapshotStatus::Finish);
+    }
+
     /// Retention dropped entries below `first_index`.
     pub fn compacted(&mut self, first_index: u64, start_term: u64, start_offset: Offset) {
         self.node
@@ -547,6 +553,8 @@ impl Replica {
     fn install_snapshot(&mut self, snapshot: Snapshot, write: &mut LogWrite) {
         let metadata = snapshot.get_metadata();
         let start_offset = snapshot_start_offset(&snapshot).unwrap_or(self.next_offset);
+        tracing::info!(group = %self.group, index = metadata.index + 1, offset = start_offset,
+            "the leader no longer has the entries this replica needs: its log restarts from the leader's snapshot");
         write.truncate = Some(Control::Truncate {
             index: metadata.index + 1,
             offset: start_offset,
