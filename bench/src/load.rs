@@ -78,6 +78,10 @@ pub struct Workload {
     /// Acknowledgements: 0, 1 or all.
     #[arg(long, default_value = "1")]
     pub acks: String,
+    /// Replicas per partition of the topics the run creates (a cluster; 0: the
+    /// cluster's default, min(3, nodes); a single node ignores it).
+    #[arg(long, default_value_t = 0)]
+    pub replication_factor: u16,
     /// Key distribution.
     #[arg(long, value_enum, default_value_t = Keys::None)]
     pub keys: Keys,
@@ -215,7 +219,12 @@ pub async fn run_case(
         .collect();
     for topic in &topics {
         client
-            .create_topic(topic, workload.partitions.max(1), vec![])
+            .create_topic_replicated(
+                topic,
+                workload.partitions.max(1),
+                workload.replication_factor,
+                vec![],
+            )
             .await
             .map_err(|e| format!("create topic {topic}: {e}"))?;
     }
@@ -358,7 +367,8 @@ pub fn durability(acks: Acks) -> String {
         Acks::None => {
             "acks=0: not acknowledged (the broker still appends through its fdatasync'd WAL)".into()
         }
-        _ => "acks=1/all: acknowledged only after fdatasync of the broker's WAL".into(),
+        Acks::Leader => "acks=1: acknowledged only after fdatasync of the leader's WAL".into(),
+        Acks::All => "acks=all: acknowledged only after fdatasync on a majority of the partition's replicas (a single node: its WAL)".into(),
     }
 }
 
