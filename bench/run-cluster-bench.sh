@@ -132,7 +132,7 @@ $(row single-3p-acks1 "single node, 3 partitions, acks=1" 1)
 $(row cluster-3p-acks1 "3 nodes, RF 3, 3 partitions, acks=1" 3)
 $(row cluster-3p-acksall "3 nodes, RF 3, 3 partitions, acks=all" 3)
 
-Every row moves the WAL bytes in the fourth column through the one disk (write + \`fdatasync\`); when
+Every row moves its "WAL MB/s" through the one disk (write + \`fdatasync\`); when
 they are about equal across rows, as in this run ($(wal_range) MB/s), the shared disk is the limit and a
 3-replica cluster on one machine can only reach a third of a single node, whatever the acks.
 
