@@ -30,19 +30,22 @@ rm -rf "$work" && mkdir -p "$work"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# ms from exec until a TCP connect succeeds; the broker keeps running (pid in $pid).
+# Starts the broker and sets $elapsed to the ms from exec until a TCP connect
+# succeeds; the broker keeps running (pid in $pid). Not run in a subshell: the
+# broker must be this shell's child, and must not hold a command substitution's
+# pipe open.
 start_and_time() {
   local bin=$1 data=$2 port=$3
   local t0 t1
   t0=$(date +%s%N)
-  "$bin/sluice-broker" --data-dir "$data" --listen "127.0.0.1:$port" --shards 2 2>>"$work/broker.log" &
+  "$bin/sluice-broker" --data-dir "$data" --listen "127.0.0.1:$port" --shards 2 >/dev/null 2>>"$work/broker.log" &
   pid=$!
   until python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1',$port)))" 2>/dev/null; do
     sleep 0.005
     if ! kill -0 "$pid" 2>/dev/null; then echo "broker exited; see $work/broker.log" >&2; exit 1; fi
   done
   t1=$(date +%s%N)
-  echo $(( (t1 - t0) / 1000000 ))
+  elapsed=$(( (t1 - t0) / 1000000 ))
 }
 
 disk_mib() { du -sk "$1" | awk '{printf "%.0f", $1/1024}'; }
@@ -51,11 +54,11 @@ one_run() {
   local label=$1 bin=$2 n=$3
   local data="$work/$label-$n/data" port
   port=$(free_port)
-  first=$(start_and_time "$bin" "$data" "$port")
+  start_and_time "$bin" "$data" "$port"; first=$elapsed
   sleep 2
   first_disk=$(disk_mib "$data")
   kill -TERM "$pid"; wait "$pid" || true
-  second=$(start_and_time "$bin" "$data" "$port")
+  start_and_time "$bin" "$data" "$port"; second=$elapsed
   sleep 2
   second_disk=$(disk_mib "$data")
   kill -TERM "$pid"; wait "$pid" || true

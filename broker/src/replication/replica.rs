@@ -62,10 +62,12 @@ pub const TICK: std::time::Duration = std::time::Duration::from_millis(50);
 pub const ELECTION_TICKS: usize = 10;
 /// A leader sends heartbeats every 2 ticks (100 ms).
 pub const HEARTBEAT_TICKS: usize = 2;
-/// Append messages in flight per follower (pipelining).
-pub const INFLIGHT_APPENDS_MAX: usize = 256;
+/// Append messages in flight per follower (pipelining). With
+/// `APPEND_MESSAGE_BYTES_MAX` this bounds what a follower may be asked to buffer
+/// from one leader for one partition (64 MiB).
+pub const INFLIGHT_APPENDS_MAX: usize = 64;
 /// Bytes of entries per append message.
-pub const APPEND_MESSAGE_BYTES_MAX: u64 = 4 << 20;
+pub const APPEND_MESSAGE_BYTES_MAX: u64 = 1 << 20;
 /// Bytes of proposals not yet committed; more are refused (backpressure).
 pub const UNCOMMITTED_BYTES_MAX: u64 = 256 << 20;
 
