@@ -131,3 +131,11 @@ const _: () = assert!(CONNECTION_REQUEST_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(SHARD_REQUEST_BYTES_MAX >= CONNECTION_REQUEST_BYTES_MAX);
 const _: () = assert!(PARTITIONS_PER_TOPIC_MAX as usize <= PARTITIONS_PER_NODE_MAX);
 const _: () = assert!(TOPICS_MAX <= PARTITIONS_PER_NODE_MAX);
+/// Members of one consumer group.
+pub const GROUP_MEMBERS_MAX: usize = 1_000;
+/// Groups one offsets partition coordinates.
+pub const GROUPS_PER_OFFSETS_PARTITION_MAX: usize = 10_000;
+/// Topics one member subscribes to.
+pub const GROUP_SUBSCRIPTIONS_MAX: usize = 1_024;
+/// Instance ids, member ids, client metadata of commits: bytes at most.
+pub const GROUP_STRING_BYTES_MAX: usize = 1_024;

@@ -61,6 +61,19 @@ struct Args {
     /// `1=host:port,2=host:port,3=host:port`. Without it the node runs alone.
     #[arg(long, requires = "peer_listen")]
     peers: Option<String>,
+    /// Partitions of the internal `__sluice_offsets` topic (consumer groups), used
+    /// when this node creates it on the first group request.
+    #[arg(long, default_value_t = sluice_schema::groups::OFFSETS_PARTITIONS_DEFAULT)]
+    offsets_partitions: u32,
+    /// Smallest session timeout a consumer-group member may ask for, in ms.
+    #[arg(long, default_value_t = 6000)]
+    group_min_session_timeout_ms: u32,
+    /// Largest session timeout a consumer-group member may ask for, in ms.
+    #[arg(long, default_value_t = 300_000)]
+    group_max_session_timeout_ms: u32,
+    /// How often consumer-group members heartbeat, in ms (told to every member).
+    #[arg(long, default_value_t = 1000)]
+    group_heartbeat_interval_ms: u32,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +100,16 @@ fn main() -> ExitCode {
     config.frame_timeout = Duration::from_secs(args.frame_timeout_secs.max(1));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.advertised_host = args.advertised_host;
+    config.groups = sluice_broker::groups::GroupSettings {
+        offsets_partitions: args
+            .offsets_partitions
+            .clamp(1, sluice_broker::limits::PARTITIONS_PER_TOPIC_MAX),
+        session_timeout_min_ms: args.group_min_session_timeout_ms.max(100),
+        session_timeout_max_ms: args
+            .group_max_session_timeout_ms
+            .max(args.group_min_session_timeout_ms.max(100)),
+        heartbeat_interval_ms: args.group_heartbeat_interval_ms.clamp(50, 60_000),
+    };
     if let (Some(peer_listen), Some(peers)) = (args.peer_listen, &args.peers) {
         match ClusterConfig::new(NodeId(args.node_id), peer_listen, peers) {
             Ok(cluster) => config.cluster = Some(cluster),

@@ -56,6 +56,8 @@ pub struct BrokerConfig {
     pub io_memory_bytes: usize,
     /// In a cluster: this node's id, peer port and every node's peer address.
     pub cluster: Option<ClusterConfig>,
+    /// Consumer groups: offsets partitions, session bounds, heartbeat interval.
+    pub groups: crate::groups::GroupSettings,
 }
 
 impl BrokerConfig {
@@ -77,6 +79,7 @@ impl BrokerConfig {
             advertised_host: None,
             io_memory_bytes: 4 << 20,
             cluster: None,
+            groups: crate::groups::GroupSettings::default(),
         }
     }
 }
@@ -158,6 +161,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         idle_timeout: config.idle_timeout,
         connections_max: config.connections_max,
         frame_timeout: config.frame_timeout,
+        groups: config.groups.clone(),
     });
     let view = config.cluster.clone().map(|cluster| {
         Arc::new(ClusterView::new(
@@ -289,6 +293,12 @@ async fn run_shard(
         start_cluster_shard(&shard, &cluster).await?;
     }
     glommio::spawn_local(shard.clone().retention_loop()).detach();
+    glommio::spawn_local(
+        shard
+            .clone()
+            .group_expiry_loop(std::time::Duration::from_millis(250)),
+    )
+    .detach();
     let _ = ready.send(Ok(()));
     crate::net::serve(shard.clone(), listener).await;
     if let Some(cluster) = &shard.cluster {

@@ -43,6 +43,8 @@ pub struct ShardSettings {
     /// A frame must arrive within this long of its first byte (plus time for its
     /// length at `FRAME_BYTES_PER_SECOND_MIN`).
     pub frame_timeout: Duration,
+    /// Consumer-group settings.
+    pub groups: crate::groups::GroupSettings,
 }
 
 /// The shard context, shared by the shard's tasks.
@@ -67,6 +69,8 @@ pub struct Shard {
     pub fetch_waits: Rc<glommio::sync::Semaphore>,
     /// In a cluster: replicas, peer links, the controller (see `shard_cluster`).
     pub cluster: Option<Rc<ShardCluster>>,
+    /// The consumer groups this shard coordinates.
+    pub groups: crate::groups::Coordinator,
 }
 
 /// The metadata controller lives on shard 0.
@@ -96,6 +100,7 @@ impl Shard {
                 FETCH_WAITS_PER_SHARD_MAX as u64,
             )),
             cluster: cluster.map(Rc::new),
+            groups: crate::groups::Coordinator::default(),
         })
     }
 
@@ -198,6 +203,7 @@ impl Shard {
                 self.drop_replicas(groups);
                 ShardReply::Done
             }
+            ShardRequest::Group { log, op } => ShardReply::Group(self.group_op(log, op).await),
         }
     }
 

@@ -204,6 +204,13 @@ pub enum ShardRequest {
     CreateReplicas(Vec<ReplicaSpec>),
     /// Drop local replicas (and their logs) of deleted partitions.
     DropReplicas(Vec<(u64, LogId)>),
+    /// A consumer-group operation for the coordinator of offsets partition `log`.
+    Group {
+        /// The `__sluice_offsets` partition's log.
+        log: LogId,
+        /// The operation.
+        op: crate::groups::GroupOp,
+    },
 }
 
 /// A local replica to create.
@@ -244,6 +251,8 @@ pub enum ShardReply {
     Done,
     /// Per-topic admin results, in request order.
     Admin(Vec<(String, Option<ApiError>)>),
+    /// A consumer-group operation's answer.
+    Group(Result<crate::groups::GroupAnswer, ApiError>),
     /// The target shard could not be reached.
     Unavailable(String),
 }

@@ -134,3 +134,51 @@ const _: () = assert!(ENVELOPE_BYTES_MAX <= RESPONSE_ENVELOPE_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX + RESPONSE_ENVELOPE_BYTES_MAX < FRAME_BYTES_MAX);
 const _: () = assert!(batch::HEADER_BYTES.is_multiple_of(8));
 const _: () = assert!(batch::BASE_SEQUENCE_OFFSET + 4 == batch::HEADER_BYTES);
+
+/// Consumer groups: the internal offsets topic and how a group finds its
+/// coordinator.
+pub mod groups {
+    /// The internal, compacted-by-key topic holding every group's state and
+    /// committed offsets. Created by the broker on the first group request.
+    pub const OFFSETS_TOPIC: &str = "__sluice_offsets";
+    /// Partitions of [`OFFSETS_TOPIC`] when the broker creates it (the
+    /// `--offsets-partitions` default).
+    pub const OFFSETS_PARTITIONS_DEFAULT: u32 = 8;
+    /// Longest group id, in bytes.
+    pub const GROUP_ID_BYTES_MAX: usize = 249;
+    /// Session timeout when a member asks for none.
+    pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 45_000;
+    /// Rebalance timeout when a member asks for none.
+    pub const REBALANCE_TIMEOUT_MS_DEFAULT: u32 = 60_000;
+    /// Member epoch of a heartbeat that joins.
+    pub const JOIN_EPOCH: i32 = 0;
+    /// Member epoch of a heartbeat that leaves the group.
+    pub const LEAVE_EPOCH: i32 = -1;
+    /// Member epoch of a static member's heartbeat that leaves for now (its
+    /// partitions wait for it until its session timeout).
+    pub const STATIC_LEAVE_EPOCH: i32 = -2;
+
+    /// The partition of [`OFFSETS_TOPIC`] whose leader coordinates `group_id`.
+    pub fn group_partition(group_id: &str, partitions: u32) -> u32 {
+        crc32fast::hash(group_id.as_bytes()) % partitions.max(1)
+    }
+
+    /// Checks a group id: 1..=249 bytes of `[a-zA-Z0-9._-]`.
+    pub fn validate_group_id(group_id: &str) -> Result<(), String> {
+        if group_id.is_empty() || group_id.len() > GROUP_ID_BYTES_MAX {
+            return Err(format!(
+                "group id must be 1..={GROUP_ID_BYTES_MAX} bytes, got {}",
+                group_id.len()
+            ));
+        }
+        if let Some(bad) = group_id
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "group id {group_id:?} contains {bad:?}; allowed are [a-zA-Z0-9._-]"
+            ));
+        }
+        Ok(())
+    }
+}

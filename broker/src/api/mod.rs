@@ -3,6 +3,7 @@
 
 mod checks;
 mod fetch;
+mod groups;
 mod handshake;
 mod list_offsets;
 mod metadata;
@@ -98,6 +99,29 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
         Kind::ListOffsetsRequest => {
             Some(list_offsets::handle(shard, id, request.body_as_list_offsets_request()).await)
         }
+        Kind::GroupHeartbeatRequest => Some(
+            groups::heartbeat(
+                shard,
+                id,
+                request.client_id(),
+                request.body_as_group_heartbeat_request(),
+            )
+            .await,
+        ),
+        Kind::OffsetCommitRequest => {
+            Some(groups::commit(shard, id, request.body_as_offset_commit_request()).await)
+        }
+        Kind::OffsetFetchRequest => {
+            Some(groups::fetch(shard, id, request.body_as_offset_fetch_request()).await)
+        }
+        Kind::ListGroupsRequest => Some(groups::list(shard, id).await),
+        Kind::DescribeGroupRequest => {
+            Some(groups::describe(shard, id, request.body_as_describe_group_request()).await)
+        }
+        Kind::DeleteGroupRequest => {
+            Some(groups::delete(shard, id, request.body_as_delete_group_request()).await)
+        }
+        Kind::InitProducerIdRequest => Some(produce::init_producer_id(shard, id)),
         other => Some(error_response(
             id,
             ErrorCode::UnknownRequestKind,

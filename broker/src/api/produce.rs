@@ -258,3 +258,35 @@ fn respond(
         Vec::new(),
     )
 }
+
+/// Producer ids: this node's id in the top 16 bits, then a counter that starts at
+/// the wall clock in ms when the process starts (so ids are not reused across
+/// restarts unless a node hands out more than one per ms for its whole life).
+static NEXT_PRODUCER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// InitProducerId: a fresh producer id, epoch 0.
+pub(super) fn init_producer_id(shard: &Rc<Shard>, id: u32) -> Outgoing {
+    use std::sync::atomic::Ordering;
+    let start = crate::storage::now_ms().max(1) as u64;
+    let _ = NEXT_PRODUCER_ID.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    let counter = NEXT_PRODUCER_ID.fetch_add(1, Ordering::Relaxed) & ((1 << 47) - 1);
+    let node = u64::from(shard.settings.node_id.0) & 0xffff;
+    let producer_id = ((node << 47) | counter) as i64;
+    let mut fbb = FlatBufferBuilder::with_capacity(128);
+    let body = wire::InitProducerIdResponse::create(
+        &mut fbb,
+        &wire::InitProducerIdResponseArgs {
+            error: ErrorCode::None,
+            message: None,
+            producer_id,
+            producer_epoch: 0,
+        },
+    );
+    ok(
+        fbb,
+        id,
+        wire::ResponseBody::InitProducerIdResponse,
+        body.as_union_value(),
+        Vec::new(),
+    )
+}

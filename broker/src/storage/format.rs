@@ -302,7 +302,7 @@ pub fn check_records(frame: &[u8], record_count: u32) -> Result<(), FrameError> 
 }
 
 /// Reads a zigzag varint of at most `bytes_max` bytes.
-fn varint(bytes: &[u8], position: &mut usize, bytes_max: usize) -> Option<i64> {
+pub(crate) fn varint(bytes: &[u8], position: &mut usize, bytes_max: usize) -> Option<i64> {
     let mut raw: u64 = 0;
     for index in 0..bytes_max {
         let byte = *bytes.get(*position + index)?;
