@@ -11,6 +11,7 @@ pub mod api;
 pub mod cluster;
 pub mod fuzzing;
 pub mod groups;
+pub mod idempotence;
 pub mod limits;
 pub mod mesh;
 pub mod metadata;

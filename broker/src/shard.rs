@@ -71,6 +71,8 @@ pub struct Shard {
     pub cluster: Option<Rc<ShardCluster>>,
     /// The consumer groups this shard coordinates.
     pub groups: crate::groups::Coordinator,
+    /// Idempotent producers' recent batches, per log.
+    pub producers: crate::idempotence::Producers,
 }
 
 /// The metadata controller lives on shard 0.
@@ -101,6 +103,7 @@ impl Shard {
             )),
             cluster: cluster.map(Rc::new),
             groups: crate::groups::Coordinator::default(),
+            producers: crate::idempotence::Producers::new(),
         })
     }
 
@@ -123,15 +126,7 @@ impl Shard {
     pub async fn execute(self: &Rc<Self>, request: ShardRequest) -> ShardReply {
         match request {
             ShardRequest::Produce { log, batches, acks } => {
-                let group = self.cluster.as_ref().and_then(|c| c.host.group_of(log));
-                ShardReply::Produced(match group {
-                    Some(group) => self.produce_replicated(group, log, &batches, acks).await,
-                    None => self
-                        .wal
-                        .append(log, Epoch(0), &batches)
-                        .await
-                        .map_err(ApiError::from),
-                })
+                ShardReply::Produced(self.produce(log, &batches, acks).await)
             }
             ShardRequest::ReadMany { reads, budget } => {
                 ShardReply::ReadMany(self.read_many(&reads, budget).await)
@@ -173,6 +168,8 @@ impl Shard {
             }
             ShardRequest::DeleteLogs(logs) => {
                 for log in logs {
+                    self.producers.forget(log);
+                    self.groups.forget(log);
                     self.wal.delete_log(log);
                 }
                 ShardReply::Done
@@ -205,6 +202,95 @@ impl Shard {
             }
             ShardRequest::Group { log, op } => ShardReply::Group(self.group_op(log, op).await),
         }
+    }
+
+    /// Appends to a log of this shard (through its Raft group in a cluster),
+    /// deduplicating the batches of idempotent producers.
+    async fn produce(
+        &self,
+        log: LogId,
+        batches: &[(bytes::Bytes, crate::storage::format::BatchInfo)],
+        acks: i8,
+    ) -> Result<crate::storage::Appended, ApiError> {
+        let idempotent = batches
+            .iter()
+            .any(|(frame, _)| crate::idempotence::producer_fields(frame).is_some());
+        let mut tokens = Vec::new();
+        if idempotent {
+            self.check_serving(log)?;
+            self.rebuild_producers(log).await?;
+            let (log_start, _, _) = self.wal.log_offsets(log)?;
+            match self.producers.check(log, batches, log_start)? {
+                crate::idempotence::Check::Duplicate(appended) => return Ok(appended),
+                crate::idempotence::Check::Append(fresh) => tokens = fresh,
+            }
+        }
+        let group = self.cluster.as_ref().and_then(|c| c.host.group_of(log));
+        let result = match group {
+            Some(group) => self.produce_replicated(group, log, batches, acks).await,
+            None => self
+                .wal
+                .append(log, Epoch(0), batches)
+                .await
+                .map_err(ApiError::from),
+        };
+        if !tokens.is_empty() {
+            self.producers
+                .complete(log, &tokens, batches, result.as_ref().ok());
+        }
+        result
+    }
+
+    /// Rebuilds a log's idempotent-producer state from its recent batches, once
+    /// per process and leadership term.
+    async fn rebuild_producers(&self, log: LogId) -> Result<(), ApiError> {
+        use crate::idempotence::{REBUILD_BYTES_MAX, REBUILD_WINDOW_MS};
+        let term = self.leader_term(log);
+        if self.producers.is_loaded(log, term) {
+            return Ok(());
+        }
+        let _permit = self
+            .producers
+            .rebuild_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "shutting down"))?;
+        if self.producers.is_loaded(log, term) {
+            return Ok(());
+        }
+        let (_, high_watermark, _) = self.wal.log_offsets(log)?;
+        let since = crate::storage::now_ms() - REBUILD_WINDOW_MS;
+        let mut frames = Vec::new();
+        if let Some((mut offset, _)) = self.wal.offset_for_timestamp(log, since)? {
+            let mut bytes = 0;
+            while offset < high_watermark && bytes < REBUILD_BYTES_MAX {
+                let read = self.wal.read(log, offset, 4 << 20).await?;
+                if read.frames.is_empty() {
+                    break;
+                }
+                for frame in read.frames {
+                    if let Ok(header) = crate::storage::format::header(&frame) {
+                        offset = offset
+                            .max(header.base_offset.get() + u64::from(header.record_count.get()));
+                    }
+                    bytes += frame.len();
+                    frames.push(frame);
+                }
+            }
+        }
+        self.producers.install(log, term, &frames);
+        Ok(())
+    }
+
+    /// The Raft term of a replicated log's group (0 for a single-node log).
+    pub fn leader_term(&self, log: LogId) -> u64 {
+        self.cluster
+            .as_deref()
+            .and_then(|c| {
+                let group = c.host.group_of(log)?;
+                c.host.with(group, |r| r.term())
+            })
+            .unwrap_or(0)
     }
 
     /// Reads logs of this shard in order, each within its own budget and all

@@ -141,6 +141,18 @@ pub(super) async fn delete(
         Ok(names) => names,
         Err(response) => return response,
     };
+    if names
+        .iter()
+        .any(|name| name == sluice_schema::groups::OFFSETS_TOPIC)
+    {
+        return checks::invalid(
+            id,
+            &format!(
+                "{} is internal (consumer groups' state and committed offsets); it cannot be deleted",
+                sluice_schema::groups::OFFSETS_TOPIC
+            ),
+        );
+    }
     let list = match to_controller(shard, ShardRequest::DeleteTopics(names)).await {
         Ok(list) => list,
         Err(message) => return error_response(id, ErrorCode::Internal, &message),

@@ -174,14 +174,7 @@ impl Coordinator {
 }
 
 fn leader_term(shard: &Shard, log: LogId) -> u64 {
-    shard
-        .cluster
-        .as_deref()
-        .and_then(|c| {
-            let group = c.host.group_of(log)?;
-            c.host.with(group, |r| r.term())
-        })
-        .unwrap_or(0)
+    shard.leader_term(log)
 }
 
 impl Shard {
@@ -312,6 +305,24 @@ impl Shard {
                 .map(|t| t.partitions.len() as u32)
         };
         let interval = self.settings.groups.heartbeat_interval_ms;
+        {
+            let state = part.state.borrow();
+            let loaded = state.as_ref().expect("loaded");
+            if let Some(group_id) = op.group_id() {
+                if !loaded.groups.contains_key(group_id)
+                    && loaded.groups.len() >= crate::limits::GROUPS_PER_OFFSETS_PARTITION_MAX
+                    && matches!(op, GroupOp::Heartbeat(_) | GroupOp::Commit { .. })
+                {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "this coordinator already has {} groups, the most one offsets partition may hold; delete unused groups",
+                            loaded.groups.len()
+                        ),
+                    ));
+                }
+            }
+        }
         match op {
             GroupOp::Heartbeat(request) => {
                 let (answer, snapshot) = {

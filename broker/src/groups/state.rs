@@ -301,6 +301,16 @@ impl Group {
                 member
             }
             None => {
+                if self.members.len() >= crate::limits::GROUP_MEMBERS_MAX {
+                    return Err(error(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "group {} has {} members, the most a group may have",
+                            self.group_id,
+                            self.members.len()
+                        ),
+                    ));
+                }
                 if !request.member_id.is_empty() && self.members.contains_key(&request.member_id) {
                     // A known member rejoins from scratch: it owns nothing any more.
                     self.members.remove(&request.member_id);
