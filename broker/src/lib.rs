@@ -15,6 +15,7 @@ pub mod idempotence;
 pub mod limits;
 pub mod mesh;
 pub mod metadata;
+pub mod metrics;
 pub mod net;
 pub mod port;
 pub mod protocol;

@@ -121,6 +121,12 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
         }
         let fd = stream.as_raw_fd();
         connections.open.borrow_mut().insert(fd);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let metrics = shard.metrics();
+            metrics.connections_accepted.fetch_add(1, Relaxed);
+            metrics.connections.fetch_add(1, Relaxed);
+        }
         let (shard, connections) = (shard.clone(), connections.clone());
         glommio::spawn_local(async move {
             let peer = stream
@@ -131,6 +137,10 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
                 tracing::debug!(shard = %shard.id, %peer, %reason, "connection closed");
             }
             connections.open.borrow_mut().remove(&fd);
+            shard
+                .metrics()
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             connections.closed.notify_all();
         })
         .detach();

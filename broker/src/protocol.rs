@@ -174,6 +174,8 @@ pub struct Outgoing {
     pub head: Bytes,
     /// Raw payload pieces, written after the head.
     pub payload: Vec<Bytes>,
+    /// The envelope's request-level error (metrics).
+    pub error: ErrorCode,
 }
 
 impl Outgoing {
@@ -228,6 +230,7 @@ pub fn finish(
     Outgoing {
         head: head.freeze(),
         payload,
+        error,
     }
 }
 

@@ -95,6 +95,8 @@ pub fn online_cpus() -> usize {
 pub struct BrokerHandle {
     /// The address clients connect to.
     pub addr: SocketAddr,
+    /// Every shard's metrics (for the admin server).
+    pub metrics: crate::metrics::NodeMetrics,
     shutdown: Arc<AtomicBool>,
     pool: Option<glommio::PoolThreadHandles<Result<(), String>>>,
 }
@@ -149,6 +151,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
     let shards = config.shards;
     let listen = resolve_listen(config.listen)?;
     let shutdown = Arc::new(AtomicBool::new(false));
+    let metrics = crate::metrics::NodeMetrics::new(shards);
     let settings = Arc::new(ShardSettings {
         node_id: NodeId(config.node_id),
         data_dir: config.data_dir.clone(),
@@ -162,6 +165,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         connections_max: config.connections_max,
         frame_timeout: config.frame_timeout,
         groups: config.groups.clone(),
+        metrics: metrics.clone(),
     });
     let view = config.cluster.clone().map(|cluster| {
         Arc::new(ClusterView::new(
@@ -204,6 +208,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
         })
         .map_err(|e| format!("cannot start the shard executors: {e} (Sluice needs io_uring: Linux >= 5.8, not disabled by kernel.io_uring_disabled or a container's seccomp profile)"))?;
     let mut handle = BrokerHandle {
+        metrics: metrics.clone(),
         addr: listen,
         shutdown: shutdown.clone(),
         pool: Some(pool),
@@ -293,14 +298,30 @@ async fn run_shard(
         start_cluster_shard(&shard, &cluster).await?;
     }
     glommio::spawn_local(shard.clone().retention_loop()).detach();
+    {
+        let metrics = shard.settings.metrics.shards[usize::from(id.0)].clone();
+        wal.set_sync_observer(move |us, appends| {
+            metrics.sync_latency.observe(us);
+            metrics.appends_per_sync.observe(appends);
+        });
+    }
+    glommio::spawn_local(shard.clone().publish_metrics_loop()).detach();
     glommio::spawn_local(
         shard
             .clone()
             .group_expiry_loop(std::time::Duration::from_millis(250)),
     )
     .detach();
+    shard
+        .metrics()
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = ready.send(Ok(()));
     crate::net::serve(shard.clone(), listener).await;
+    shard
+        .metrics()
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(cluster) = &shard.cluster {
         cluster.host.close();
         cluster.transport.close();

@@ -45,6 +45,8 @@ pub struct ShardSettings {
     pub frame_timeout: Duration,
     /// Consumer-group settings.
     pub groups: crate::groups::GroupSettings,
+    /// Every shard's metrics (each shard writes its own).
+    pub metrics: crate::metrics::NodeMetrics,
 }
 
 /// The shard context, shared by the shard's tasks.
@@ -107,6 +109,11 @@ impl Shard {
         })
     }
 
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &crate::metrics::ShardMetrics {
+        &self.settings.metrics.shards[usize::from(self.id.0)]
+    }
+
     /// True once shutdown started.
     pub fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::Relaxed)
@@ -118,7 +125,13 @@ impl Shard {
             // Boxed: admin requests route again from inside `execute`.
             Box::pin(self.execute(request)).await
         } else {
-            self.mesh.call(usize::from(target.0), request).await
+            use std::sync::atomic::Ordering::Relaxed;
+            let metrics = self.metrics();
+            metrics.mesh_requests.fetch_add(1, Relaxed);
+            metrics.mesh_in_flight.fetch_add(1, Relaxed);
+            let reply = self.mesh.call(usize::from(target.0), request).await;
+            self.metrics().mesh_in_flight.fetch_sub(1, Relaxed);
+            reply
         }
     }
 
@@ -238,6 +251,21 @@ impl Shard {
             self.producers
                 .complete(log, &tokens, batches, result.as_ref().ok());
         }
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let metrics = self.metrics();
+            match &result {
+                Ok(_) => {
+                    let bytes: usize = batches.iter().map(|(frame, _)| frame.len()).sum();
+                    let records: u64 = batches.iter().map(|(_, i)| u64::from(i.record_count)).sum();
+                    metrics.produced_bytes.fetch_add(bytes as u64, Relaxed);
+                    metrics.produced_records.fetch_add(records, Relaxed);
+                }
+                Err(_) => {
+                    metrics.produce_partition_errors.fetch_add(1, Relaxed);
+                }
+            }
+        }
         result
     }
 
@@ -293,6 +321,31 @@ impl Shard {
             .unwrap_or(0)
     }
 
+    /// Copies the WAL's shard-local figures into this shard's metrics every
+    /// `metrics::PUBLISH_INTERVAL`, until shutdown.
+    pub async fn publish_metrics_loop(self: Rc<Self>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        while !self.shutting_down() {
+            let stats = self.wal.stats();
+            let m = self.metrics();
+            m.wal_appends.store(stats.appends, Relaxed);
+            m.wal_append_bytes.store(stats.append_bytes, Relaxed);
+            m.wal_writes.store(stats.writes, Relaxed);
+            m.wal_syncs.store(stats.syncs, Relaxed);
+            m.wal_rolls.store(stats.rolls, Relaxed);
+            m.cache_hits.store(stats.cache_hits, Relaxed);
+            m.cache_misses.store(stats.cache_misses, Relaxed);
+            m.cache_bytes.store(stats.cache_bytes, Relaxed);
+            let segments = self.wal.segment_ids();
+            m.wal_segments.store(segments.len() as u64, Relaxed);
+            m.wal_segment_bytes.store(
+                segments.len() as u64 * self.wal.config().segment_bytes,
+                Relaxed,
+            );
+            glommio::timer::sleep(crate::metrics::PUBLISH_INTERVAL).await;
+        }
+    }
+
     /// Reads logs of this shard in order, each within its own budget and all
     /// within `budget`: a read after the budget is spent returns no frames (only
     /// the log's offsets), and only the first read that finds data may exceed its
@@ -306,6 +359,9 @@ impl Shard {
         let mut results = Vec::with_capacity(reads.len());
         for read in reads {
             if let Err(error) = self.check_serving(read.log) {
+                self.metrics()
+                    .fetch_partition_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 results.push(Err(error));
                 continue;
             }
@@ -325,8 +381,13 @@ impl Shard {
                     .await
                     .map_err(ApiError::from)
             };
-            if let Ok(read) = &result {
-                remaining = remaining.saturating_sub(read.bytes);
+            match &result {
+                Ok(read) => remaining = remaining.saturating_sub(read.bytes),
+                Err(_) => {
+                    self.metrics()
+                        .fetch_partition_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             results.push(result);
         }
@@ -515,12 +576,22 @@ impl Shard {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            self.wal.apply_retention(&policies, now);
+            let moved = self.wal.apply_retention(&policies, now);
+            self.metrics()
+                .retention_log_starts_moved
+                .fetch_add(moved as u64, std::sync::atomic::Ordering::Relaxed);
             if let Some(cluster) = &self.cluster {
                 cluster.host.compact_all();
             }
-            if let Err(error) = self.wal.delete_dead_segments().await {
-                tracing::warn!(shard = %self.id, %error, "retention could not delete segments");
+            match self.wal.delete_dead_segments().await {
+                Ok(deleted) => {
+                    self.metrics()
+                        .retention_segments_deleted
+                        .fetch_add(deleted.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(shard = %self.id, %error, "retention could not delete segments")
+                }
             }
         }
     }

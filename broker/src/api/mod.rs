@@ -37,7 +37,31 @@ pub fn parse(envelope: &[u8]) -> Result<wire::Request<'_>, String> {
 }
 
 /// Serves one request; `None` when no response is due (produce with acks=0).
+/// Counts it, its latency and a request-level error in the shard's metrics.
 pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = std::time::Instant::now();
+    let kind =
+        parse(&frame.envelope).map_or(usize::MAX, |r| crate::metrics::kind_index(r.body_type().0));
+    let response = serve(shard, frame).await;
+    if kind != usize::MAX {
+        let metrics = shard.metrics();
+        metrics.requests[kind].fetch_add(1, Relaxed);
+        metrics.request_latency[kind].observe(started.elapsed().as_micros() as u64);
+        if let Some(response) = &response {
+            if response.error != ErrorCode::None {
+                metrics.request_errors[kind].fetch_add(1, Relaxed);
+            }
+            if kind == crate::metrics::kind_index(wire::RequestBody::FetchRequest.0) {
+                let bytes: usize = response.payload.iter().map(bytes::Bytes::len).sum();
+                metrics.fetched_bytes.fetch_add(bytes as u64, Relaxed);
+            }
+        }
+    }
+    response
+}
+
+async fn serve(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
     let request = match parse(&frame.envelope) {
         Ok(request) => request,
         Err(message) => return Some(error_response(0, ErrorCode::MalformedRequest, &message)),

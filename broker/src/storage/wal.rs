@@ -251,7 +251,13 @@ pub struct Wal {
     space_freed: Notify,
     durable_advanced: Notify,
     tasks: RefCell<Vec<JoinHandle<()>>>,
+    /// Told the duration (µs) of every successful fdatasync and how many appends
+    /// it made durable (metrics).
+    sync_observer: SyncObserver,
 }
+
+/// See [`Wal::set_sync_observer`].
+type SyncObserver = RefCell<Option<Box<dyn Fn(u64, u64)>>>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -323,6 +329,7 @@ impl Wal {
             space_freed: Notify::default(),
             durable_advanced: Notify::default(),
             tasks: RefCell::new(Vec::new()),
+            sync_observer: RefCell::new(None),
         });
         let writer = glommio::spawn_local(writer_loop(wal.clone())).detach();
         let syncer = glommio::spawn_local(syncer_loop(wal.clone())).detach();
@@ -1269,7 +1276,12 @@ async fn syncer_loop(wal: Rc<Wal>) {
         state.stats.syncs += 1;
         state.stats.sync_us_total += elapsed_us;
         match result {
-            Ok(()) => publish_durable(&wal, &mut state, target),
+            Ok(()) => {
+                let appends = publish_durable(&wal, &mut state, target);
+                if let Some(observe) = wal.sync_observer.borrow().as_ref() {
+                    observe(elapsed_us, appends);
+                }
+            }
             Err(error) => {
                 // After a failed fdatasync the state of the written pages is unknown
                 // (fsyncgate): fail everything and refuse appends until restart.
@@ -1287,7 +1299,9 @@ async fn syncer_loop(wal: Rc<Wal>) {
     }
 }
 
-fn publish_durable(wal: &Wal, state: &mut State, target: u64) {
+/// Marks writes up to `target` durable; returns how many appends that completed.
+fn publish_durable(wal: &Wal, state: &mut State, target: u64) -> u64 {
+    let mut appends = 0;
     state.durable_seq = target;
     while state.unsynced.front().is_some_and(|w| w.seq_end <= target) {
         let Some(written) = state.unsynced.pop_front() else {
@@ -1299,15 +1313,23 @@ fn publish_durable(wal: &Wal, state: &mut State, target: u64) {
                 entry.set_durable(end);
             }
         }
+        appends += written.completions.len() as u64;
         for completion in written.completions {
             completion.complete(Ok(()));
         }
     }
     wal.space_freed.notify_all();
     wal.durable_advanced.notify_all();
+    appends
 }
 
 impl Wal {
+    /// Sets the function told the duration (µs) of every successful fdatasync and
+    /// the number of appends it made durable.
+    pub fn set_sync_observer(&self, observe: impl Fn(u64, u64) + 'static) {
+        *self.sync_observer.borrow_mut() = Some(Box::new(observe));
+    }
+
     /// Waits until every write issued so far is durable.
     pub(super) async fn drain(&self) -> Result<()> {
         loop {
