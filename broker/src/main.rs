@@ -74,6 +74,18 @@ struct Args {
     /// How often consumer-group members heartbeat, in ms (told to every member).
     #[arg(long, default_value_t = 1000)]
     group_heartbeat_interval_ms: u32,
+    /// The admin server (REST API, /metrics, /health, web UI): an address, or
+    /// `off`.
+    #[arg(long, default_value = "127.0.0.1:9644", env = "SLUICE_ADMIN_LISTEN")]
+    admin_listen: String,
+    /// A file holding the bearer token the admin API's mutating endpoints require
+    /// (without it they are open to whoever reaches the admin address).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Admin API requests per second per client IP (0: unlimited); bursts of twice
+    /// as many pass.
+    #[arg(long, default_value_t = 50)]
+    admin_rate_limit: u32,
 }
 
 fn main() -> ExitCode {
@@ -90,16 +102,16 @@ fn main() -> ExitCode {
     } else if let Some(cpus) = &args.cpus {
         config.shards = cpus.len();
     }
-    config.cpus = args.cpus;
+    config.cpus = args.cpus.clone();
     config.node_id = args.node_id;
     config.segment_bytes = args.segment_mib << 20;
     config.tail_cache_bytes = args.tail_cache_mib << 20;
-    config.provision = args.provision;
+    config.provision = args.provision.clone();
     config.idle_timeout = Duration::from_secs(args.idle_timeout_secs.max(1));
     config.connections_max = args.max_connections.max(1);
     config.frame_timeout = Duration::from_secs(args.frame_timeout_secs.max(1));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
-    config.advertised_host = args.advertised_host;
+    config.advertised_host = args.advertised_host.clone();
     config.groups = sluice_broker::groups::GroupSettings {
         offsets_partitions: args
             .offsets_partitions
@@ -132,6 +144,15 @@ fn main() -> ExitCode {
     // Block SIGINT/SIGTERM in every thread (the shards inherit the mask) and take
     // them on one thread that starts the graceful shutdown.
     let signals = block_signals();
+    let metrics = sluice_broker::metrics::NodeMetrics::new(config.shards);
+    config.metrics = Some(metrics.clone());
+    let admin = match start_admin(&args, &config, &metrics) {
+        Ok(admin) => admin,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let broker = match runtime::start(config) {
         Ok(broker) => broker,
         Err(error) => {
@@ -145,13 +166,66 @@ fn main() -> ExitCode {
         eprintln!("sluice-broker: signal {signal}, shutting down (finishing in-flight requests)");
         flag.store(true, Ordering::SeqCst);
     });
-    match broker.join() {
+    let joined = broker.join();
+    if let Some(admin) = admin {
+        admin.stop();
+    }
+    match joined {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts the admin server (before the shards, so that `/health/ready` answers
+/// "not ready" while they recover).
+fn start_admin(
+    args: &Args,
+    config: &BrokerConfig,
+    metrics: &sluice_broker::metrics::NodeMetrics,
+) -> Result<Option<sluice_admin::AdminHandle>, String> {
+    if args.admin_listen.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let listen: std::net::SocketAddr = args.admin_listen.parse().map_err(|e| {
+        format!(
+            "--admin-listen {:?}: {e} (an address like 127.0.0.1:9644, or off)",
+            args.admin_listen
+        )
+    })?;
+    let token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--admin-token-file {}: {e}", path.display()))?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                return Err(format!("--admin-token-file {} is empty", path.display()));
+            }
+            Some(token)
+        }
+    };
+    let mut broker = config.listen;
+    if broker.ip().is_unspecified() {
+        broker.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let render = metrics.clone();
+    let ready = metrics.clone();
+    let totals = metrics.clone();
+    sluice_admin::start(sluice_admin::AdminConfig {
+        listen,
+        broker: broker.to_string(),
+        token,
+        rate_per_second: args.admin_rate_limit,
+        rate_burst: args.admin_rate_limit.saturating_mul(2),
+        cluster: config.cluster.is_some(),
+        render_metrics: std::sync::Arc::new(move |out| render.render(out)),
+        shards_ready: std::sync::Arc::new(move || ready.shards_ready()),
+        totals: std::sync::Arc::new(move || totals.totals()),
+    })
+    .map(Some)
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -251,6 +251,33 @@ impl NodeMetrics {
         self.shards.iter().all(|s| s.ready.load(Relaxed))
     }
 
+    /// Whether each shard has recovered and serves.
+    pub fn shards_ready(&self) -> Vec<bool> {
+        self.shards.iter().map(|s| s.ready.load(Relaxed)).collect()
+    }
+
+    /// Node-wide totals: produced records and bytes, fetched bytes, connections.
+    pub fn totals(&self) -> Vec<(&'static str, f64)> {
+        let sum = |get: &dyn Fn(&ShardMetrics) -> u64| -> f64 {
+            self.shards.iter().map(|s| get(s) as f64).sum()
+        };
+        vec![
+            (
+                "produced_records",
+                sum(&|s| s.produced_records.load(Relaxed)),
+            ),
+            ("produced_bytes", sum(&|s| s.produced_bytes.load(Relaxed))),
+            ("fetched_bytes", sum(&|s| s.fetched_bytes.load(Relaxed))),
+            (
+                "connections",
+                self.shards
+                    .iter()
+                    .map(|s| s.connections.load(Relaxed) as f64)
+                    .sum(),
+            ),
+        ]
+    }
+
     /// Prometheus text exposition of the per-shard metrics.
     pub fn render(&self, out: &mut String) {
         let shards = &self.shards;

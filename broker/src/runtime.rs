@@ -58,6 +58,8 @@ pub struct BrokerConfig {
     pub cluster: Option<ClusterConfig>,
     /// Consumer groups: offsets partitions, session bounds, heartbeat interval.
     pub groups: crate::groups::GroupSettings,
+    /// Metrics to fill (created by `start` when absent).
+    pub metrics: Option<crate::metrics::NodeMetrics>,
 }
 
 impl BrokerConfig {
@@ -80,6 +82,7 @@ impl BrokerConfig {
             io_memory_bytes: 4 << 20,
             cluster: None,
             groups: crate::groups::GroupSettings::default(),
+            metrics: None,
         }
     }
 }
@@ -151,7 +154,10 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
     let shards = config.shards;
     let listen = resolve_listen(config.listen)?;
     let shutdown = Arc::new(AtomicBool::new(false));
-    let metrics = crate::metrics::NodeMetrics::new(shards);
+    let metrics = match &config.metrics {
+        Some(metrics) if metrics.shards.len() == shards => metrics.clone(),
+        _ => crate::metrics::NodeMetrics::new(shards),
+    };
     let settings = Arc::new(ShardSettings {
         node_id: NodeId(config.node_id),
         data_dir: config.data_dir.clone(),

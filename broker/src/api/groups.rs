@@ -548,9 +548,15 @@ pub(super) async fn fetch(
 pub(super) async fn list(shard: &Rc<Shard>, id: u32) -> Outgoing {
     let mut groups: Vec<GroupSummary> = Vec::new();
     let mut failure = None;
-    match offsets_topic(shard).await {
-        Err(error) => failure = Some(error),
-        Ok(metadata) => {
+    // Listing creates nothing: without the offsets topic there are no groups.
+    let existing = shard.topics();
+    let found = existing
+        .topics
+        .contains_key(OFFSETS_TOPIC)
+        .then_some(existing);
+    match found {
+        None => {}
+        Some(metadata) => {
             let topic = &metadata.topics[OFFSETS_TOPIC];
             let local: Vec<u32> = (0..topic.partitions.len() as u32)
                 .filter(|p| topic.partitions[*p as usize].local)
