@@ -31,7 +31,7 @@ export SLUICE_BROKER_ARGS="--shards 1"
 tools/cluster.sh up 3 >&2
 CLUSTER=$(tools/cluster.sh brokers)
 SINGLE_PORT=19990
-"$BIN/sluice-broker" --data-dir "$RESULTS/single-data" --listen "127.0.0.1:$SINGLE_PORT" --shards 1 \
+"$BIN/sluice-broker" --data-dir "$RESULTS/single-data" --listen "127.0.0.1:$SINGLE_PORT" --shards 1 --admin-listen off \
   > "$RESULTS/single.log" 2>&1 &
 SINGLE_PID=$!
 trap 'tools/cluster.sh down >/dev/null 2>&1; kill $SINGLE_PID 2>/dev/null || true' EXIT

@@ -55,6 +55,7 @@ up() {
     # shellcheck disable=SC2086
     "$bin/sluice-broker" --node-id "$i" --data-dir "$dir/node-$i/data" \
       --listen "127.0.0.1:$((base_port + i))" --peer-listen "127.0.0.1:$((base_port + 100 + i))" \
+      --admin-listen "127.0.0.1:$((base_port + 200 + i))" \
       --peers "$peers" ${SLUICE_BROKER_ARGS:-} >> "$dir/node-$i/broker.log" 2>&1 &
     echo $! >> "$pids"
   done

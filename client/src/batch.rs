@@ -19,6 +19,26 @@ pub type Header = (String, Option<Bytes>);
 /// Bytes of a batch with no records.
 pub const HEADER_BYTES: usize = batch::HEADER_BYTES;
 
+/// The idempotence fields of a batch header: who produced it and the sequence
+/// number of its first record in its partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerStamp {
+    /// Producer id (from InitProducerId).
+    pub producer_id: i64,
+    /// Producer epoch.
+    pub producer_epoch: i16,
+    /// Sequence of the batch's first record (per partition, from 0).
+    pub base_sequence: i32,
+}
+
+/// The sequence after a batch of `record_count` records that starts at
+/// `base_sequence`: sequences count records and wrap from `i32::MAX` to 0.
+pub fn next_sequence(base_sequence: i32, record_count: u32) -> i32 {
+    let modulus = i64::from(i32::MAX) + 1;
+    let next = (i64::from(base_sequence.max(0)) + i64::from(record_count)) % modulus;
+    next as i32
+}
+
 /// Builds one record batch frame in a single buffer.
 #[derive(Debug)]
 pub struct BatchBuilder {
@@ -116,8 +136,17 @@ impl BatchBuilder {
         Ok(index)
     }
 
-    /// Fills in the header and returns the finished frame. Fails on an empty batch.
-    pub fn finish(mut self) -> Result<Bytes> {
+    /// Fills in the header and returns the finished frame (not idempotent:
+    /// producer id, epoch and base sequence -1). Fails on an empty batch.
+    pub fn finish(self) -> Result<Bytes> {
+        self.finish_stamped(None)
+    }
+
+    /// Fills in the header, with the idempotence fields of `stamp` (or -1 for
+    /// all three), and returns the finished frame. The fields lie inside the
+    /// payload CRC's range, so they are written before it is computed. Fails on
+    /// an empty batch.
+    pub fn finish_stamped(mut self, stamp: Option<ProducerStamp>) -> Result<Bytes> {
         if self.record_count == 0 {
             return Err(Error::InvalidArgument(
                 "a batch needs at least one record".into(),
@@ -149,9 +178,13 @@ impl BatchBuilder {
             batch::MAX_TIMESTAMP_OFFSET,
             self.max_timestamp_ms as u64,
         );
-        write_u64(header, batch::PRODUCER_ID_OFFSET, u64::MAX);
-        header[batch::PRODUCER_EPOCH_OFFSET..][..2].copy_from_slice(&(-1i16).to_le_bytes());
-        write_u32(header, batch::BASE_SEQUENCE_OFFSET, u32::MAX);
+        let (producer_id, producer_epoch, base_sequence) = match stamp {
+            Some(stamp) => (stamp.producer_id, stamp.producer_epoch, stamp.base_sequence),
+            None => (-1, -1, -1),
+        };
+        write_u64(header, batch::PRODUCER_ID_OFFSET, producer_id as u64);
+        header[batch::PRODUCER_EPOCH_OFFSET..][..2].copy_from_slice(&producer_epoch.to_le_bytes());
+        write_u32(header, batch::BASE_SEQUENCE_OFFSET, base_sequence as u32);
         let crc = crc32fast::hash(&self.buf[batch::PAYLOAD_CRC_START..]);
         write_u32(&mut self.buf, batch::PAYLOAD_CRC_OFFSET, crc);
         Ok(self.buf.freeze())
@@ -236,6 +269,12 @@ pub struct BatchHeader {
     pub max_timestamp_ms: i64,
     /// Payload CRC as stored.
     pub payload_crc: u32,
+    /// Producer id of an idempotent producer, else -1.
+    pub producer_id: i64,
+    /// Producer epoch, else -1.
+    pub producer_epoch: i16,
+    /// Sequence of the first record in its partition, else -1.
+    pub base_sequence: i32,
 }
 
 impl BatchHeader {
@@ -268,6 +307,9 @@ impl BatchHeader {
             first_timestamp_ms: read_u64(buf, batch::FIRST_TIMESTAMP_OFFSET) as i64,
             max_timestamp_ms: read_u64(buf, batch::MAX_TIMESTAMP_OFFSET) as i64,
             payload_crc: read_u32(buf, batch::PAYLOAD_CRC_OFFSET),
+            producer_id: read_u64(buf, batch::PRODUCER_ID_OFFSET) as i64,
+            producer_epoch: read_u16(buf, batch::PRODUCER_EPOCH_OFFSET) as i16,
+            base_sequence: read_u32(buf, batch::BASE_SEQUENCE_OFFSET) as i32,
         };
         header.check()?;
         Ok(header)
@@ -616,6 +658,54 @@ mod tests {
         assert_eq!(read_u32(&frame, batch::BASE_SEQUENCE_OFFSET) as i32, -1);
         assert_eq!(read_u32(&frame, batch::HEADER_CRC_OFFSET), 0);
         assert_eq!(read_u64(&frame, batch::BASE_OFFSET_OFFSET), 0);
+    }
+
+    #[test]
+    fn idempotence_fields_are_stamped_inside_the_crc() {
+        let mut builder = BatchBuilder::with_capacity(256);
+        builder.append(1, Some(b"k"), Some(b"v"), &[]).unwrap();
+        builder.append(2, None, Some(b"w"), &[]).unwrap();
+        let stamp = ProducerStamp {
+            producer_id: 0x0123_4567_89ab,
+            producer_epoch: 3,
+            base_sequence: 40,
+        };
+        let frame = builder.finish_stamped(Some(stamp)).unwrap();
+        assert_eq!(
+            read_u64(&frame, batch::PRODUCER_ID_OFFSET),
+            0x0123_4567_89ab
+        );
+        assert_eq!(read_u16(&frame, batch::PRODUCER_EPOCH_OFFSET), 3);
+        assert_eq!(read_u32(&frame, batch::BASE_SEQUENCE_OFFSET), 40);
+        let batch = Batch::verify(frame.clone()).unwrap();
+        assert_eq!(batch.header.producer_id, 0x0123_4567_89ab);
+        assert_eq!(batch.header.producer_epoch, 3);
+        assert_eq!(batch.header.base_sequence, 40);
+        // Changing a stamped field breaks the CRC: the fields are covered by it.
+        let mut copy = BytesMut::from(&frame[..]);
+        copy[batch::BASE_SEQUENCE_OFFSET] ^= 1;
+        assert!(matches!(
+            Batch::verify(copy.freeze()),
+            Err(Error::CorruptBatch(_))
+        ));
+        let plain = Batch::verify(sample()).unwrap();
+        assert_eq!(
+            (
+                plain.header.producer_id,
+                plain.header.producer_epoch,
+                plain.header.base_sequence
+            ),
+            (-1, -1, -1)
+        );
+    }
+
+    #[test]
+    fn sequences_wrap_at_i32_max() {
+        assert_eq!(next_sequence(0, 5), 5);
+        assert_eq!(next_sequence(i32::MAX - 4, 5), 0);
+        assert_eq!(next_sequence(i32::MAX, 1), 0);
+        assert_eq!(next_sequence(i32::MAX - 1, 5), 3);
+        assert_eq!(next_sequence(7, 0), 7);
     }
 
     #[test]

@@ -205,7 +205,7 @@ impl Client {
         &self.inner.config
     }
 
-    fn home(&self) -> Option<u32> {
+    pub(crate) fn home(&self) -> Option<u32> {
         *self
             .inner
             .home

@@ -10,7 +10,9 @@
 //! Positions are resolved lazily: a seek to `Beginning`, `End` or a timestamp
 //! becomes a ListOffsets lookup right before the partition's next fetch. A seek
 //! bumps the partition's epoch, so batches already fetched or in flight for the
-//! old position are discarded.
+//! old position are discarded; [`Consumer::unassign`] does the same and stops
+//! fetching the partition (its slot is kept, so outcomes still in flight for
+//! it are recognized and dropped).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
@@ -24,7 +26,7 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, BatchIter, Header, RecordIter};
-use crate::client::{partition_error, unexpected, Client, Target};
+use crate::client::{partition_error, unexpected, Client, Target, TopicRoute};
 use crate::error::{Code, Error, Result};
 use crate::request::{FetchPartitionSpec, OffsetQuery, RequestBody};
 use crate::response::{FetchPartitionResult, ResponseBody};
@@ -142,6 +144,8 @@ enum Position {
 struct PartState {
     topic: Arc<str>,
     partition: u32,
+    /// `false` after [`Consumer::unassign`] (until assigned again).
+    assigned: bool,
     /// The partition's leader as last known; `None` after it proved stale (a
     /// fresh route is fetched before the next fetch).
     target: Option<Target>,
@@ -236,25 +240,62 @@ impl Consumer {
         } else {
             partitions
         };
-        for &partition in wanted {
-            if partition >= route.partition_count() {
-                return Err(Error::UnknownPartition {
-                    topic: topic.to_owned(),
-                    partition,
-                });
-            }
+        self.assign_route(&route, wanted, self.config.start)
+    }
+
+    /// Adds `partitions` of the topic `route` describes, starting at `start`;
+    /// already assigned partitions are unchanged.
+    pub(crate) fn assign_route(
+        &mut self,
+        route: &TopicRoute,
+        partitions: &[u32],
+        start: SeekTo,
+    ) -> Result<()> {
+        if let Some(&partition) = partitions
+            .iter()
+            .find(|partition| **partition >= route.partition_count())
+        {
+            return Err(Error::UnknownPartition {
+                topic: route.name.to_string(),
+                partition,
+            });
+        }
+        for &partition in partitions {
             let target = route.target(partition);
             let key = (route.name.clone(), partition);
-            if self.index.contains_key(&key) {
+            let fetch = match start {
+                SeekTo::Offset(offset) => Position::Resolved(offset),
+                other => Position::Pending(other),
+            };
+            let consumed = match start {
+                SeekTo::Offset(offset) => Some(offset),
+                _ => None,
+            };
+            if let Some(&index) = self.index.get(&key) {
+                let part = &mut self.parts[index];
+                if part.assigned {
+                    continue;
+                }
+                // Assigned again after an unassign: a fresh start (the epoch
+                // moved on at the unassign, so nothing old is delivered).
+                part.assigned = true;
+                part.epoch += 1;
+                part.target = target;
+                part.fetch = fetch;
+                part.consumed = consumed;
+                part.paused = false;
+                part.high_watermark = None;
+                part.log_start_offset = None;
                 continue;
             }
             self.index.insert(key, self.parts.len());
             self.parts.push(PartState {
                 topic: route.name.clone(),
                 partition,
+                assigned: true,
                 target,
-                fetch: Position::Pending(self.config.start),
-                consumed: None,
+                fetch,
+                consumed,
                 epoch: 0,
                 in_flight: false,
                 paused: false,
@@ -265,10 +306,47 @@ impl Consumer {
         Ok(())
     }
 
+    /// Stops reading a partition: it is no longer fetched, and its buffered
+    /// batches (and those of fetches still in flight) are dropped, so none of
+    /// its records is returned after this call.
+    pub fn unassign(&mut self, topic: &str, partition: u32) -> Result<()> {
+        let index = self.part_index(topic, partition)?;
+        let part = &mut self.parts[index];
+        part.assigned = false;
+        part.epoch += 1;
+        part.paused = false;
+        part.consumed = None;
+        part.high_watermark = None;
+        part.log_start_offset = None;
+        self.drop_buffered(index);
+        Ok(())
+    }
+
+    /// Drops the buffered batches (and the batch being decoded) of one partition.
+    fn drop_buffered(&mut self, index: usize) {
+        let mut freed = 0;
+        self.buffer.retain(|batch| {
+            let keep = batch.index != index;
+            if !keep {
+                freed += batch.batch.frame.len();
+            }
+            keep
+        });
+        self.buffered_bytes -= freed;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|current| current.batch.index == index)
+        {
+            self.current = None;
+        }
+    }
+
     /// Assigned `(topic, partition)` pairs.
     pub fn assignment(&self) -> Vec<(Arc<str>, u32)> {
         self.parts
             .iter()
+            .filter(|part| part.assigned)
             .map(|part| (part.topic.clone(), part.partition))
             .collect()
     }
@@ -277,6 +355,7 @@ impl Consumer {
         self.index
             .get(&(Arc::from(topic), partition))
             .copied()
+            .filter(|index| self.parts[*index].assigned)
             .ok_or_else(|| Error::NotAssigned {
                 topic: topic.to_owned(),
                 partition,
@@ -298,22 +377,7 @@ impl Consumer {
             SeekTo::Offset(offset) => Some(offset),
             _ => None,
         };
-        let mut freed = 0;
-        self.buffer.retain(|batch| {
-            let keep = batch.index != index;
-            if !keep {
-                freed += batch.batch.frame.len();
-            }
-            keep
-        });
-        self.buffered_bytes -= freed;
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|current| current.batch.index == index)
-        {
-            self.current = None;
-        }
+        self.drop_buffered(index);
         Ok(())
     }
 
@@ -444,7 +508,7 @@ impl Consumer {
         let mut by_target: HashMap<Target, Vec<FetchItem>> = HashMap::new();
         let mut unrouted: Vec<(usize, u64, Arc<str>, u32)> = Vec::new();
         for (index, part) in self.parts.iter_mut().enumerate() {
-            if part.in_flight || part.paused {
+            if part.in_flight || part.paused || !part.assigned {
                 continue;
             }
             let Some(target) = part.target else {

@@ -14,9 +14,10 @@ use sluice_schema::wire;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A broker error code (`wire::ErrorCode`), as a Rust enum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Code {
     /// Success.
+    #[default]
     None,
     /// Unexpected broker-side failure. Retriable.
     Internal,
@@ -73,6 +74,26 @@ pub enum Code {
     LeaderNotAvailable,
     /// The replication factor is outside what the cluster allows.
     InvalidReplicationFactor,
+    /// The group does not know the member id (it left or its session expired):
+    /// rejoin with epoch 0 and an empty member id.
+    UnknownMemberId,
+    /// The member epoch is not the member's current one: rejoin.
+    StaleMemberEpoch,
+    /// The group has active members; the operation needs an empty group.
+    GroupNotEmpty,
+    /// No such group.
+    UnknownGroup,
+    /// The group id is not 1..=249 bytes of `[a-zA-Z0-9._-]`.
+    InvalidGroupId,
+    /// The session (or rebalance) timeout is outside the broker's bounds.
+    InvalidSessionTimeout,
+    /// An idempotent producer's batch skips sequence numbers (or the broker lost
+    /// the producer's state).
+    OutOfOrderSequence,
+    /// The producer epoch is older than the broker's for this producer id.
+    InvalidProducerEpoch,
+    /// A committed offset names a partition the member does not own.
+    PartitionNotAssigned,
     /// A code this client does not know (a newer broker).
     Unknown(u16),
 }
@@ -80,7 +101,7 @@ pub enum Code {
 impl Code {
     /// Maps a wire code to [`Code`].
     pub fn from_wire(code: wire::ErrorCode) -> Code {
-        const TABLE: [Code; 28] = [
+        const TABLE: [Code; 37] = [
             Code::None,
             Code::Internal,
             Code::MalformedRequest,
@@ -109,6 +130,15 @@ impl Code {
             Code::NotLeader,
             Code::LeaderNotAvailable,
             Code::InvalidReplicationFactor,
+            Code::UnknownMemberId,
+            Code::StaleMemberEpoch,
+            Code::GroupNotEmpty,
+            Code::UnknownGroup,
+            Code::InvalidGroupId,
+            Code::InvalidSessionTimeout,
+            Code::OutOfOrderSequence,
+            Code::InvalidProducerEpoch,
+            Code::PartitionNotAssigned,
         ];
         TABLE
             .get(usize::from(code.0))
@@ -150,6 +180,13 @@ impl Code {
     /// stale (refresh metadata before retrying).
     pub fn means_stale_route(self) -> bool {
         matches!(self, Code::NotLeader | Code::LeaderNotAvailable)
+    }
+
+    /// Whether the error says a group member has been fenced (its session
+    /// expired, or it was replaced): it must drop its partitions without
+    /// committing and rejoin.
+    pub fn means_fenced(self) -> bool {
+        matches!(self, Code::UnknownMemberId | Code::StaleMemberEpoch)
     }
 
     /// `true` for [`Code::None`].
@@ -287,6 +324,66 @@ pub enum Error {
         /// Partition.
         partition: u32,
     },
+    /// The group does not know this member (it left, or its session expired):
+    /// the member is fenced and must rejoin.
+    #[error("unknown member id{}", message_suffix(.message))]
+    UnknownMemberId {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// The member epoch is not the member's current one: the member is fenced
+    /// and must rejoin.
+    #[error("stale member epoch{}", message_suffix(.message))]
+    StaleMemberEpoch {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// The group has active members; the operation needs an empty group.
+    #[error("the group is not empty{}", message_suffix(.message))]
+    GroupNotEmpty {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// No such group.
+    #[error("unknown group{}", message_suffix(.message))]
+    UnknownGroup {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// The group id is invalid (1..=249 bytes of `[a-zA-Z0-9._-]`).
+    #[error("invalid group id{}", message_suffix(.message))]
+    InvalidGroupId {
+        /// Why.
+        message: Option<String>,
+    },
+    /// The session or rebalance timeout is outside the broker's bounds.
+    #[error("invalid session timeout{}", message_suffix(.message))]
+    InvalidSessionTimeout {
+        /// The broker's explanation (it names the bounds).
+        message: Option<String>,
+    },
+    /// An idempotent producer's batch skips sequence numbers, or the broker lost
+    /// the producer's state; the batch was not appended.
+    #[error("out of order sequence{}", message_suffix(.message))]
+    OutOfOrderSequence {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// The producer epoch is older than the broker's for this producer id.
+    #[error("invalid producer epoch{}", message_suffix(.message))]
+    InvalidProducerEpoch {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// An offset commit names a partition the member does not own.
+    #[error("partition not assigned to this member{}", message_suffix(.message))]
+    PartitionNotAssigned {
+        /// The broker's explanation.
+        message: Option<String>,
+    },
+    /// A group consumer's membership task is gone (it was closed, or failed).
+    #[error("group membership ended: {0}")]
+    MembershipEnded(String),
 }
 
 fn message_suffix(message: &Option<String>) -> String {
@@ -325,15 +422,41 @@ impl Error {
             Error::OffsetOutOfRange { .. } => Some(Code::OffsetOutOfRange),
             Error::UnknownTopic(_) => Some(Code::UnknownTopic),
             Error::UnknownPartition { .. } => Some(Code::UnknownPartition),
+            Error::UnknownMemberId { .. } => Some(Code::UnknownMemberId),
+            Error::StaleMemberEpoch { .. } => Some(Code::StaleMemberEpoch),
+            Error::GroupNotEmpty { .. } => Some(Code::GroupNotEmpty),
+            Error::UnknownGroup { .. } => Some(Code::UnknownGroup),
+            Error::InvalidGroupId { .. } => Some(Code::InvalidGroupId),
+            Error::InvalidSessionTimeout { .. } => Some(Code::InvalidSessionTimeout),
+            Error::OutOfOrderSequence { .. } => Some(Code::OutOfOrderSequence),
+            Error::InvalidProducerEpoch { .. } => Some(Code::InvalidProducerEpoch),
+            Error::PartitionNotAssigned { .. } => Some(Code::PartitionNotAssigned),
             _ => None,
         }
     }
 
-    /// Builds the error for a non-zero broker code.
+    /// Whether a group member got this error because it is fenced
+    /// ([`Error::UnknownMemberId`] or [`Error::StaleMemberEpoch`]): it must drop
+    /// its partitions without committing and rejoin.
+    pub fn is_fenced(&self) -> bool {
+        self.code().is_some_and(Code::means_fenced)
+    }
+
+    /// Builds the error for a non-zero broker code: the typed variant for the
+    /// group and idempotence codes, [`Error::Broker`] for the others.
     pub fn from_code(code: Code, message: Option<&str>) -> Error {
-        Error::Broker {
-            code,
-            message: message.map(str::to_owned),
+        let message = message.map(str::to_owned);
+        match code {
+            Code::UnknownMemberId => Error::UnknownMemberId { message },
+            Code::StaleMemberEpoch => Error::StaleMemberEpoch { message },
+            Code::GroupNotEmpty => Error::GroupNotEmpty { message },
+            Code::UnknownGroup => Error::UnknownGroup { message },
+            Code::InvalidGroupId => Error::InvalidGroupId { message },
+            Code::InvalidSessionTimeout => Error::InvalidSessionTimeout { message },
+            Code::OutOfOrderSequence => Error::OutOfOrderSequence { message },
+            Code::InvalidProducerEpoch => Error::InvalidProducerEpoch { message },
+            Code::PartitionNotAssigned => Error::PartitionNotAssigned { message },
+            code => Error::Broker { code, message },
         }
     }
 
@@ -375,5 +498,38 @@ mod tests {
         assert!(!Code::UnknownTopic.is_retriable());
         assert!(Error::Timeout(Duration::from_secs(1)).is_retriable());
         assert!(!Error::ProducerClosed.is_retriable());
+    }
+
+    #[test]
+    fn group_codes_become_typed_errors() {
+        let fenced = Error::from_code(Code::UnknownMemberId, Some("gone"));
+        assert!(matches!(&fenced, Error::UnknownMemberId { message: Some(m) } if m == "gone"));
+        assert!(fenced.is_fenced());
+        assert!(!fenced.is_retriable());
+        assert!(Error::from_code(Code::StaleMemberEpoch, None).is_fenced());
+        assert!(!Error::from_code(Code::GroupNotEmpty, None).is_fenced());
+        for code in [
+            Code::UnknownMemberId,
+            Code::StaleMemberEpoch,
+            Code::GroupNotEmpty,
+            Code::UnknownGroup,
+            Code::InvalidGroupId,
+            Code::InvalidSessionTimeout,
+            Code::OutOfOrderSequence,
+            Code::InvalidProducerEpoch,
+            Code::PartitionNotAssigned,
+        ] {
+            let error = Error::from_code(code, Some("why"));
+            assert_eq!(error.code(), Some(code));
+            assert!(!matches!(error, Error::Broker { .. }), "{code:?}");
+            assert!(error.to_string().ends_with(": why"), "{error}");
+        }
+        assert!(matches!(
+            Error::from_code(Code::TopicBusy, None),
+            Error::Broker {
+                code: Code::TopicBusy,
+                ..
+            }
+        ));
     }
 }

@@ -7,9 +7,11 @@
 //!   owned Rust types), [`batch`] (record batch encoding and verified decoding),
 //!   [`partitioner`] (Kafka-compatible murmur2) and [`error`];
 //! * an **async client on tokio**: [`Client`] (connections, shard routing, admin
-//!   requests), [`Producer`] (batching, pipelining, retries, backpressure) and
-//!   [`Consumer`] (assigned partitions, long-poll prefetching, a `Stream` of
-//!   records).
+//!   and consumer-group requests), [`Producer`] (batching, pipelining, retries,
+//!   backpressure, idempotence), [`Consumer`] (assigned partitions, long-poll
+//!   prefetching, a `Stream` of records), [`GroupConsumer`] (a consumer-group
+//!   member: heartbeats, cooperative rebalances, committed offsets) and the
+//!   [`dlq`] helper (retries with backoff, then a dead-letter topic).
 //!
 //! ```no_run
 //! # async fn demo() -> sluice_client::Result<()> {
@@ -37,19 +39,26 @@ pub mod request;
 pub mod response;
 pub mod varint;
 
+pub mod dlq;
+
 mod client;
 mod connection;
 mod consumer;
+mod group;
+mod groups;
 mod producer;
 
 pub use client::{Client, ClientConfig, ListedOffset, Target, TopicRoute};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
+pub use dlq::{process_with_retry, Processed, RetryPolicy};
 pub use error::{Code, Error, Result};
+pub use group::{AutoOffsetReset, GroupConsumer, GroupConsumerBuilder, RebalanceHook};
+pub use groups::{ProducerIdentity, TopicPartition};
 pub use partitioner::NullKeyPolicy;
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
 };
-pub use request::OffsetQuery;
+pub use request::{OffsetQuery, TopicPartitions};
 
 /// Entry points of the fuzz targets in `fuzz/` (also replayed over the committed
 /// corpus by `cargo test`).

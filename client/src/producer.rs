@@ -23,8 +23,26 @@
 //! that was not yet sent. Batches already in flight when an earlier one fails may
 //! land before the retried one; set `max_in_flight = 1` for strict ordering under
 //! retries (as with Kafka without idempotence).
+//!
+//! Idempotence ([`ProducerConfig::idempotent`], on by default with acks 1 or
+//! all): the first `send` gets a producer id from the broker (InitProducerId; a
+//! broker that does not know the request makes the producer fall back to plain
+//! produce). Each batch is stamped, when it is sealed, with the producer id, its
+//! epoch and the partition's next base sequence (sequences count records from 0
+//! and wrap at `i32::MAX`). A retry resends the very same frame, so it carries
+//! the same sequence, and the broker answers a duplicate of one of the
+//! producer's last 5 batches of a partition with its original offset instead of
+//! appending it again. To keep every retry inside that window, at most 5 batches
+//! per partition are in flight, and a batch that is retried goes out alone (its
+//! answer's base offset is then its own). A batch refused with
+//! `OutOfOrderSequence` while an earlier batch of its partition is still being
+//! retried is retried after it (the refusal only says the earlier one is
+//! missing); otherwise the error is final and reported to the batch's records
+//! ([`Error::OutOfOrderSequence`]). A gap that way (e.g. an earlier batch failed
+//! after its delivery timeout) is not repaired: the partition's later batches
+//! fail the same way until a new producer is created.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,9 +55,10 @@ use sluice_schema::BATCH_BYTES_MAX;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
-use crate::batch::{BatchBuilder, Header, HEADER_BYTES};
+use crate::batch::{next_sequence, BatchBuilder, Header, ProducerStamp, HEADER_BYTES};
 use crate::client::{partition_error, unexpected, Client, Target, TopicRoute};
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
+use crate::groups::ProducerIdentity;
 use crate::partitioner::{partition_for_key, NullKeyPolicy};
 use crate::request::{ProducePartitionRange, ProduceTopicRanges, RequestBody};
 use crate::response::ResponseBody;
@@ -91,7 +110,14 @@ pub struct ProducerConfig {
     pub buffer_bytes: usize,
     /// Largest payload of one produce request.
     pub request_bytes_max: usize,
+    /// Idempotent produce (with acks 1 or all): retries never duplicate
+    /// records. See the module documentation.
+    pub idempotent: bool,
 }
+
+/// Batches of one partition in flight at once when idempotent: the broker
+/// recognizes a duplicate among the producer's last 5 batches of a partition.
+pub const IDEMPOTENT_BATCHES_IN_FLIGHT_MAX: usize = 5;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -106,6 +132,7 @@ impl Default for ProducerConfig {
             partitioner: NullKeyPolicy::Sticky,
             buffer_bytes: 64 * 1024 * 1024,
             request_bytes_max: 8 * 1024 * 1024,
+            idempotent: true,
         }
     }
 }
@@ -296,7 +323,10 @@ struct OpenBatch {
 struct SealedBatch {
     frame: Bytes,
     slot: Arc<BatchSlot>,
+    /// Local order of the batch in its partition (not the wire sequence).
     sequence: u64,
+    /// Stamped with a producer id and base sequence.
+    idempotent: bool,
     record_count: u32,
     sealed: Instant,
     attempts: u32,
@@ -308,8 +338,17 @@ struct SealedBatch {
 struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<SealedBatch>,
+    /// Produce requests in flight with batches of this partition.
     in_flight: usize,
+    /// Batches in flight (idempotent produce bounds them).
+    in_flight_batches: usize,
     next_sequence: u64,
+    /// Who stamps this partition's batches (`None`: not idempotent).
+    identity: Option<ProducerIdentity>,
+    /// Wire sequence of the next sealed batch's first record.
+    next_base_sequence: i32,
+    /// Local sequences of idempotent batches sealed and not yet settled.
+    unsettled: BTreeSet<u64>,
 }
 
 impl PartitionQueue {
@@ -319,14 +358,24 @@ impl PartitionQueue {
             return;
         };
         let record_count = open.builder.record_count();
-        match open.builder.finish() {
+        let stamp = self.identity.map(|identity| ProducerStamp {
+            producer_id: identity.producer_id,
+            producer_epoch: identity.producer_epoch,
+            base_sequence: self.next_base_sequence,
+        });
+        match open.builder.finish_stamped(stamp) {
             Ok(frame) => {
                 let sequence = self.next_sequence;
                 self.next_sequence += 1;
+                if stamp.is_some() {
+                    self.next_base_sequence = next_sequence(self.next_base_sequence, record_count);
+                    self.unsettled.insert(sequence);
+                }
                 self.ready.push_back(SealedBatch {
                     frame,
                     slot: open.slot,
                     sequence,
+                    idempotent: stamp.is_some(),
                     record_count,
                     sealed: now,
                     attempts: 0,
@@ -380,6 +429,12 @@ impl PartitionQueue {
     fn is_idle(&self) -> bool {
         self.open.is_none() && self.ready.is_empty() && self.in_flight == 0
     }
+
+    /// Whether an idempotent batch earlier than `sequence` is still unsettled
+    /// (in flight or waiting for a retry).
+    fn earlier_unsettled(&self, sequence: u64) -> bool {
+        self.unsettled.range(..sequence).next().is_some()
+    }
 }
 
 /// Whether a record of `reserve` bytes fits the partition's open batch (or there
@@ -412,6 +467,8 @@ struct State {
 struct Shared {
     client: Client,
     config: ProducerConfig,
+    /// The producer id, fetched on first use (`None` inside: not idempotent).
+    identity: tokio::sync::OnceCell<Option<ProducerIdentity>>,
     state: Mutex<State>,
     wake: Notify,
     buffer: Semaphore,
@@ -464,6 +521,7 @@ impl Producer {
         config.buffer_bytes = config.buffer_bytes.max(config.batch_bytes);
         let shared = Arc::new(Shared {
             client,
+            identity: tokio::sync::OnceCell::new(),
             buffer: Semaphore::new(config.buffer_bytes),
             config,
             state: Mutex::new(State::default()),
@@ -501,9 +559,12 @@ impl Producer {
                 bytes_max: limit,
             });
         }
+        let identity = self.identity().await?;
         self.reserve(reserve).await?;
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
-        let result = self.append_or_route(&record, timestamp_ms, reserve).await;
+        let result = self
+            .append_or_route(&record, timestamp_ms, reserve, identity)
+            .await;
         if result.is_err() {
             self.shared.release(reserve);
         }
@@ -515,6 +576,37 @@ impl Producer {
     /// not reported.
     pub async fn send_detached(&self, record: ProducerRecord) -> Result<()> {
         self.send(record).await.map(drop)
+    }
+
+    /// The producer id batches are stamped with: fetched once (InitProducerId);
+    /// `None` when not idempotent (configured so, acks 0, or a broker that does
+    /// not know the request).
+    pub async fn identity(&self) -> Result<Option<ProducerIdentity>> {
+        let config = &self.shared.config;
+        if !config.idempotent || config.acks == Acks::None {
+            return Ok(None);
+        }
+        let client = &self.shared.client;
+        let identity = self
+            .shared
+            .identity
+            .get_or_try_init(|| async {
+                match client.init_producer_id().await {
+                    Ok(identity) => {
+                        tracing::debug!(?identity, "idempotent producer");
+                        Ok(Some(identity))
+                    }
+                    Err(error) if error.code() == Some(Code::UnknownRequestKind) => {
+                        tracing::warn!(
+                            "the broker does not support idempotent produce; producing without it"
+                        );
+                        Ok(None)
+                    }
+                    Err(error) => Err(error),
+                }
+            })
+            .await?;
+        Ok(*identity)
     }
 
     async fn reserve(&self, bytes: usize) -> Result<()> {
@@ -557,6 +649,7 @@ impl Producer {
         record: &ProducerRecord,
         timestamp_ms: i64,
         reserve: usize,
+        identity: Option<ProducerIdentity>,
     ) -> Result<DeliveryFuture> {
         loop {
             if let Some(delivery) = self.try_append(record, timestamp_ms, reserve)? {
@@ -565,7 +658,10 @@ impl Producer {
             let route = self.shared.client.topic_route(&record.topic, false).await?;
             let mut state = self.shared.lock();
             let partitions = (0..route.partition_count())
-                .map(|_| PartitionQueue::default())
+                .map(|_| PartitionQueue {
+                    identity,
+                    ..PartitionQueue::default()
+                })
                 .collect();
             state
                 .topics
@@ -864,7 +960,7 @@ fn take_sendable(
     now: Instant,
     deadline: &mut Option<Instant>,
 ) -> Vec<SealedBatch> {
-    let mut taken = Vec::new();
+    let mut taken: Vec<SealedBatch> = Vec::new();
     if queue.in_flight >= config.max_in_flight {
         return taken;
     }
@@ -879,11 +975,29 @@ fn take_sendable(
         if !taken.is_empty() && bytes + front.frame.len() > config.request_bytes_max {
             break;
         }
+        if front.idempotent {
+            // Every batch that may be retried stays within the broker's
+            // duplicate window, and a retried batch (possibly a duplicate, which
+            // the broker answers with its original offset) goes out alone.
+            let retried = front.attempts > 0;
+            if queue.in_flight_batches + taken.len() >= IDEMPOTENT_BATCHES_IN_FLIGHT_MAX
+                || (retried && !taken.is_empty())
+            {
+                break;
+            }
+            taken.extend(queue.ready.pop_front());
+            bytes += taken.last().map_or(0, |batch| batch.frame.len());
+            if retried {
+                break;
+            }
+            continue;
+        }
         bytes += front.frame.len();
         taken.extend(queue.ready.pop_front());
     }
     if !taken.is_empty() {
         queue.in_flight += 1;
+        queue.in_flight_batches += taken.len();
     }
     taken
 }
@@ -1006,6 +1120,7 @@ fn complete(shared: &Shared, groups: Vec<PartitionGroup>, outcome: Result<Option
                 continue;
             };
             queue.in_flight = queue.in_flight.saturating_sub(1);
+            queue.in_flight_batches = queue.in_flight_batches.saturating_sub(group.batches.len());
             let stale = result.as_ref().err().is_some_and(Error::means_stale_route);
             released += settle(shared, queue, group.batches, result, now);
             if stale {
@@ -1035,18 +1150,20 @@ fn settle(
                 batch.slot.complete(Ok(next));
                 next = next.map(|offset| offset + u64::from(batch.record_count));
                 released += batch.reserved_bytes;
+                queue.unsettled.remove(&batch.sequence);
             }
         }
         Err(error) => {
             for mut batch in batches {
                 let elapsed = now.saturating_duration_since(batch.sealed);
-                if error.is_retriable() && elapsed < shared.config.delivery_timeout {
+                if should_retry(queue, &batch, &error) && elapsed < shared.config.delivery_timeout {
                     batch.attempts += 1;
                     batch.retry_at = Some(now + backoff(&shared.config, batch.attempts));
                     tracing::debug!(%error, attempts = batch.attempts, "retrying produce batch");
                     queue.requeue(batch);
                     continue;
                 }
+                queue.unsettled.remove(&batch.sequence);
                 let final_error = if error.is_retriable() {
                     Error::DeliveryTimeout {
                         elapsed,
@@ -1061,6 +1178,18 @@ fn settle(
         }
     }
     released
+}
+
+/// Whether a failed batch goes back to its queue: a retriable error, or an
+/// idempotent batch refused as out of order only because an earlier batch of
+/// its partition is still being retried.
+fn should_retry(queue: &PartitionQueue, batch: &SealedBatch, error: &Error) -> bool {
+    if error.is_retriable() {
+        return true;
+    }
+    batch.idempotent
+        && matches!(error, Error::OutOfOrderSequence { .. })
+        && queue.earlier_unsettled(batch.sequence)
 }
 
 fn backoff(config: &ProducerConfig, attempts: u32) -> Duration {
@@ -1093,6 +1222,7 @@ mod tests {
             frame: Bytes::new(),
             slot: slot.clone(),
             sequence,
+            idempotent: false,
             record_count: 1,
             sealed: Instant::now(),
             attempts: 0,
@@ -1105,6 +1235,121 @@ mod tests {
         queue.requeue(make(2));
         let order: Vec<u64> = queue.ready.iter().map(|batch| batch.sequence).collect();
         assert_eq!(order, vec![1, 2, 3]);
+    }
+
+    fn open_batch(records: usize) -> OpenBatch {
+        let mut builder = BatchBuilder::with_capacity(256);
+        for index in 0..records {
+            builder.append(index as i64, None, Some(b"v"), &[]).unwrap();
+        }
+        OpenBatch {
+            builder,
+            slot: BatchSlot::new(Arc::from("t"), 0),
+            opened: Instant::now(),
+            reserved_bytes: 0,
+        }
+    }
+
+    fn idempotent_queue() -> PartitionQueue {
+        PartitionQueue {
+            identity: Some(ProducerIdentity {
+                producer_id: 42,
+                producer_epoch: 1,
+            }),
+            ..PartitionQueue::default()
+        }
+    }
+
+    #[test]
+    fn sealed_batches_get_contiguous_sequences() {
+        let mut queue = idempotent_queue();
+        for records in [3, 2, 4] {
+            queue.open = Some(open_batch(records));
+            queue.seal(Instant::now());
+        }
+        let stamps: Vec<(i64, i16, i32, u32)> = queue
+            .ready
+            .iter()
+            .map(|sealed| {
+                let header = crate::batch::Batch::verify(sealed.frame.clone())
+                    .unwrap()
+                    .header;
+                (
+                    header.producer_id,
+                    header.producer_epoch,
+                    header.base_sequence,
+                    header.record_count,
+                )
+            })
+            .collect();
+        assert_eq!(stamps, vec![(42, 1, 0, 3), (42, 1, 3, 2), (42, 1, 5, 4)]);
+        assert_eq!(queue.next_base_sequence, 9);
+        assert!(queue.ready.iter().all(|sealed| sealed.idempotent));
+        assert_eq!(queue.unsettled.len(), 3);
+
+        let mut plain = PartitionQueue {
+            open: Some(open_batch(2)),
+            ..PartitionQueue::default()
+        };
+        plain.seal(Instant::now());
+        let header = crate::batch::Batch::verify(plain.ready[0].frame.clone())
+            .unwrap()
+            .header;
+        assert_eq!((header.producer_id, header.base_sequence), (-1, -1));
+        assert!(!plain.ready[0].idempotent && plain.unsettled.is_empty());
+    }
+
+    #[test]
+    fn idempotent_batches_in_flight_are_capped_and_retries_go_alone() {
+        let config = ProducerConfig::default();
+        let now = Instant::now();
+        let mut deadline = None;
+        let mut queue = idempotent_queue();
+        for _ in 0..8 {
+            queue.open = Some(open_batch(1));
+            queue.seal(now);
+        }
+        let first = take_sendable(&mut queue, &config, now, &mut deadline);
+        assert_eq!(first.len(), IDEMPOTENT_BATCHES_IN_FLIGHT_MAX);
+        assert!(take_sendable(&mut queue, &config, now, &mut deadline).is_empty());
+        // The first request fails: its batches come back for a retry.
+        queue.in_flight -= 1;
+        queue.in_flight_batches -= first.len();
+        for mut batch in first {
+            batch.attempts = 1;
+            queue.requeue(batch);
+        }
+        let retry = take_sendable(&mut queue, &config, now, &mut deadline);
+        assert_eq!(retry.len(), 1, "a retried batch goes alone");
+        assert_eq!(retry[0].sequence, 0);
+        let next = take_sendable(&mut queue, &config, now, &mut deadline);
+        assert_eq!(next.iter().map(|b| b.sequence).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn out_of_order_is_retried_only_behind_an_earlier_batch() {
+        let mut queue = idempotent_queue();
+        for _ in 0..2 {
+            queue.open = Some(open_batch(1));
+            queue.seal(Instant::now());
+        }
+        let gap = Error::OutOfOrderSequence { message: None };
+        let second = queue.ready.pop_back().unwrap();
+        assert!(
+            should_retry(&queue, &second, &gap),
+            "batch 0 is still unsettled"
+        );
+        let first = queue.ready.pop_front().unwrap();
+        assert!(!should_retry(&queue, &first, &gap), "a real gap");
+        queue.unsettled.remove(&first.sequence);
+        assert!(
+            !should_retry(&queue, &second, &gap),
+            "nothing earlier any more"
+        );
+        let timeout = Error::from_code(crate::error::Code::RequestTimedOut, None);
+        assert!(should_retry(&queue, &first, &timeout));
+        let invalid = Error::from_code(crate::error::Code::InvalidBatch, None);
+        assert!(!should_retry(&queue, &second, &invalid));
     }
 
     #[test]

@@ -73,6 +73,83 @@ pub struct ListOffsetsSpec {
     pub query: OffsetQuery,
 }
 
+/// Partitions of one topic (group assignments, owned sets, offset lookups).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopicPartitions {
+    /// Topic.
+    pub topic: String,
+    /// Partitions.
+    pub partitions: Vec<u32>,
+}
+
+impl TopicPartitions {
+    /// Groups `(topic, partition)` pairs by topic (topics and partitions sorted,
+    /// duplicates removed).
+    pub fn group<'a, I>(pairs: I) -> Vec<TopicPartitions>
+    where
+        I: IntoIterator<Item = (&'a str, u32)>,
+    {
+        let mut by_topic: std::collections::BTreeMap<&str, std::collections::BTreeSet<u32>> =
+            std::collections::BTreeMap::new();
+        for (topic, partition) in pairs {
+            by_topic.entry(topic).or_default().insert(partition);
+        }
+        by_topic
+            .into_iter()
+            .map(|(topic, partitions)| TopicPartitions {
+                topic: topic.to_owned(),
+                partitions: partitions.into_iter().collect(),
+            })
+            .collect()
+    }
+
+    /// The `(topic, partition)` pairs of a list.
+    pub fn pairs(list: &[TopicPartitions]) -> impl Iterator<Item = (String, u32)> + '_ {
+        list.iter().flat_map(|entry| {
+            entry
+                .partitions
+                .iter()
+                .map(move |partition| (entry.topic.clone(), *partition))
+        })
+    }
+}
+
+/// A consumer-group heartbeat: join (member epoch 0), stay (the current epoch)
+/// or leave (-1; -2 for a static member coming back within its session).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupHeartbeatRequest {
+    /// Group.
+    pub group_id: String,
+    /// Empty when joining for the first time.
+    pub member_id: String,
+    /// [`sluice_schema::groups::JOIN_EPOCH`], the current epoch, or a leave epoch.
+    pub member_epoch: i32,
+    /// Static membership id (`group.instance.id`).
+    pub instance_id: Option<String>,
+    /// 0: the broker's default.
+    pub session_timeout_ms: u32,
+    /// 0: the broker's default.
+    pub rebalance_timeout_ms: u32,
+    /// The subscription; `None` when unchanged (required when joining).
+    pub subscribed_topics: Option<Vec<String>>,
+    /// `"uniform"` or `"range"`, on join; `None`: the broker's default.
+    pub assignor: Option<String>,
+    /// What the member owns now; `None` when unchanged. `Some(vec![])` says it
+    /// owns nothing (and is encoded as an empty list, not left out).
+    pub owned: Option<Vec<TopicPartitions>>,
+}
+
+/// One partition's offset to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetCommitSpec {
+    /// Partition.
+    pub partition: u32,
+    /// The next offset to consume (last processed + 1).
+    pub offset: u64,
+    /// Free-form client metadata.
+    pub metadata: Option<String>,
+}
+
 /// The body of a request, one variant per request kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RequestBody {
@@ -134,6 +211,40 @@ pub enum RequestBody {
         /// Topics and partitions.
         topics: Vec<(String, Vec<ListOffsetsSpec>)>,
     },
+    /// Join, stay in or leave a consumer group.
+    GroupHeartbeat(GroupHeartbeatRequest),
+    /// Commit a group's offsets.
+    OffsetCommit {
+        /// Group.
+        group_id: String,
+        /// The member's id (empty for a group without members).
+        member_id: String,
+        /// The member's latest epoch (-1 with an empty member id).
+        member_epoch: i32,
+        /// Offsets per topic.
+        topics: Vec<(String, Vec<OffsetCommitSpec>)>,
+    },
+    /// Read a group's committed offsets.
+    OffsetFetch {
+        /// Group.
+        group_id: String,
+        /// The partitions wanted; `None`: every committed offset of the group.
+        topics: Option<Vec<TopicPartitions>>,
+    },
+    /// The groups the answering node coordinates.
+    ListGroups,
+    /// A group's state, members and offsets.
+    DescribeGroup {
+        /// Group.
+        group_id: String,
+    },
+    /// Delete an empty group and its offsets.
+    DeleteGroup {
+        /// Group.
+        group_id: String,
+    },
+    /// A producer id for idempotent produce.
+    InitProducerId,
 }
 
 type Fbb<'a> = FlatBufferBuilder<'a>;
@@ -243,7 +354,180 @@ fn encode_body(fbb: &mut Fbb<'_>, body: &RequestBody) -> (wire::RequestBody, Uni
             topics,
         } => encode_fetch(fbb, (*max_wait_ms, *min_bytes, *max_bytes), topics),
         RequestBody::ListOffsets { topics } => encode_list_offsets(fbb, topics),
+        RequestBody::GroupHeartbeat(heartbeat) => encode_heartbeat(fbb, heartbeat),
+        RequestBody::OffsetCommit {
+            group_id,
+            member_id,
+            member_epoch,
+            topics,
+        } => encode_offset_commit(fbb, group_id, member_id, *member_epoch, topics),
+        RequestBody::OffsetFetch { group_id, topics } => {
+            let topics = topics
+                .as_deref()
+                .map(|topics| topic_partitions_vector(fbb, topics));
+            let group_id = fbb.create_string(group_id);
+            let args = wire::OffsetFetchRequestArgs {
+                group_id: Some(group_id),
+                topics,
+            };
+            let offset = wire::OffsetFetchRequest::create(fbb, &args);
+            (
+                wire::RequestBody::OffsetFetchRequest,
+                offset.as_union_value(),
+            )
+        }
+        RequestBody::ListGroups => {
+            let offset = wire::ListGroupsRequest::create(fbb, &wire::ListGroupsRequestArgs {});
+            (
+                wire::RequestBody::ListGroupsRequest,
+                offset.as_union_value(),
+            )
+        }
+        RequestBody::DescribeGroup { group_id } => {
+            let group_id = fbb.create_string(group_id);
+            let args = wire::DescribeGroupRequestArgs {
+                group_id: Some(group_id),
+            };
+            let offset = wire::DescribeGroupRequest::create(fbb, &args);
+            (
+                wire::RequestBody::DescribeGroupRequest,
+                offset.as_union_value(),
+            )
+        }
+        RequestBody::DeleteGroup { group_id } => {
+            let group_id = fbb.create_string(group_id);
+            let args = wire::DeleteGroupRequestArgs {
+                group_id: Some(group_id),
+            };
+            let offset = wire::DeleteGroupRequest::create(fbb, &args);
+            (
+                wire::RequestBody::DeleteGroupRequest,
+                offset.as_union_value(),
+            )
+        }
+        RequestBody::InitProducerId => {
+            let offset =
+                wire::InitProducerIdRequest::create(fbb, &wire::InitProducerIdRequestArgs {});
+            (
+                wire::RequestBody::InitProducerIdRequest,
+                offset.as_union_value(),
+            )
+        }
     }
+}
+
+type TopicPartitionsVector<'a> =
+    WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<wire::TopicPartitions<'a>>>>;
+
+/// Encodes a list of topic partitions; an empty list stays an (empty) vector.
+fn topic_partitions_vector<'a>(
+    fbb: &mut Fbb<'a>,
+    topics: &[TopicPartitions],
+) -> TopicPartitionsVector<'a> {
+    let offsets: Vec<_> = topics
+        .iter()
+        .map(|entry| {
+            let partitions = fbb.create_vector(&entry.partitions);
+            let topic = fbb.create_string(&entry.topic);
+            wire::TopicPartitions::create(
+                fbb,
+                &wire::TopicPartitionsArgs {
+                    topic: Some(topic),
+                    partitions: Some(partitions),
+                },
+            )
+        })
+        .collect();
+    fbb.create_vector(&offsets)
+}
+
+fn encode_heartbeat(
+    fbb: &mut Fbb<'_>,
+    heartbeat: &GroupHeartbeatRequest,
+) -> (wire::RequestBody, Union) {
+    let owned = heartbeat
+        .owned
+        .as_deref()
+        .map(|owned| topic_partitions_vector(fbb, owned));
+    let subscribed_topics = heartbeat.subscribed_topics.as_deref().map(|topics| {
+        let offsets: Vec<_> = topics
+            .iter()
+            .map(|topic| fbb.create_string(topic))
+            .collect();
+        fbb.create_vector(&offsets)
+    });
+    let assignor = heartbeat
+        .assignor
+        .as_deref()
+        .map(|assignor| fbb.create_string(assignor));
+    let instance_id = heartbeat
+        .instance_id
+        .as_deref()
+        .map(|instance| fbb.create_string(instance));
+    let member_id =
+        (!heartbeat.member_id.is_empty()).then(|| fbb.create_string(&heartbeat.member_id));
+    let group_id = fbb.create_string(&heartbeat.group_id);
+    let args = wire::GroupHeartbeatRequestArgs {
+        group_id: Some(group_id),
+        member_id,
+        member_epoch: heartbeat.member_epoch,
+        instance_id,
+        session_timeout_ms: heartbeat.session_timeout_ms,
+        rebalance_timeout_ms: heartbeat.rebalance_timeout_ms,
+        subscribed_topics,
+        assignor,
+        owned,
+    };
+    let offset = wire::GroupHeartbeatRequest::create(fbb, &args);
+    (
+        wire::RequestBody::GroupHeartbeatRequest,
+        offset.as_union_value(),
+    )
+}
+
+fn encode_offset_commit(
+    fbb: &mut Fbb<'_>,
+    group_id: &str,
+    member_id: &str,
+    member_epoch: i32,
+    topics: &[(String, Vec<OffsetCommitSpec>)],
+) -> (wire::RequestBody, Union) {
+    let mut topic_offsets = Vec::with_capacity(topics.len());
+    for (name, partitions) in topics {
+        let partitions: Vec<_> = partitions
+            .iter()
+            .map(|spec| {
+                let metadata = spec.metadata.as_deref().map(|text| fbb.create_string(text));
+                let args = wire::OffsetCommitPartitionArgs {
+                    partition: spec.partition,
+                    offset: spec.offset,
+                    metadata,
+                };
+                wire::OffsetCommitPartition::create(fbb, &args)
+            })
+            .collect();
+        let partitions = fbb.create_vector(&partitions);
+        let name = fbb.create_string(name);
+        let args = wire::OffsetCommitTopicArgs {
+            name: Some(name),
+            partitions: Some(partitions),
+        };
+        topic_offsets.push(wire::OffsetCommitTopic::create(fbb, &args));
+    }
+    let topics = fbb.create_vector(&topic_offsets);
+    let member_id = (!member_id.is_empty()).then(|| fbb.create_string(member_id));
+    let group_id = fbb.create_string(group_id);
+    let args = wire::OffsetCommitRequestArgs {
+        group_id: Some(group_id),
+        member_id,
+        member_epoch,
+        topics: Some(topics),
+    };
+    let offset = wire::OffsetCommitRequest::create(fbb, &args);
+    (
+        wire::RequestBody::OffsetCommitRequest,
+        offset.as_union_value(),
+    )
 }
 
 fn string_vector<'a>(

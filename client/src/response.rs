@@ -8,6 +8,7 @@ use sluice_schema::wire;
 
 use crate::error::{Code, Error, Result};
 use crate::frame::Frame;
+use crate::request::TopicPartitions;
 
 /// Handshake outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +195,169 @@ pub struct ListOffsetsPartitionResult {
 /// Per-topic results of a partitioned request.
 pub type TopicResults<T> = Vec<(String, Vec<T>)>;
 
+/// A group heartbeat's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupHeartbeatResult {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// The member's id (assigned by the broker on join).
+    pub member_id: String,
+    /// The member's epoch.
+    pub member_epoch: i32,
+    /// How often to heartbeat (0: not said).
+    pub heartbeat_interval_ms: u32,
+    /// Every partition the member owns from now on.
+    pub assignment: Vec<TopicPartitions>,
+    /// With NotLeader: the coordinator's node (0: unknown).
+    pub leader_node: u32,
+}
+
+/// Commit outcome of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffsetCommitPartitionResult {
+    /// Partition.
+    pub partition: u32,
+    /// Error code.
+    pub error: Code,
+}
+
+/// An offset commit's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OffsetCommitResult {
+    /// Request-level error (all partitions were committed, or none).
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// Per-partition outcomes.
+    pub topics: TopicResults<OffsetCommitPartitionResult>,
+    /// With NotLeader: the coordinator's node (0: unknown).
+    pub leader_node: u32,
+}
+
+/// One committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedOffset {
+    /// Partition.
+    pub partition: u32,
+    /// The next offset to consume; `None`: nothing committed.
+    pub offset: Option<u64>,
+    /// Client metadata.
+    pub metadata: Option<String>,
+    /// When it was committed (ms since the epoch).
+    pub commit_timestamp_ms: i64,
+}
+
+/// An offset fetch's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OffsetFetchResult {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// Committed offsets per topic.
+    pub topics: TopicResults<CommittedOffset>,
+    /// With NotLeader: the coordinator's node (0: unknown).
+    pub leader_node: u32,
+}
+
+/// A group in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Group id.
+    pub group_id: String,
+    /// `"empty"`, `"stable"` or `"reconciling"`.
+    pub state: String,
+    /// Members.
+    pub members: u32,
+    /// Group epoch.
+    pub group_epoch: u64,
+}
+
+/// A group listing's answer (one node's groups).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListGroupsResult {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// Groups.
+    pub groups: Vec<GroupSummary>,
+}
+
+/// One member of a described group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Member id.
+    pub member_id: String,
+    /// Static instance id.
+    pub instance_id: Option<String>,
+    /// Client id of its connection.
+    pub client_id: Option<String>,
+    /// Its epoch.
+    pub member_epoch: i32,
+    /// Subscribed topics.
+    pub subscribed_topics: Vec<String>,
+    /// What it owns now.
+    pub assignment: Vec<TopicPartitions>,
+    /// What the assignor wants it to own.
+    pub target: Vec<TopicPartitions>,
+    /// Session timeout.
+    pub session_timeout_ms: u32,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// A group description.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupDescription {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// Group id.
+    pub group_id: String,
+    /// `"empty"`, `"stable"` or `"reconciling"`.
+    pub state: String,
+    /// Group epoch.
+    pub group_epoch: u64,
+    /// The group epoch the target assignment was computed for.
+    pub assignment_epoch: u64,
+    /// Assignor.
+    pub assignor: String,
+    /// Members.
+    pub members: Vec<GroupMember>,
+    /// Every committed offset.
+    pub offsets: TopicResults<CommittedOffset>,
+    /// With NotLeader: the coordinator's node (0: unknown).
+    pub leader_node: u32,
+}
+
+/// A group deletion's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeleteGroupResult {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// With NotLeader: the coordinator's node (0: unknown).
+    pub leader_node: u32,
+}
+
+/// An InitProducerId answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InitProducerIdResult {
+    /// Response-level error.
+    pub error: Code,
+    /// Explanation.
+    pub message: Option<String>,
+    /// Producer id.
+    pub producer_id: i64,
+    /// Producer epoch.
+    pub producer_epoch: i16,
+}
+
 /// The body of a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResponseBody {
@@ -217,6 +381,36 @@ pub enum ResponseBody {
     Fetch(TopicResults<FetchPartitionResult>),
     /// ListOffsets.
     ListOffsets(TopicResults<ListOffsetsPartitionResult>),
+    /// GroupHeartbeat.
+    GroupHeartbeat(GroupHeartbeatResult),
+    /// OffsetCommit.
+    OffsetCommit(OffsetCommitResult),
+    /// OffsetFetch.
+    OffsetFetch(OffsetFetchResult),
+    /// ListGroups.
+    ListGroups(ListGroupsResult),
+    /// DescribeGroup.
+    DescribeGroup(GroupDescription),
+    /// DeleteGroup.
+    DeleteGroup(DeleteGroupResult),
+    /// InitProducerId.
+    InitProducerId(InitProducerIdResult),
+}
+
+impl ResponseBody {
+    /// The response-level error, explanation and NotLeader hint of a group
+    /// response (`None` for other kinds).
+    pub fn group_status(&self) -> Option<(Code, Option<&str>, u32)> {
+        match self {
+            ResponseBody::GroupHeartbeat(r) => Some((r.error, r.message.as_deref(), r.leader_node)),
+            ResponseBody::OffsetCommit(r) => Some((r.error, r.message.as_deref(), r.leader_node)),
+            ResponseBody::OffsetFetch(r) => Some((r.error, r.message.as_deref(), r.leader_node)),
+            ResponseBody::DescribeGroup(r) => Some((r.error, r.message.as_deref(), r.leader_node)),
+            ResponseBody::DeleteGroup(r) => Some((r.error, r.message.as_deref(), r.leader_node)),
+            ResponseBody::ListGroups(r) => Some((r.error, r.message.as_deref(), 0)),
+            _ => None,
+        }
+    }
 }
 
 /// A decoded response.
@@ -287,6 +481,40 @@ fn decode_body(envelope: &wire::Response<'_>, payload: &Bytes) -> Result<Respons
         },
         wire::ResponseBody::ListOffsetsResponse => {
             envelope.body_as_list_offsets_response().map(list_offsets)
+        }
+        wire::ResponseBody::GroupHeartbeatResponse => envelope
+            .body_as_group_heartbeat_response()
+            .map(group_heartbeat),
+        wire::ResponseBody::OffsetCommitResponse => {
+            envelope.body_as_offset_commit_response().map(offset_commit)
+        }
+        wire::ResponseBody::OffsetFetchResponse => {
+            envelope.body_as_offset_fetch_response().map(offset_fetch)
+        }
+        wire::ResponseBody::ListGroupsResponse => {
+            envelope.body_as_list_groups_response().map(list_groups)
+        }
+        wire::ResponseBody::DescribeGroupResponse => envelope
+            .body_as_describe_group_response()
+            .map(describe_group),
+        wire::ResponseBody::DeleteGroupResponse => {
+            envelope.body_as_delete_group_response().map(|body| {
+                ResponseBody::DeleteGroup(DeleteGroupResult {
+                    error: Code::from_wire(body.error()),
+                    message: body.message().map(str::to_owned),
+                    leader_node: body.leader_node(),
+                })
+            })
+        }
+        wire::ResponseBody::InitProducerIdResponse => {
+            envelope.body_as_init_producer_id_response().map(|body| {
+                ResponseBody::InitProducerId(InitProducerIdResult {
+                    error: Code::from_wire(body.error()),
+                    message: body.message().map(str::to_owned),
+                    producer_id: body.producer_id(),
+                    producer_epoch: body.producer_epoch(),
+                })
+            })
         }
         other => return Err(malformed(format!("unknown response kind {}", other.0))),
     };
@@ -475,6 +703,130 @@ fn list_offsets(body: wire::ListOffsetsResponse<'_>) -> ResponseBody {
     ResponseBody::ListOffsets(topics)
 }
 
+type TopicPartitionsList<'a> = Option<Vector<'a, ForwardsUOffset<wire::TopicPartitions<'a>>>>;
+
+fn topic_partitions(list: TopicPartitionsList<'_>) -> Vec<TopicPartitions> {
+    opt_vec(list)
+        .map(|entry| TopicPartitions {
+            topic: entry.topic().to_owned(),
+            partitions: entry
+                .partitions()
+                .map_or(Vec::new(), |p| p.iter().collect()),
+        })
+        .collect()
+}
+
+fn strings(list: Option<Vector<'_, ForwardsUOffset<&str>>>) -> Vec<String> {
+    opt_vec(list).map(str::to_owned).collect()
+}
+
+fn group_heartbeat(body: wire::GroupHeartbeatResponse<'_>) -> ResponseBody {
+    ResponseBody::GroupHeartbeat(GroupHeartbeatResult {
+        error: Code::from_wire(body.error()),
+        message: body.message().map(str::to_owned),
+        member_id: body.member_id().unwrap_or_default().to_owned(),
+        member_epoch: body.member_epoch(),
+        heartbeat_interval_ms: body.heartbeat_interval_ms(),
+        assignment: topic_partitions(body.assignment()),
+        leader_node: body.leader_node(),
+    })
+}
+
+fn offset_commit(body: wire::OffsetCommitResponse<'_>) -> ResponseBody {
+    let topics = opt_vec(body.topics())
+        .map(|topic| {
+            let partitions = opt_vec(topic.partitions())
+                .map(|partition| OffsetCommitPartitionResult {
+                    partition: partition.partition(),
+                    error: Code::from_wire(partition.error()),
+                })
+                .collect();
+            (topic.name().to_owned(), partitions)
+        })
+        .collect();
+    ResponseBody::OffsetCommit(OffsetCommitResult {
+        error: Code::from_wire(body.error()),
+        message: body.message().map(str::to_owned),
+        topics,
+        leader_node: body.leader_node(),
+    })
+}
+
+fn committed_offsets(
+    topics: Option<Vector<'_, ForwardsUOffset<wire::OffsetFetchTopic<'_>>>>,
+) -> TopicResults<CommittedOffset> {
+    opt_vec(topics)
+        .map(|topic| {
+            let mut partitions: Vec<CommittedOffset> = opt_vec(topic.partitions())
+                .map(|partition| CommittedOffset {
+                    partition: partition.partition(),
+                    offset: u64::try_from(partition.offset()).ok(),
+                    metadata: partition
+                        .metadata()
+                        .filter(|text| !text.is_empty())
+                        .map(str::to_owned),
+                    commit_timestamp_ms: partition.commit_timestamp_ms(),
+                })
+                .collect();
+            partitions.sort_by_key(|partition| partition.partition);
+            (topic.name().to_owned(), partitions)
+        })
+        .collect()
+}
+
+fn offset_fetch(body: wire::OffsetFetchResponse<'_>) -> ResponseBody {
+    ResponseBody::OffsetFetch(OffsetFetchResult {
+        error: Code::from_wire(body.error()),
+        message: body.message().map(str::to_owned),
+        topics: committed_offsets(body.topics()),
+        leader_node: body.leader_node(),
+    })
+}
+
+fn list_groups(body: wire::ListGroupsResponse<'_>) -> ResponseBody {
+    let groups = opt_vec(body.groups())
+        .map(|group| GroupSummary {
+            group_id: group.group_id().to_owned(),
+            state: group.state().unwrap_or_default().to_owned(),
+            members: group.members(),
+            group_epoch: group.group_epoch(),
+        })
+        .collect();
+    ResponseBody::ListGroups(ListGroupsResult {
+        error: Code::from_wire(body.error()),
+        message: body.message().map(str::to_owned),
+        groups,
+    })
+}
+
+fn describe_group(body: wire::DescribeGroupResponse<'_>) -> ResponseBody {
+    let members = opt_vec(body.members())
+        .map(|member| GroupMember {
+            member_id: member.member_id().to_owned(),
+            instance_id: member.instance_id().map(str::to_owned),
+            client_id: member.client_id().map(str::to_owned),
+            member_epoch: member.member_epoch(),
+            subscribed_topics: strings(member.subscribed_topics()),
+            assignment: topic_partitions(member.assignment()),
+            target: topic_partitions(member.target()),
+            session_timeout_ms: member.session_timeout_ms(),
+            last_heartbeat_ms_ago: member.last_heartbeat_ms_ago(),
+        })
+        .collect();
+    ResponseBody::DescribeGroup(GroupDescription {
+        error: Code::from_wire(body.error()),
+        message: body.message().map(str::to_owned),
+        group_id: body.group_id().unwrap_or_default().to_owned(),
+        state: body.state().unwrap_or_default().to_owned(),
+        group_epoch: body.group_epoch(),
+        assignment_epoch: body.assignment_epoch(),
+        assignor: body.assignor().unwrap_or_default().to_owned(),
+        members,
+        offsets: committed_offsets(body.offsets()),
+        leader_node: body.leader_node(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,5 +916,313 @@ mod tests {
             .topics()
             .unwrap();
         assert_eq!(topics.get(0), "a");
+    }
+
+    fn envelope_of(body: &crate::request::RequestBody) -> Vec<u8> {
+        let mut fbb = FlatBufferBuilder::new();
+        crate::request::encode_request(&mut fbb, 9, "me", body).to_vec()
+    }
+
+    #[test]
+    fn group_requests_encode_every_field() {
+        use crate::request::{GroupHeartbeatRequest, OffsetCommitSpec, RequestBody};
+        let heartbeat = RequestBody::GroupHeartbeat(GroupHeartbeatRequest {
+            group_id: "g".into(),
+            member_id: "m-1".into(),
+            member_epoch: 3,
+            instance_id: Some("i".into()),
+            session_timeout_ms: 6000,
+            rebalance_timeout_ms: 7000,
+            subscribed_topics: None,
+            assignor: None,
+            owned: Some(Vec::new()),
+        });
+        let envelope = envelope_of(&heartbeat);
+        let request = flatbuffers::root::<wire::Request>(&envelope).unwrap();
+        let body = request.body_as_group_heartbeat_request().unwrap();
+        assert_eq!(body.group_id(), "g");
+        assert_eq!(body.member_id(), Some("m-1"));
+        assert_eq!(body.member_epoch(), 3);
+        assert_eq!(body.instance_id(), Some("i"));
+        assert_eq!(
+            (body.session_timeout_ms(), body.rebalance_timeout_ms()),
+            (6000, 7000)
+        );
+        assert!(
+            body.subscribed_topics().is_none(),
+            "unchanged subscription is absent"
+        );
+        assert_eq!(
+            body.owned().map(|owned| owned.len()),
+            Some(0),
+            "owns nothing: an empty list"
+        );
+
+        let join = RequestBody::GroupHeartbeat(GroupHeartbeatRequest {
+            group_id: "g".into(),
+            subscribed_topics: Some(vec!["a".into(), "b".into()]),
+            assignor: Some("range".into()),
+            owned: Some(vec![TopicPartitions {
+                topic: "a".into(),
+                partitions: vec![1, 4],
+            }]),
+            ..GroupHeartbeatRequest::default()
+        });
+        let envelope = envelope_of(&join);
+        let request = flatbuffers::root::<wire::Request>(&envelope).unwrap();
+        let body = request.body_as_group_heartbeat_request().unwrap();
+        assert_eq!(body.member_id(), None);
+        assert_eq!(body.member_epoch(), 0);
+        assert_eq!(strings(body.subscribed_topics()), vec!["a", "b"]);
+        assert_eq!(body.assignor(), Some("range"));
+        assert_eq!(
+            topic_partitions(body.owned()),
+            vec![TopicPartitions {
+                topic: "a".into(),
+                partitions: vec![1, 4]
+            }]
+        );
+
+        let commit = RequestBody::OffsetCommit {
+            group_id: "g".into(),
+            member_id: String::new(),
+            member_epoch: -1,
+            topics: vec![(
+                "a".into(),
+                vec![OffsetCommitSpec {
+                    partition: 2,
+                    offset: 99,
+                    metadata: Some("x".into()),
+                }],
+            )],
+        };
+        let envelope = envelope_of(&commit);
+        let request = flatbuffers::root::<wire::Request>(&envelope).unwrap();
+        let body = request.body_as_offset_commit_request().unwrap();
+        assert_eq!((body.member_id(), body.member_epoch()), (None, -1));
+        let partition = body.topics().unwrap().get(0).partitions().unwrap().get(0);
+        assert_eq!((partition.partition(), partition.offset()), (2, 99));
+        assert_eq!(partition.metadata(), Some("x"));
+
+        for (body, kind) in [
+            (
+                RequestBody::ListGroups,
+                wire::RequestBody::ListGroupsRequest,
+            ),
+            (
+                RequestBody::InitProducerId,
+                wire::RequestBody::InitProducerIdRequest,
+            ),
+            (
+                RequestBody::DeleteGroup {
+                    group_id: "g".into(),
+                },
+                wire::RequestBody::DeleteGroupRequest,
+            ),
+            (
+                RequestBody::DescribeGroup {
+                    group_id: "g".into(),
+                },
+                wire::RequestBody::DescribeGroupRequest,
+            ),
+            (
+                RequestBody::OffsetFetch {
+                    group_id: "g".into(),
+                    topics: None,
+                },
+                wire::RequestBody::OffsetFetchRequest,
+            ),
+        ] {
+            let envelope = envelope_of(&body);
+            let request = flatbuffers::root::<wire::Request>(&envelope).unwrap();
+            assert_eq!(request.body_type(), kind);
+        }
+    }
+
+    fn finish(
+        mut fbb: FlatBufferBuilder<'static>,
+        kind: wire::ResponseBody,
+        body: flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
+    ) -> ResponseBody {
+        let response = wire::Response::create(
+            &mut fbb,
+            &wire::ResponseArgs {
+                correlation_id: 1,
+                body_type: kind,
+                body: Some(body),
+                ..Default::default()
+            },
+        );
+        fbb.finish(response, None);
+        let frame = Frame {
+            envelope: Bytes::copy_from_slice(fbb.finished_data()),
+            payload: Bytes::new(),
+        };
+        decode_response(&frame).unwrap().body
+    }
+
+    #[test]
+    fn group_responses_decode() {
+        let mut fbb = FlatBufferBuilder::new();
+        let partitions = fbb.create_vector(&[0u32, 3]);
+        let topic = fbb.create_string("orders");
+        let entry = wire::TopicPartitions::create(
+            &mut fbb,
+            &wire::TopicPartitionsArgs {
+                topic: Some(topic),
+                partitions: Some(partitions),
+            },
+        );
+        let assignment = fbb.create_vector(&[entry]);
+        let member_id = fbb.create_string("m-7");
+        let body = wire::GroupHeartbeatResponse::create(
+            &mut fbb,
+            &wire::GroupHeartbeatResponseArgs {
+                member_id: Some(member_id),
+                member_epoch: 12,
+                heartbeat_interval_ms: 900,
+                assignment: Some(assignment),
+                ..Default::default()
+            },
+        );
+        let decoded = finish(
+            fbb,
+            wire::ResponseBody::GroupHeartbeatResponse,
+            body.as_union_value(),
+        );
+        let ResponseBody::GroupHeartbeat(result) = decoded else {
+            panic!("not a heartbeat response");
+        };
+        assert_eq!(result.member_id, "m-7");
+        assert_eq!(
+            (result.member_epoch, result.heartbeat_interval_ms),
+            (12, 900)
+        );
+        assert_eq!(
+            result.assignment,
+            vec![TopicPartitions {
+                topic: "orders".into(),
+                partitions: vec![0, 3]
+            }]
+        );
+
+        let mut fbb = FlatBufferBuilder::new();
+        let none = wire::OffsetFetchPartition::create(
+            &mut fbb,
+            &wire::OffsetFetchPartitionArgs {
+                partition: 1,
+                offset: -1,
+                ..Default::default()
+            },
+        );
+        let metadata = fbb.create_string("meta");
+        let some = wire::OffsetFetchPartition::create(
+            &mut fbb,
+            &wire::OffsetFetchPartitionArgs {
+                partition: 0,
+                offset: 17,
+                metadata: Some(metadata),
+                commit_timestamp_ms: 5,
+            },
+        );
+        let partitions = fbb.create_vector(&[none, some]);
+        let name = fbb.create_string("orders");
+        let topic = wire::OffsetFetchTopic::create(
+            &mut fbb,
+            &wire::OffsetFetchTopicArgs {
+                name: Some(name),
+                partitions: Some(partitions),
+            },
+        );
+        let offsets = fbb.create_vector(&[topic]);
+        let member_id = fbb.create_string("m-1");
+        let member = wire::GroupMemberDescription::create(
+            &mut fbb,
+            &wire::GroupMemberDescriptionArgs {
+                member_id: Some(member_id),
+                member_epoch: 4,
+                session_timeout_ms: 45_000,
+                last_heartbeat_ms_ago: 120,
+                ..Default::default()
+            },
+        );
+        let members = fbb.create_vector(&[member]);
+        let state = fbb.create_string("stable");
+        let group_id = fbb.create_string("g");
+        let body = wire::DescribeGroupResponse::create(
+            &mut fbb,
+            &wire::DescribeGroupResponseArgs {
+                group_id: Some(group_id),
+                state: Some(state),
+                group_epoch: 4,
+                assignment_epoch: 4,
+                members: Some(members),
+                offsets: Some(offsets),
+                ..Default::default()
+            },
+        );
+        let decoded = finish(
+            fbb,
+            wire::ResponseBody::DescribeGroupResponse,
+            body.as_union_value(),
+        );
+        let ResponseBody::DescribeGroup(group) = decoded else {
+            panic!("not a describe response");
+        };
+        assert_eq!(
+            (group.group_id.as_str(), group.state.as_str()),
+            ("g", "stable")
+        );
+        assert_eq!(group.members[0].member_id, "m-1");
+        assert_eq!(group.members[0].last_heartbeat_ms_ago, 120);
+        let (topic, partitions) = &group.offsets[0];
+        assert_eq!(topic, "orders");
+        assert_eq!(partitions[0].partition, 0, "sorted by partition");
+        assert_eq!(partitions[0].offset, Some(17));
+        assert_eq!(partitions[0].metadata.as_deref(), Some("meta"));
+        assert_eq!(partitions[1].offset, None, "-1: nothing committed");
+        assert_eq!(
+            ResponseBody::DescribeGroup(group).group_status(),
+            Some((Code::None, None, 0))
+        );
+
+        let mut fbb = FlatBufferBuilder::new();
+        let message = fbb.create_string("not me");
+        let body = wire::DeleteGroupResponse::create(
+            &mut fbb,
+            &wire::DeleteGroupResponseArgs {
+                error: wire::ErrorCode::NotLeader,
+                message: Some(message),
+                leader_node: 3,
+            },
+        );
+        let decoded = finish(
+            fbb,
+            wire::ResponseBody::DeleteGroupResponse,
+            body.as_union_value(),
+        );
+        assert_eq!(
+            decoded.group_status(),
+            Some((Code::NotLeader, Some("not me"), 3))
+        );
+
+        let mut fbb = FlatBufferBuilder::new();
+        let body = wire::InitProducerIdResponse::create(
+            &mut fbb,
+            &wire::InitProducerIdResponseArgs {
+                producer_id: 1 << 50,
+                producer_epoch: 2,
+                ..Default::default()
+            },
+        );
+        let decoded = finish(
+            fbb,
+            wire::ResponseBody::InitProducerIdResponse,
+            body.as_union_value(),
+        );
+        let ResponseBody::InitProducerId(result) = decoded else {
+            panic!("not an InitProducerId response");
+        };
+        assert_eq!((result.producer_id, result.producer_epoch), (1 << 50, 2));
     }
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod cluster;
+pub mod http;
 pub mod proto;
 
 use std::io::{Read, Write};
@@ -127,6 +128,10 @@ impl Broker {
         if !extra.contains(&"--segment-mib") {
             args.extend(["--segment-mib".to_string(), "16".to_string()]);
         }
+        // Tests run in parallel: an admin server on any free port unless asked.
+        if !extra.contains(&"--admin-listen") {
+            args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Broker::spawn(data_dir, addr, args)
     }
@@ -147,6 +152,10 @@ impl Broker {
         ];
         if !extra.contains(&"--segment-mib") {
             args.extend(["--segment-mib".to_string(), "16".to_string()]);
+        }
+        // Tests run in parallel: an admin server on any free port unless asked.
+        if !extra.contains(&"--admin-listen") {
+            args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let broker = Broker::spawn(data_dir, addr, args);

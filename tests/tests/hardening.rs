@@ -712,6 +712,7 @@ fn a_new_broker_starts_at_once_and_holds_little_disk() {
         format!("127.0.0.1:{port}"),
     ];
     args.extend(["--shards".to_string(), "2".to_string()]);
+    args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
     let mut child = std::process::Command::new(sluice_tests::bin("sluice-broker"))
         .args(&args)
         .stderr(std::process::Stdio::null())

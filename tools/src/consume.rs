@@ -8,12 +8,22 @@
 //! `--exit-at-end` stops once every assigned partition has been read up to the
 //! high watermark it had when the command started ("end of log" = the offset the
 //! next record would have got at start).
+//!
+//! `--group G` consumes as a member of consumer group G instead: the group
+//! assigns the partitions (so `--partition`, `--offset` and `--exit-at-end` do
+//! not apply), each starts at the group's committed offset (or
+//! `--auto-offset-reset` when none), and the positions of the printed records
+//! are committed every 5 s. It runs until stopped: on SIGINT or SIGTERM (or after
+//! `--max-messages`) it commits what it printed, leaves the group and exits 0.
 
 use std::io::Write;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::json;
-use sluice_client::{Consumer, ConsumerConfig, ConsumerRecord, OffsetQuery, SeekTo};
+use sluice_client::{
+    AutoOffsetReset, Consumer, ConsumerConfig, ConsumerRecord, GroupConsumer, OffsetQuery, SeekTo,
+};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::output::OutputFormat;
 use crate::{connect, CliResult};
@@ -34,9 +44,32 @@ pub struct ConsumeArgs {
     /// Stop at the end of the log (the high watermark seen at start).
     #[arg(long)]
     exit_at_end: bool,
+    /// Consume as a member of this consumer group (it assigns the partitions;
+    /// positions are committed).
+    #[arg(long, value_name = "GROUP", conflicts_with_all = ["partition", "offset", "exit_at_end"])]
+    group: Option<String>,
+    /// With --group: where a partition without a committed offset starts.
+    #[arg(long, value_enum, requires = "group")]
+    auto_offset_reset: Option<Reset>,
+    /// With --group: a static member id (comes back to its partitions without a
+    /// rebalance within its session timeout).
+    #[arg(long, requires = "group")]
+    instance_id: Option<String>,
+    /// With --group: the session timeout to ask for, in ms (default: the
+    /// broker's).
+    #[arg(long, value_name = "MS", requires = "group")]
+    session_timeout_ms: Option<u64>,
     /// Record template (see `%t %p %o %k %v %T`, `\n`, `\t`).
     #[arg(long = "format", value_name = "FMT")]
     template: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Reset {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark (only new records).
+    Latest,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,7 +174,42 @@ fn render_json(record: &ConsumerRecord, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
+/// How records are printed.
+struct Printer {
+    tokens: Vec<Token>,
+    json: bool,
+    out: Vec<u8>,
+}
+
+impl Printer {
+    fn new(template: Option<&str>, format: OutputFormat) -> Printer {
+        let tokens = template.map(parse_template);
+        let json = tokens.is_none() && format == OutputFormat::Json;
+        let tokens = tokens.unwrap_or_else(|| vec![Token::Value, Token::Literal(b"\n".to_vec())]);
+        Printer {
+            tokens,
+            json,
+            out: Vec::with_capacity(4096),
+        }
+    }
+
+    fn print(&mut self, record: &ConsumerRecord, stdout: &mut impl Write) -> CliResult {
+        self.out.clear();
+        if self.json {
+            render_json(record, &mut self.out);
+        } else {
+            render(&self.tokens, record, &mut self.out);
+        }
+        stdout.write_all(&self.out)?;
+        stdout.flush()?;
+        Ok(())
+    }
+}
+
 pub async fn run(brokers: &[String], format: OutputFormat, args: ConsumeArgs) -> CliResult {
+    if let Some(group) = args.group.clone() {
+        return run_group(brokers, format, args, group).await;
+    }
     let client = connect(brokers).await?;
     let route = client.topic_route(&args.topic, true).await?;
     let partitions: Vec<u32> = match args.partition {
@@ -176,11 +244,8 @@ pub async fn run(brokers: &[String], format: OutputFormat, args: ConsumeArgs) ->
             ends.push((partition, end));
         }
     }
-    let tokens = args.template.as_deref().map(parse_template);
-    let json = tokens.is_none() && format == OutputFormat::Json;
-    let tokens = tokens.unwrap_or_else(|| vec![Token::Value, Token::Literal(b"\n".to_vec())]);
+    let mut printer = Printer::new(args.template.as_deref(), format);
     let mut printed = 0u64;
-    let mut out = Vec::with_capacity(4096);
     let mut stdout = std::io::stdout().lock();
     loop {
         if args.max_messages.is_some_and(|max| printed >= max)
@@ -192,16 +257,67 @@ pub async fn run(brokers: &[String], format: OutputFormat, args: ConsumeArgs) ->
             return Ok(());
         };
         let record = record?;
-        out.clear();
-        if json {
-            render_json(&record, &mut out);
-        } else {
-            render(&tokens, &record, &mut out);
-        }
-        stdout.write_all(&out)?;
-        stdout.flush()?;
+        printer.print(&record, &mut stdout)?;
         printed += 1;
     }
+}
+
+/// `--group`: consume as a group member until stopped, then commit what was
+/// printed and leave.
+async fn run_group(
+    brokers: &[String],
+    format: OutputFormat,
+    args: ConsumeArgs,
+    group: String,
+) -> CliResult {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let client = connect(brokers).await?;
+    let reset = match args.auto_offset_reset {
+        Some(Reset::Latest) => AutoOffsetReset::Latest,
+        Some(Reset::Earliest) | None => AutoOffsetReset::Earliest,
+    };
+    let mut builder = GroupConsumer::builder(client)
+        .group(group)
+        .subscribe([args.topic.clone()])
+        .auto_offset_reset(reset);
+    if let Some(instance_id) = &args.instance_id {
+        builder = builder.instance_id(instance_id.clone());
+    }
+    if let Some(ms) = args.session_timeout_ms {
+        builder = builder.session_timeout(std::time::Duration::from_millis(ms));
+    }
+    let mut consumer = builder.build().await?;
+    let mut printer = Printer::new(args.template.as_deref(), format);
+    let mut printed = 0u64;
+    let outcome: CliResult = loop {
+        if args.max_messages.is_some_and(|max| printed >= max) {
+            break Ok(());
+        }
+        let next = tokio::select! {
+            _ = terminate.recv() => break Ok(()),
+            _ = interrupt.recv() => break Ok(()),
+            next = consumer.recv() => next,
+        };
+        let record = match next {
+            None => break Ok(()),
+            Some(Ok(record)) => record,
+            Some(Err(error)) => break Err(error.into()),
+        };
+        // Delivered records are committed; one that could not be printed must
+        // not be: leave without committing (the group redelivers from the last
+        // auto-commit).
+        if let Err(error) = printer.print(&record, &mut std::io::stdout().lock()) {
+            drop(consumer);
+            return Err(error);
+        }
+        printed += 1;
+    };
+    // Every delivered record was printed: close commits them and leaves.
+    let closed = consumer.close().await;
+    outcome?;
+    closed?;
+    Ok(())
 }
 
 fn at_end(consumer: &Consumer, topic: &str, ends: &[(u32, u64)]) -> CliResult<bool> {

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod consume;
+mod group;
 mod output;
 mod produce;
 mod topic;
@@ -60,8 +61,13 @@ enum Command {
     },
     /// Send stdin lines as records.
     Produce(produce::ProduceArgs),
-    /// Print records of a topic.
+    /// Print records of a topic (alone, or as a consumer-group member).
     Consume(consume::ConsumeArgs),
+    /// Consumer groups: list, describe (with lag), reset offsets, delete.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
     /// Inspect a stopped broker's write-ahead log.
     Wal {
         #[command(subcommand)]
@@ -82,6 +88,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Cluster { command } => cluster::run(&cli.brokers, cli.format, command).await,
         Command::Produce(args) => produce::run(&cli.brokers, args).await,
         Command::Consume(args) => consume::run(&cli.brokers, cli.format, args).await,
+        Command::Group { command } => group::run(&cli.brokers, cli.format, command).await,
         Command::Wal { command } => wal::run(cli.format, command),
     }
 }

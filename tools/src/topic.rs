@@ -32,7 +32,7 @@ pub enum TopicCommand {
 pub struct FormatArg {
     /// Output format (overrides the global one).
     #[arg(long, value_enum)]
-    format: Option<OutputFormat>,
+    pub(crate) format: Option<OutputFormat>,
 }
 
 #[derive(Debug, Args)]
