@@ -54,6 +54,10 @@ struct Args {
     /// Host to advertise to clients (default: the listen IP).
     #[arg(long)]
     advertised_host: Option<String>,
+    /// Port to advertise to clients (default: the listen port), e.g. behind a
+    /// proxy or a NAT.
+    #[arg(long)]
+    advertised_port: Option<u16>,
     /// Cluster: where this node listens for other nodes (Raft traffic).
     #[arg(long, requires = "peers")]
     peer_listen: Option<SocketAddr>,
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
     config.frame_timeout = Duration::from_secs(args.frame_timeout_secs.max(1));
     config.retention_check = Duration::from_millis(args.retention_check_ms.max(10));
     config.advertised_host = args.advertised_host.clone();
+    config.advertised_port = args.advertised_port;
     config.groups = sluice_broker::groups::GroupSettings {
         offsets_partitions: args
             .offsets_partitions

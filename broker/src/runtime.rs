@@ -52,6 +52,9 @@ pub struct BrokerConfig {
     pub retention_check: Duration,
     /// Host to advertise in Metadata (default: the listen address's IP).
     pub advertised_host: Option<String>,
+    /// Port to advertise in Metadata (default: the listen port), e.g. behind a
+    /// proxy or a NAT.
+    pub advertised_port: Option<u16>,
     /// Registered I/O memory per shard (glommio `io_memory`).
     pub io_memory_bytes: usize,
     /// In a cluster: this node's id, peer port and every node's peer address.
@@ -79,6 +82,7 @@ impl BrokerConfig {
             frame_timeout: Duration::from_secs(crate::limits::FRAME_TIMEOUT_SECS_DEFAULT),
             retention_check: Duration::from_secs(5),
             advertised_host: None,
+            advertised_port: None,
             io_memory_bytes: 4 << 20,
             cluster: None,
             groups: crate::groups::GroupSettings::default(),
@@ -165,7 +169,7 @@ pub fn start(config: BrokerConfig) -> Result<BrokerHandle, String> {
             .advertised_host
             .clone()
             .unwrap_or_else(|| listen.ip().to_string()),
-        advertised_port: listen.port(),
+        advertised_port: config.advertised_port.unwrap_or(listen.port()),
         retention_check: config.retention_check,
         idle_timeout: config.idle_timeout,
         connections_max: config.connections_max,
