@@ -101,6 +101,10 @@ pub struct Workload {
     /// Records written before a consume run.
     #[arg(long, default_value_t = 500_000)]
     pub prefill_records: u64,
+    /// consume: the consumers join this consumer group one at a time (1, 2, ...
+    /// --consumers) while a producer writes; reports how long each rebalance takes.
+    #[arg(long)]
+    pub group: Option<String>,
 }
 
 impl Workload {

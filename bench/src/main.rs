@@ -10,6 +10,7 @@
 //! temporary data dir under `./target`; `--brokers ADDR` targets a running one.
 
 mod embedded;
+mod group;
 mod load;
 mod machine;
 mod recorder;
@@ -134,6 +135,21 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
     let runtime = runtime(&load_cpus)?;
     let tty = std::io::stderr().is_terminal();
     let is_embedded = embedded.is_some();
+    if let (Kind::Consume, Some(group)) = (kind, run.workload.group.clone()) {
+        let result = runtime.block_on(group::run(&brokers, &run.workload, &group));
+        drop(runtime);
+        if let Some(embedded) = embedded {
+            embedded.stop()?;
+        }
+        let steps = result?;
+        for note in notes(command, &placement) {
+            println!("note: {note}");
+        }
+        if let Some(path) = &run.json {
+            group::write_json(path, &placement, &run.workload, &steps)?;
+        }
+        return Ok(());
+    }
     let cases = runtime.block_on(async {
         if command == "scaling" {
             scaling(&brokers, &run.workload, is_embedded, tty).await

@@ -767,3 +767,111 @@ fn a_produce_whose_ack_is_lost_is_retried_without_a_duplicate() {
         200
     );
 }
+
+/// The heartbeat's response-level error for `request`, sent raw (no client-side
+/// checks).
+fn raw_heartbeat(raw: &mut sluice_tests::Raw, request: GroupHeartbeatRequest) -> wire::ErrorCode {
+    let body = sluice_client::request::RequestBody::GroupHeartbeat(request);
+    let reply = raw.request(&body, &[]).expect("an answer");
+    let response = reply.response();
+    assert_eq!(response.error(), wire::ErrorCode::None, "no envelope error");
+    response.body_as_group_heartbeat_response().unwrap().error()
+}
+
+#[test]
+fn hostile_group_requests_get_typed_errors_and_the_broker_stays_up() {
+    let broker = Broker::start("groups-hostile", &GROUP_ARGS);
+    broker.cli_ok(&["topic", "create", "t", "--partitions", "2"], None);
+    let mut raw = sluice_tests::Raw::open(broker.addr);
+    let join = |group: &str| GroupHeartbeatRequest {
+        group_id: group.into(),
+        member_epoch: 0,
+        subscribed_topics: Some(vec!["t".into()]),
+        ..GroupHeartbeatRequest::default()
+    };
+    assert_eq!(
+        raw_heartbeat(&mut raw, join("no spaces allowed")),
+        wire::ErrorCode::InvalidGroupId
+    );
+    assert_eq!(
+        raw_heartbeat(&mut raw, join(&"g".repeat(300))),
+        wire::ErrorCode::InvalidGroupId
+    );
+    let mut short = join("g");
+    short.session_timeout_ms = 1;
+    assert_eq!(
+        raw_heartbeat(&mut raw, short),
+        wire::ErrorCode::InvalidSessionTimeout
+    );
+    let mut nothing = join("g");
+    nothing.subscribed_topics = Some(Vec::new());
+    assert_eq!(
+        raw_heartbeat(&mut raw, nothing),
+        wire::ErrorCode::InvalidRequest
+    );
+    let mut flood = join("g");
+    flood.subscribed_topics = Some((0..5000).map(|i| format!("t{i}")).collect());
+    assert_eq!(
+        raw_heartbeat(&mut raw, flood),
+        wire::ErrorCode::InvalidRequest
+    );
+    let mut bad_name = join("g");
+    bad_name.subscribed_topics = Some(vec!["bad topic".into()]);
+    assert_eq!(
+        raw_heartbeat(&mut raw, bad_name),
+        wire::ErrorCode::InvalidTopicName
+    );
+    let mut assignor = join("g");
+    assignor.assignor = Some("magic".into());
+    assert_eq!(
+        raw_heartbeat(&mut raw, assignor),
+        wire::ErrorCode::InvalidRequest
+    );
+    let ghost = GroupHeartbeatRequest {
+        group_id: "g".into(),
+        member_id: "nobody".into(),
+        member_epoch: 99,
+        ..GroupHeartbeatRequest::default()
+    };
+    assert_eq!(
+        raw_heartbeat(&mut raw, ghost),
+        wire::ErrorCode::UnknownMemberId
+    );
+    let weird = GroupHeartbeatRequest {
+        group_id: "g".into(),
+        member_epoch: -7,
+        ..GroupHeartbeatRequest::default()
+    };
+    assert_eq!(
+        raw_heartbeat(&mut raw, weird),
+        wire::ErrorCode::InvalidRequest
+    );
+    let mut duplicate_owned = join("g");
+    duplicate_owned.owned = Some(vec![sluice_client::TopicPartitions {
+        topic: "t".into(),
+        partitions: vec![0, 0],
+    }]);
+    assert_eq!(
+        raw_heartbeat(&mut raw, duplicate_owned),
+        wire::ErrorCode::InvalidRequest
+    );
+    // A commit naming a topic that does not exist, and deleting an unknown group.
+    let rt = runtime();
+    rt.block_on(async {
+        let client = connect(&broker.addr.to_string()).await;
+        let refused = client
+            .commit_offsets("g", "", -1, [(("missing".to_string(), 0), 1)])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(sluice_client::Code::UnknownTopic),
+            "{refused:?}"
+        );
+        let refused = client.delete_group("never-was").await.unwrap_err();
+        assert!(matches!(refused, Error::UnknownGroup { .. }), "{refused:?}");
+        // Still serving: a real member joins and gets both partitions.
+        let (_, _, owned) = raw_member(&client, "fine", "t", 10_000).await;
+        assert_eq!(owned.len(), 2);
+    });
+}

@@ -142,6 +142,8 @@ pub struct Coordinator {
     epoch: RefCell<Option<Instant>>,
 }
 
+/// Heartbeat interval told to members while their group reconciles.
+const RECONCILING_HEARTBEAT_MS: u32 = 100;
 /// Records per batch when the coordinator rewrites a partition's live state.
 const COMPACTION_BATCH_RECORDS: usize = 256;
 /// Compact once the log holds this many records more than 4x the live keys.
@@ -325,7 +327,7 @@ impl Shard {
         }
         match op {
             GroupOp::Heartbeat(request) => {
-                let (answer, snapshot) = {
+                let (answer, snapshot, reconciling) = {
                     let mut state = part.state.borrow_mut();
                     let loaded = state.as_mut().expect("loaded");
                     let group = loaded
@@ -335,7 +337,11 @@ impl Shard {
                     let mut before = group.clone();
                     let result = group.heartbeat(&request, now, &partitions);
                     match result {
-                        Ok((answer, changed)) => (answer, changed.then(|| group.clone())),
+                        Ok((answer, changed)) => (
+                            answer,
+                            changed.then(|| group.clone()),
+                            group.state() == "reconciling",
+                        ),
                         Err(error) => {
                             std::mem::swap(group, &mut before);
                             if group.members.is_empty()
@@ -353,6 +359,13 @@ impl Shard {
                         .await?;
                     self.note_records(part, 1);
                 }
+                // While the group reconciles, members come back sooner, so that
+                // a rebalance takes a fraction of the steady heartbeat interval.
+                let interval = if reconciling {
+                    interval.min(RECONCILING_HEARTBEAT_MS)
+                } else {
+                    interval
+                };
                 Ok(GroupAnswer::Heartbeat(answer, interval))
             }
             GroupOp::Commit {

@@ -137,15 +137,15 @@ impl Group {
         }
     }
 
-    /// "empty", "reconciling" or "stable".
+    /// "empty", "reconciling" (some member does not own exactly its target yet)
+    /// or "stable". A member whose partitions do not change takes the new epoch
+    /// at its next heartbeat; until then it is stable all the same.
     pub fn state(&self) -> &'static str {
         if self.members.is_empty() {
             "empty"
         } else if self.assignment_epoch != self.group_epoch
             || self.members.values().any(|m| {
-                m.member_epoch != self.assignment_epoch
-                    || !m.revoking.is_empty()
-                    || self.target.get(&m.member_id) != Some(&m.assigned)
+                !m.revoking.is_empty() || self.target.get(&m.member_id) != Some(&m.assigned)
             })
         {
             "reconciling"
