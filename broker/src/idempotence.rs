@@ -92,6 +92,10 @@ struct ProducerState {
 struct LogProducers {
     term: u64,
     producers: HashMap<i64, ProducerState>,
+    /// Every producer that ever wrote to the log is known (the rebuild read the
+    /// whole log and nothing was forgotten since): an unknown producer is new,
+    /// and its first batch must have sequence 0.
+    complete: bool,
 }
 
 /// What a produce should do.
@@ -131,11 +135,13 @@ impl Producers {
         self.logs.borrow().get(&log).is_some_and(|l| l.term == term)
     }
 
-    /// Installs a rebuilt state: `batches` are stored batch frames in offset order.
-    pub fn install(&self, log: LogId, term: u64, frames: &[Bytes]) {
+    /// Installs a rebuilt state: `batches` are stored batch frames in offset
+    /// order; `complete` when they are the whole log.
+    pub fn install(&self, log: LogId, term: u64, frames: &[Bytes], complete: bool) {
         let mut state = LogProducers {
             term,
             producers: HashMap::new(),
+            complete,
         };
         for frame in frames {
             let Some(fields) = producer_fields(frame) else {
@@ -206,7 +212,20 @@ impl Producers {
                     .map(|(id, _)| *id)
                 {
                     state.producers.remove(&oldest);
+                    state.complete = false;
                 }
+            }
+            let known = state.producers.contains_key(&fields.producer_id);
+            if !known && state.complete && fields.first_seq != 0 {
+                // A new producer starts at 0; a later batch arriving first means
+                // an earlier one is still on its way (it is retried in order).
+                return Err(ApiError::new(
+                    ErrorCode::OutOfOrderSequence,
+                    format!(
+                        "producer {} is new on this partition and sent sequence {} first; the first batch must have sequence 0",
+                        fields.producer_id, fields.first_seq
+                    ),
+                ));
             }
             let producer = state.producers.entry(fields.producer_id).or_default();
             producer.used = now;

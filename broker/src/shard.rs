@@ -286,10 +286,13 @@ impl Shard {
         if self.producers.is_loaded(log, term) {
             return Ok(());
         }
-        let (_, high_watermark, _) = self.wal.log_offsets(log)?;
+        let (log_start, high_watermark, _) = self.wal.log_offsets(log)?;
         let since = crate::storage::now_ms() - REBUILD_WINDOW_MS;
         let mut frames = Vec::new();
+        // Complete: the whole log is read, so a producer not found is new.
+        let mut complete = log_start == high_watermark;
         if let Some((mut offset, _)) = self.wal.offset_for_timestamp(log, since)? {
+            complete = offset <= log_start;
             let mut bytes = 0;
             while offset < high_watermark && bytes < REBUILD_BYTES_MAX {
                 let read = self.wal.read(log, offset, 4 << 20).await?;
@@ -305,8 +308,9 @@ impl Shard {
                     frames.push(frame);
                 }
             }
+            complete &= offset >= high_watermark;
         }
-        self.producers.install(log, term, &frames);
+        self.producers.install(log, term, &frames, complete);
         Ok(())
     }
 

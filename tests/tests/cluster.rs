@@ -575,3 +575,127 @@ fn a_follower_behind_the_leaders_retention_restarts_from_a_snapshot() {
         }
     }
 }
+
+/// A consumer group's coordinator is the leader of its `__sluice_offsets`
+/// partition: killing that node moves the group to the new leader, with its
+/// committed offsets and its members.
+#[test]
+fn a_groups_coordinator_fails_over_with_its_committed_offsets_and_members() {
+    use sluice_client::request::GroupHeartbeatRequest;
+    use sluice_client::{Client, ClientConfig};
+    let _serial = serial();
+    let mut cluster = Cluster::start("cluster-groups", 3, &NODE_ARGS);
+    cluster.cli_ok(
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        None,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let brokers: Vec<String> = cluster.brokers().split(',').map(str::to_owned).collect();
+    let (member, epoch, owned) = rt.block_on(async {
+        let client = Client::connect(ClientConfig::new(brokers.clone()))
+            .await
+            .unwrap();
+        let mut request = GroupHeartbeatRequest {
+            group_id: "billing".into(),
+            member_epoch: 0,
+            session_timeout_ms: 60_000,
+            subscribed_topics: Some(vec!["orders".into()]),
+            ..GroupHeartbeatRequest::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.group_heartbeat(&request).await {
+                Ok(answer) => {
+                    let owned: Vec<u32> = answer
+                        .assignment
+                        .iter()
+                        .flat_map(|tp| tp.partitions.iter().copied())
+                        .collect();
+                    if owned.len() == 3 {
+                        let offsets: Vec<_> = owned
+                            .iter()
+                            .map(|p| (("orders".to_string(), *p), 100 + u64::from(*p)))
+                            .collect();
+                        client
+                            .commit_offsets(
+                                "billing",
+                                &answer.member_id,
+                                answer.member_epoch,
+                                offsets,
+                            )
+                            .await
+                            .unwrap();
+                        return (answer.member_id, answer.member_epoch, owned);
+                    }
+                    request.member_id = answer.member_id;
+                    request.member_epoch = answer.member_epoch;
+                    request.subscribed_topics = None;
+                }
+                // The offsets topic is being created and its leaders elected.
+                Err(error) if error.is_retriable() => {}
+                Err(error) => panic!("heartbeat: {error}"),
+            }
+            assert!(Instant::now() < deadline, "the member got no assignment");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let partition = sluice_schema::groups::group_partition(
+        "billing",
+        sluice_schema::groups::OFFSETS_PARTITIONS_DEFAULT,
+    );
+    let (coordinator, _) =
+        cluster.wait_for_leader("__sluice_offsets", partition, Duration::from_secs(10));
+    cluster.kill9(coordinator);
+    let (successor, took) =
+        cluster.wait_for_leader("__sluice_offsets", partition, Duration::from_secs(10));
+    assert_ne!(successor, coordinator);
+    eprintln!("coordinator moved from node {coordinator} to {successor} in {took:?}");
+    let live: Vec<String> = cluster
+        .live_brokers()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    rt.block_on(async {
+        let client = Client::connect(ClientConfig::new(live)).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let offsets = loop {
+            match client.fetch_offsets("billing", None).await {
+                Ok(offsets) => break offsets,
+                Err(error) if error.is_retriable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("offset fetch after failover: {error}"),
+            }
+        };
+        for p in &owned {
+            assert_eq!(
+                offsets[&("orders".to_string(), *p)].offset,
+                Some(100 + u64::from(*p))
+            );
+        }
+        let description = client.describe_group("billing").await.unwrap();
+        assert_eq!(description.members.len(), 1);
+        assert_eq!(description.members[0].member_id, member);
+        // The member carries on at the new coordinator without a rebalance.
+        let beat = GroupHeartbeatRequest {
+            group_id: "billing".into(),
+            member_id: member.clone(),
+            member_epoch: epoch,
+            ..GroupHeartbeatRequest::default()
+        };
+        let answer = client.group_heartbeat(&beat).await.unwrap();
+        assert_eq!(answer.member_epoch, epoch);
+    });
+}

@@ -875,3 +875,60 @@ fn hostile_group_requests_get_typed_errors_and_the_broker_stays_up() {
         assert_eq!(owned.len(), 2);
     });
 }
+
+fn stamped_batch(values: &[&[u8]], producer_id: i64, base_sequence: i32) -> bytes::Bytes {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut builder = sluice_client::batch::BatchBuilder::with_capacity(1024);
+    for value in values {
+        builder.append(now, None, Some(value), &[]).unwrap();
+    }
+    builder
+        .finish_stamped(Some(sluice_client::batch::ProducerStamp {
+            producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        }))
+        .unwrap()
+}
+
+#[test]
+fn an_idempotent_batch_resent_after_a_broker_crash_is_not_stored_twice() {
+    let broker = Broker::start("groups-idem-restart", &["--shards", "1"]);
+    let mut raw = sluice_tests::Raw::open(broker.addr);
+    assert_eq!(
+        sluice_tests::proto::create(&mut raw, "t", 1, &[]),
+        wire::ErrorCode::None
+    );
+    let first = stamped_batch(&[b"a", b"b", b"c"], 4242, 0);
+    let (code, base, message) = sluice_tests::proto::produce(&mut raw, "t", 0, &first, 1);
+    assert_eq!(code, wire::ErrorCode::None, "{message}");
+    assert_eq!(base, 0);
+    let second = stamped_batch(&[b"d", b"e"], 4242, 3);
+    let (code, base, _) = sluice_tests::proto::produce(&mut raw, "t", 0, &second, 1);
+    assert_eq!((code, base), (wire::ErrorCode::None, 3));
+    drop(raw);
+    let mut broker = broker;
+    broker.kill9();
+    let broker = broker.start_again();
+    let mut raw = sluice_tests::Raw::open(broker.addr);
+    // The retry of the second batch after the crash gets its original offset...
+    let (code, base, message) = sluice_tests::proto::produce(&mut raw, "t", 0, &second, 1);
+    assert_eq!((code, base), (wire::ErrorCode::None, 3), "{message}");
+    // ...a gap is refused...
+    let gap = stamped_batch(&[b"x"], 4242, 9);
+    let (code, _, _) = sluice_tests::proto::produce(&mut raw, "t", 0, &gap, 1);
+    assert_eq!(code, wire::ErrorCode::OutOfOrderSequence);
+    // ...and the next batch follows on.
+    let third = stamped_batch(&[b"f"], 4242, 5);
+    let (code, base, _) = sluice_tests::proto::produce(&mut raw, "t", 0, &third, 1);
+    assert_eq!((code, base), (wire::ErrorCode::None, 5));
+    let rt = runtime();
+    let client = rt.block_on(connect(&broker.addr.to_string()));
+    let end = rt
+        .block_on(client.list_offsets("t", 0, sluice_client::OffsetQuery::Latest))
+        .unwrap();
+    assert_eq!(end.offset, 6, "every batch once");
+}
