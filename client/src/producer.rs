@@ -332,6 +332,10 @@ struct SealedBatch {
     attempts: u32,
     retry_at: Option<Instant>,
     reserved_bytes: usize,
+    /// Sent while an earlier batch of its partition was unsettled: it may reach
+    /// the broker first (another connection, a shard hop), so an
+    /// OutOfOrderSequence for it is retried.
+    sent_behind: bool,
 }
 
 #[derive(Default)]
@@ -381,6 +385,7 @@ impl PartitionQueue {
                     attempts: 0,
                     retry_at: None,
                     reserved_bytes: open.reserved_bytes,
+                    sent_behind: false,
                 });
             }
             // Only an empty batch fails to finish; nobody waits on its slot.
@@ -998,6 +1003,9 @@ fn take_sendable(
     if !taken.is_empty() {
         queue.in_flight += 1;
         queue.in_flight_batches += taken.len();
+        for batch in &mut taken {
+            batch.sent_behind = batch.idempotent && queue.earlier_unsettled(batch.sequence);
+        }
     }
     taken
 }
@@ -1189,7 +1197,7 @@ fn should_retry(queue: &PartitionQueue, batch: &SealedBatch, error: &Error) -> b
     }
     batch.idempotent
         && matches!(error, Error::OutOfOrderSequence { .. })
-        && queue.earlier_unsettled(batch.sequence)
+        && (queue.earlier_unsettled(batch.sequence) || batch.sent_behind)
 }
 
 fn backoff(config: &ProducerConfig, attempts: u32) -> Duration {
@@ -1228,6 +1236,7 @@ mod tests {
             attempts: 0,
             retry_at: None,
             reserved_bytes: 0,
+            sent_behind: false,
         };
         let mut queue = PartitionQueue::default();
         queue.ready.push_back(make(3));

@@ -490,3 +490,65 @@ fn the_web_ui_shows_topics_partitions_and_a_live_rate_in_a_real_browser() {
         png.len()
     );
 }
+
+#[test]
+fn readiness_answers_503_while_the_shards_recover_then_200() {
+    let dir = scratch("admin-ready");
+    let data = dir.join("data");
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin_arg = admin.to_string();
+    let args = ["--admin-listen", admin_arg.as_str(), "--shards", "2"];
+    // Some data, then a crash: the next start recovers it.
+    let mut broker = Broker::start_in(&data, port, &args);
+    broker.cli_ok(&["topic", "create", "t", "--partitions", "4"], None);
+    produce(&broker, "t", 20_000);
+    broker.kill9();
+    let broker = Broker::start_in_background(&data, port, &args);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(100)).is_ok() {
+            let status = get(admin, "/health/ready").status;
+            if seen.last() != Some(&status) {
+                seen.push(status);
+            }
+            if status == 200 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(seen, vec![503, 200], "readiness over the start: {seen:?}");
+    broker.wait_until_ready();
+    assert_eq!(get(admin, "/health/live").status, 200);
+}
+
+#[test]
+fn metrics_move_when_traffic_flows() {
+    let (broker, admin) = start("admin-metrics-move", &[]);
+    broker.cli_ok(&["topic", "create", "t", "--partitions", "2"], None);
+    produce(&broker, "t", 100);
+    std::thread::sleep(Duration::from_millis(700));
+    let before = samples(&get(admin, "/metrics").body);
+    produce(&broker, "t", 400);
+    std::thread::sleep(Duration::from_millis(700));
+    let after = samples(&get(admin, "/metrics").body);
+    for name in [
+        "sluice_produced_records_total",
+        "sluice_produced_bytes_total",
+        "sluice_wal_appends_total",
+        "sluice_wal_fsyncs_total",
+        "sluice_wal_fsync_duration_seconds_count",
+    ] {
+        assert!(
+            value(&after, name) > value(&before, name),
+            "{name} did not move"
+        );
+    }
+    assert_eq!(
+        value(&after, "sluice_produced_records_total")
+            - value(&before, "sluice_produced_records_total"),
+        400.0
+    );
+}

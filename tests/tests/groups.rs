@@ -932,3 +932,62 @@ fn an_idempotent_batch_resent_after_a_broker_crash_is_not_stored_twice() {
         .unwrap();
     assert_eq!(end.offset, 6, "every batch once");
 }
+
+#[test]
+fn the_offsets_partition_is_compacted_and_offsets_survive_it_and_a_restart() {
+    let broker = Broker::start(
+        "groups-compaction",
+        &["--shards", "1", "--offsets-partitions", "1"],
+    );
+    broker.cli_ok(&["topic", "create", "t", "--partitions", "100"], None);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = connect(&broker.addr.to_string()).await;
+        // 150 commits of 100 partitions: 15,000 records for 101 live keys.
+        for round in 0..150u64 {
+            let offsets: Vec<_> = (0..100u32)
+                .map(|p| (("t".to_string(), p), round * 1000 + u64::from(p)))
+                .collect();
+            client
+                .commit_offsets("busy", "", -1, offsets)
+                .await
+                .unwrap();
+        }
+    });
+    // The coordinator compacts within a tick of its expiry loop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log_start = loop {
+        let json = broker.cli_ok(
+            &["topic", "describe", "__sluice_offsets", "--format", "json"],
+            None,
+        );
+        let described: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let start = described["partitions"][0]["log_start_offset"]
+            .as_u64()
+            .unwrap();
+        if start > 0 {
+            break start;
+        }
+        assert!(Instant::now() < deadline, "never compacted: {json}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log_start >= 10_000, "log start {log_start}");
+    let check = |broker: &Broker| {
+        rt.block_on(async {
+            let client = connect(&broker.addr.to_string()).await;
+            let offsets = client.fetch_offsets("busy", None).await.unwrap();
+            assert_eq!(offsets.len(), 100);
+            for p in 0..100u32 {
+                assert_eq!(
+                    offsets[&("t".to_string(), p)].offset,
+                    Some(149_000 + u64::from(p))
+                );
+            }
+        })
+    };
+    check(&broker);
+    let mut broker = broker;
+    broker.kill9();
+    let broker = broker.start_again();
+    check(&broker);
+}
