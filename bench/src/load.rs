@@ -101,6 +101,10 @@ pub struct Workload {
     /// Records written before a consume run.
     #[arg(long, default_value_t = 500_000)]
     pub prefill_records: u64,
+    /// Idempotent producers (the client's default): `--idempotent false` turns
+    /// it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub idempotent: bool,
     /// consume: the consumers join this consumer group one at a time (1, 2, ...
     /// --consumers) while a producer writes; reports how long each rebalance takes.
     #[arg(long)]
@@ -128,6 +132,7 @@ impl Workload {
             batch_bytes,
             linger: Duration::from_millis(self.linger_ms),
             max_in_flight: self.max_in_flight.max(1),
+            idempotent: self.idempotent,
             buffer_bytes: self
                 .max_buffered_batches
                 .map(|n| n.max(1) * batch_bytes + self.message_bytes + 64)

@@ -23,8 +23,9 @@ use crate::storage::format::BatchInfo;
 use crate::storage::Appended;
 use crate::types::LogId;
 
-/// Batches remembered per producer per partition (Kafka: 5).
-pub const BATCHES_PER_PRODUCER: usize = 5;
+/// Batches remembered per producer per partition (Kafka keeps 5; 16 lets a
+/// producer keep 8 requests of 2 batches in flight per partition).
+pub const BATCHES_PER_PRODUCER: usize = 16;
 /// Producers remembered per partition; the least recently used is forgotten.
 pub const PRODUCERS_PER_LOG_MAX: usize = 10_000;
 /// How far back (by batch timestamp) the state is rebuilt after a restart.

@@ -57,6 +57,7 @@ pub use groups::{ProducerIdentity, TopicPartition};
 pub use partitioner::NullKeyPolicy;
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+    IDEMPOTENT_BATCHES_IN_FLIGHT_MAX,
 };
 pub use request::{OffsetQuery, TopicPartitions};
 

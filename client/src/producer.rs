@@ -31,8 +31,8 @@
 //! epoch and the partition's next base sequence (sequences count records from 0
 //! and wrap at `i32::MAX`). A retry resends the very same frame, so it carries
 //! the same sequence, and the broker answers a duplicate of one of the
-//! producer's last 5 batches of a partition with its original offset instead of
-//! appending it again. To keep every retry inside that window, at most 5 batches
+//! producer's last 16 batches of a partition with its original offset instead of
+//! appending it again. To keep every retry inside that window, at most 16 batches
 //! per partition are in flight, and a batch that is retried goes out alone (its
 //! answer's base offset is then its own). A batch refused with
 //! `OutOfOrderSequence` while an earlier batch of its partition is still being
@@ -116,8 +116,8 @@ pub struct ProducerConfig {
 }
 
 /// Batches of one partition in flight at once when idempotent: the broker
-/// recognizes a duplicate among the producer's last 5 batches of a partition.
-pub const IDEMPOTENT_BATCHES_IN_FLIGHT_MAX: usize = 5;
+/// recognizes a duplicate among the producer's last 16 batches of a partition.
+pub const IDEMPOTENT_BATCHES_IN_FLIGHT_MAX: usize = 16;
 
 impl Default for ProducerConfig {
     fn default() -> Self {
@@ -1314,7 +1314,7 @@ mod tests {
         let now = Instant::now();
         let mut deadline = None;
         let mut queue = idempotent_queue();
-        for _ in 0..8 {
+        for _ in 0..IDEMPOTENT_BATCHES_IN_FLIGHT_MAX + 3 {
             queue.open = Some(open_batch(1));
             queue.seal(now);
         }

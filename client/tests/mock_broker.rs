@@ -29,7 +29,7 @@ type Log = Arc<Mutex<HashMap<u32, Vec<(u64, Bytes)>>>>;
 #[derive(Default)]
 struct Sequences {
     next: i32,
-    /// (base sequence, base offset) of its last 5 batches.
+    /// (base sequence, base offset) of its last IDEMPOTENT_BATCHES_IN_FLIGHT_MAX (16) batches.
     recent: VecDeque<(i32, u64)>,
 }
 
@@ -242,7 +242,7 @@ fn high_watermark(log: &Log, partition: u32) -> u64 {
 }
 
 /// Appends like the real broker does for idempotent batches: in sequence, a
-/// duplicate of one of the last 5 answered with its original offset, a gap
+/// duplicate of one of the last 16 answered with its original offset, a gap
 /// refused.
 fn append_checked(mock: &Mock, partition: u32, range: Bytes) -> Result<u64, wire::ErrorCode> {
     let mut first = None;
@@ -272,7 +272,7 @@ fn append_checked(mock: &Mock, partition: u32, range: Bytes) -> Result<u64, wire
         let base = append(&mock.log, partition, frame);
         state.next = sluice_client::batch::next_sequence(header.base_sequence, header.record_count);
         state.recent.push_back((header.base_sequence, base));
-        if state.recent.len() > 5 {
+        if state.recent.len() > sluice_client::IDEMPOTENT_BATCHES_IN_FLIGHT_MAX {
             state.recent.pop_front();
         }
         mock.stamps.lock().unwrap().push((

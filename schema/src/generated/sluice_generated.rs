@@ -8782,7 +8782,7 @@ pub enum InitProducerIdRequestOffset {}
 
 /// A producer id for idempotent produce: batches carry it with an epoch and a
 /// per-partition base sequence; the partition leader refuses gaps and answers a
-/// duplicate of one of the producer's last 5 batches with its original offset.
+/// duplicate of one of the producer's last 16 batches with its original offset.
 pub struct InitProducerIdRequest<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
