@@ -90,6 +90,26 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The broker's command line: data dir, listen address, 16 MiB segments and an
+/// admin server on any free port (tests run in parallel) unless `extra` sets
+/// them, then `extra`.
+fn broker_args(data_dir: &Path, addr: SocketAddr, extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--data-dir".to_string(),
+        data_dir.display().to_string(),
+        "--listen".to_string(),
+        addr.to_string(),
+    ];
+    if !extra.contains(&"--segment-mib") {
+        args.extend(["--segment-mib".to_string(), "16".to_string()]);
+    }
+    if !extra.contains(&"--admin-listen") {
+        args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -119,20 +139,7 @@ impl Broker {
     /// (see [`Broker::wait_until_ready`]).
     pub fn start_in_background(data_dir: &Path, port: u16, extra: &[&str]) -> Broker {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut args = vec![
-            "--data-dir".to_string(),
-            data_dir.display().to_string(),
-            "--listen".to_string(),
-            addr.to_string(),
-        ];
-        if !extra.contains(&"--segment-mib") {
-            args.extend(["--segment-mib".to_string(), "16".to_string()]);
-        }
-        // Tests run in parallel: an admin server on any free port unless asked.
-        if !extra.contains(&"--admin-listen") {
-            args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = broker_args(data_dir, addr, extra);
         Broker::spawn(data_dir, addr, args)
     }
 
@@ -144,20 +151,7 @@ impl Broker {
     /// Starts a broker on `data_dir` and `port`.
     pub fn start_in(data_dir: &Path, port: u16, extra: &[&str]) -> Broker {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut args = vec![
-            "--data-dir".to_string(),
-            data_dir.display().to_string(),
-            "--listen".to_string(),
-            addr.to_string(),
-        ];
-        if !extra.contains(&"--segment-mib") {
-            args.extend(["--segment-mib".to_string(), "16".to_string()]);
-        }
-        // Tests run in parallel: an admin server on any free port unless asked.
-        if !extra.contains(&"--admin-listen") {
-            args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = broker_args(data_dir, addr, extra);
         let broker = Broker::spawn(data_dir, addr, args);
         broker.wait_ready();
         broker
