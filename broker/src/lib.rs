@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metadata;
 pub mod metrics;
 pub mod net;
+pub mod partition;
 pub mod port;
 pub mod protocol;
 pub mod replication;

@@ -197,8 +197,8 @@ impl Topic {
     }
 
     /// The Raft group of `partition`, in a cluster.
-    pub fn group(&self, partition: u32) -> Option<crate::replication::GroupId> {
-        (self.id != 0).then(|| crate::replication::GroupId::partition(self.id, partition))
+    pub fn group(&self, partition: u32) -> Option<crate::partition::GroupId> {
+        (self.id != 0).then(|| crate::partition::GroupId::partition(self.id, partition))
     }
 }
 

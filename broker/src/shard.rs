@@ -15,13 +15,10 @@ use crate::limits::{FETCH_WAITS_PER_SHARD_MAX, SHARD_REQUEST_BYTES_MAX};
 use crate::mesh::Mesh;
 use crate::metadata::{validate_topic_name, NodeMetadata, Topic, TopicConfig};
 use crate::shard_cluster::ShardCluster;
-use crate::shard_messages::{
-    ApiError, ListedOffset, LogDescription, NewTopic, OffsetQuery, PartitionRead, ShardReply,
-    ShardRequest,
-};
-use crate::storage::{ReadBatches, Retention, Wal};
+use crate::shard_messages::{ApiError, LogDescription, NewTopic, ShardReply, ShardRequest};
+use crate::storage::{Retention, Wal};
 use crate::sync::Budget;
-use crate::types::{Epoch, LogId, NodeId, ShardId};
+use crate::types::{LogId, NodeId, ShardId};
 
 /// Settings every shard shares.
 #[derive(Clone, Debug)]
@@ -153,22 +150,18 @@ impl Shard {
                 self.wait_for_data(log, seen_high_watermark, wait).await;
                 ShardReply::Waited
             }
-            ShardRequest::ListOffset { log, query } => ShardReply::Offset(
-                self.check_serving(log)
-                    .and_then(|()| self.list_offset(log, query)),
-            ),
+            ShardRequest::ListOffset { log, query } => {
+                ShardReply::Offset(self.list_offset(log, query))
+            }
             ShardRequest::Describe(logs) => ShardReply::Described(
                 logs.iter()
                     .map(|log| {
-                        self.wal
-                            .log_offsets(*log)
-                            .map(|(log_start, high_watermark, size_bytes)| LogDescription {
-                                log_start,
-                                high_watermark,
-                                size_bytes,
-                                corrupt_from: self.wal.corrupt_from(*log),
-                            })
-                            .map_err(ApiError::from)
+                        self.partition_state(*log).map(|state| LogDescription {
+                            log_start: state.log_start,
+                            high_watermark: state.high_watermark,
+                            size_bytes: state.size_bytes,
+                            corrupt_from: self.wal.corrupt_from(*log),
+                        })
                     })
                     .collect(),
             ),
@@ -217,114 +210,6 @@ impl Shard {
         }
     }
 
-    /// Appends to a log of this shard (through its Raft group in a cluster),
-    /// deduplicating the batches of idempotent producers.
-    async fn produce(
-        &self,
-        log: LogId,
-        batches: &[(bytes::Bytes, crate::storage::format::BatchInfo)],
-        acks: i8,
-    ) -> Result<crate::storage::Appended, ApiError> {
-        let idempotent = batches
-            .iter()
-            .any(|(frame, _)| crate::idempotence::producer_fields(frame).is_some());
-        let mut tokens = Vec::new();
-        if idempotent {
-            self.check_serving(log)?;
-            self.rebuild_producers(log).await?;
-            let (log_start, _, _) = self.wal.log_offsets(log)?;
-            match self.producers.check(log, batches, log_start)? {
-                crate::idempotence::Check::Duplicate(appended) => return Ok(appended),
-                crate::idempotence::Check::Append(fresh) => tokens = fresh,
-            }
-        }
-        let group = self.cluster.as_ref().and_then(|c| c.host.group_of(log));
-        let result = match group {
-            Some(group) => self.produce_replicated(group, log, batches, acks).await,
-            None => self
-                .wal
-                .append(log, Epoch(0), batches)
-                .await
-                .map_err(ApiError::from),
-        };
-        if !tokens.is_empty() {
-            self.producers
-                .complete(log, &tokens, batches, result.as_ref().ok());
-        }
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            let metrics = self.metrics();
-            match &result {
-                Ok(_) => {
-                    let bytes: usize = batches.iter().map(|(frame, _)| frame.len()).sum();
-                    let records: u64 = batches.iter().map(|(_, i)| u64::from(i.record_count)).sum();
-                    metrics.produced_bytes.fetch_add(bytes as u64, Relaxed);
-                    metrics.produced_records.fetch_add(records, Relaxed);
-                }
-                Err(_) => {
-                    metrics.produce_partition_errors.fetch_add(1, Relaxed);
-                }
-            }
-        }
-        result
-    }
-
-    /// Rebuilds a log's idempotent-producer state from its recent batches, once
-    /// per process and leadership term.
-    async fn rebuild_producers(&self, log: LogId) -> Result<(), ApiError> {
-        use crate::idempotence::{REBUILD_BYTES_MAX, REBUILD_WINDOW_MS};
-        let term = self.leader_term(log);
-        if self.producers.is_loaded(log, term) {
-            return Ok(());
-        }
-        let _permit = self
-            .producers
-            .rebuild_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "shutting down"))?;
-        if self.producers.is_loaded(log, term) {
-            return Ok(());
-        }
-        let (log_start, high_watermark, _) = self.wal.log_offsets(log)?;
-        let since = crate::storage::now_ms() - REBUILD_WINDOW_MS;
-        let mut frames = Vec::new();
-        // Complete: the whole log is read, so a producer not found is new.
-        let mut complete = log_start == high_watermark;
-        if let Some((mut offset, _)) = self.wal.offset_for_timestamp(log, since)? {
-            complete = offset <= log_start;
-            let mut bytes = 0;
-            while offset < high_watermark && bytes < REBUILD_BYTES_MAX {
-                let read = self.wal.read(log, offset, 4 << 20).await?;
-                if read.frames.is_empty() {
-                    break;
-                }
-                for frame in read.frames {
-                    if let Ok(header) = crate::storage::format::header(&frame) {
-                        offset = offset
-                            .max(header.base_offset.get() + u64::from(header.record_count.get()));
-                    }
-                    bytes += frame.len();
-                    frames.push(frame);
-                }
-            }
-            complete &= offset >= high_watermark;
-        }
-        self.producers.install(log, term, &frames, complete);
-        Ok(())
-    }
-
-    /// The Raft term of a replicated log's group (0 for a single-node log).
-    pub fn leader_term(&self, log: LogId) -> u64 {
-        self.cluster
-            .as_deref()
-            .and_then(|c| {
-                let group = c.host.group_of(log)?;
-                c.host.with(group, |r| r.term())
-            })
-            .unwrap_or(0)
-    }
-
     /// Copies the WAL's shard-local figures into this shard's metrics every
     /// `metrics::PUBLISH_INTERVAL`, until shutdown.
     pub async fn publish_metrics_loop(self: Rc<Self>) {
@@ -348,94 +233,6 @@ impl Shard {
             );
             glommio::timer::sleep(crate::metrics::PUBLISH_INTERVAL).await;
         }
-    }
-
-    /// Reads logs of this shard in order, each within its own budget and all
-    /// within `budget`: a read after the budget is spent returns no frames (only
-    /// the log's offsets), and only the first read that finds data may exceed its
-    /// share by one batch.
-    pub async fn read_many(
-        &self,
-        reads: &[PartitionRead],
-        budget: usize,
-    ) -> Vec<Result<ReadBatches, ApiError>> {
-        let mut remaining = budget;
-        let mut results = Vec::with_capacity(reads.len());
-        for read in reads {
-            if let Err(error) = self.check_serving(read.log) {
-                self.metrics()
-                    .fetch_partition_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                results.push(Err(error));
-                continue;
-            }
-            let result = if remaining == 0 {
-                self.wal
-                    .log_offsets(read.log)
-                    .map(|(log_start, high_watermark, _)| ReadBatches {
-                        high_watermark,
-                        log_start,
-                        ..ReadBatches::default()
-                    })
-                    .map_err(ApiError::from)
-            } else {
-                let limit = read.max_bytes.min(remaining);
-                self.wal
-                    .read(read.log, read.offset, limit)
-                    .await
-                    .map_err(ApiError::from)
-            };
-            match &result {
-                Ok(read) => remaining = remaining.saturating_sub(read.bytes),
-                Err(_) => {
-                    self.metrics()
-                        .fetch_partition_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            results.push(result);
-        }
-        results
-    }
-
-    /// Waits until `log`'s high watermark moves past `seen_high_watermark`, the
-    /// log goes away, shutdown starts, or `wait` elapses. Never busy-polls: it
-    /// sleeps on the WAL's durability notifications.
-    pub async fn wait_for_data(&self, log: LogId, seen_high_watermark: u64, wait: Duration) {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match self.wal.log_offsets(log) {
-                Ok((_, high_watermark, _)) if high_watermark <= seen_high_watermark => {}
-                _ => return,
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline || self.shutting_down() {
-                return;
-            }
-            let _ = glommio::timer::timeout(deadline - now, async {
-                self.wal.durable_advanced().await;
-                Ok(())
-            })
-            .await;
-        }
-    }
-
-    fn list_offset(&self, log: LogId, query: OffsetQuery) -> Result<ListedOffset, ApiError> {
-        let (log_start, high_watermark, _) = self.wal.log_offsets(log)?;
-        let (offset, timestamp_ms) = match query {
-            OffsetQuery::Earliest => (log_start, -1),
-            OffsetQuery::Latest => (high_watermark, -1),
-            OffsetQuery::Timestamp(ts) => self
-                .wal
-                .offset_for_timestamp(log, ts)?
-                .unwrap_or((high_watermark, -1)),
-        };
-        Ok(ListedOffset {
-            offset,
-            timestamp_ms,
-            log_start,
-            high_watermark,
-        })
     }
 
     /// The current metadata snapshot.

@@ -18,13 +18,11 @@ use sluice_schema::wire::ErrorCode;
 use crate::cluster::controller::{self, Applied, Command, RequestId, CONTROLLER_LOG};
 use crate::cluster::ClusterView;
 use crate::metadata::NodeMetadata;
+use crate::partition::GroupId;
 use crate::replication::host::{NewReplica, ReplicaHost};
 use crate::replication::transport::{Inbound, PeerTransport};
-use crate::replication::{AckMode, GroupId, ReplicaError};
 use crate::shard::{Shard, CONTROLLER_SHARD};
 use crate::shard_messages::{ApiError, NewTopic, ReplicaSpec, ShardRequest};
-use crate::storage::format::BatchInfo;
-use crate::storage::Appended;
 use crate::sync::{Completion, Notify};
 use crate::types::{LogId, NodeId, ShardId};
 
@@ -105,7 +103,7 @@ impl Inbound for ShardInbound {
 }
 
 impl Shard {
-    fn cluster(&self) -> &ShardCluster {
+    pub(crate) fn cluster(&self) -> &ShardCluster {
         self.cluster
             .as_deref()
             .expect("cluster paths run only in a cluster")
@@ -183,98 +181,6 @@ impl Shard {
             {
                 cluster.host.deliver(GroupId(group), message);
             }
-        }
-    }
-
-    /// The leader of `group` as this node knows it, with its client address.
-    pub fn leader_hint(&self, group: GroupId) -> (Option<NodeId>, Option<String>) {
-        let Some(cluster) = self.cluster.as_deref() else {
-            return (Some(self.settings.node_id), None);
-        };
-        let leader = cluster
-            .host
-            .with(group, |r| r.leader())
-            .flatten()
-            .or_else(|| cluster.view.leader_of(group));
-        let address = leader
-            .and_then(|node| cluster.view.node_address(node))
-            .map(|a| format!("{}:{}", a.host, a.port));
-        (leader, address)
-    }
-
-    /// `NotLeader` (or `LeaderNotAvailable`) for a partition group.
-    pub fn not_leader(&self, group: GroupId, what: &str) -> ApiError {
-        let (leader, address) = self.leader_hint(group);
-        let leader = leader.filter(|l| *l != self.settings.node_id);
-        ApiError::not_leader(what, leader, address)
-    }
-
-    /// Appends to a replicated log: proposes to its group and waits as `acks` says.
-    pub async fn produce_replicated(
-        &self,
-        group: GroupId,
-        log: LogId,
-        batches: &[(Bytes, BatchInfo)],
-        acks: i8,
-    ) -> Result<Appended, ApiError> {
-        let cluster = self.cluster();
-        let bytes: usize = batches.iter().map(|(b, _)| b.len()).sum();
-        self.wal
-            .wait_for_space(bytes)
-            .await
-            .map_err(ApiError::from)?;
-        let mode = if acks == -1 {
-            AckMode::Quorum
-        } else {
-            AckMode::Leader
-        };
-        let slot = cluster
-            .host
-            .propose(group, batches, mode)
-            .map_err(|e| self.replica_error(group, e))?;
-        let acked = slot
-            .wait()
-            .await
-            .map_err(|e| self.replica_error(group, e))?;
-        let log_start = self.wal.log_offsets(log).map(|o| o.0).unwrap_or(0);
-        Ok(Appended {
-            base_offset: acked.base_offset,
-            last_offset: acked.end_offset.saturating_sub(1),
-            log_start,
-        })
-    }
-
-    fn replica_error(&self, group: GroupId, error: ReplicaError) -> ApiError {
-        match error {
-            ReplicaError::NotLeader(_) => self.not_leader(group, &format!("partition {group}")),
-            ReplicaError::Busy => ApiError::new(
-                ErrorCode::RequestTimedOut,
-                format!("partition {group} has too much waiting for replication; retry"),
-            ),
-            ReplicaError::Invalid(message) => ApiError::new(ErrorCode::InvalidBatch, message),
-            ReplicaError::Storage(message) => ApiError::new(ErrorCode::StorageError, message),
-        }
-    }
-
-    /// For a read of `log`: a replicated log is read only on its group's leader,
-    /// once that leader serves (has committed an entry of its term).
-    pub fn check_serving(&self, log: LogId) -> Result<(), ApiError> {
-        let Some(cluster) = self.cluster.as_deref() else {
-            return Ok(());
-        };
-        let Some(group) = cluster.host.group_of(log) else {
-            return Ok(());
-        };
-        match cluster
-            .host
-            .with(group, |r| (r.is_serving_leader(), r.is_leader()))
-        {
-            Some((true, _)) => Ok(()),
-            Some((false, true)) => Err(ApiError::new(
-                ErrorCode::LeaderNotAvailable,
-                format!("partition {group}: the new leader is catching up; retry"),
-            )),
-            _ => Err(self.not_leader(group, &format!("partition {group}"))),
         }
     }
 
@@ -644,61 +550,7 @@ impl Shard {
     }
 }
 
-/// What this node can say about one partition (Metadata, DescribeTopics).
-#[derive(Clone, Debug)]
-pub struct PartitionView {
-    /// The leader, if known.
-    pub leader: Option<NodeId>,
-    /// The leader's shard that owns the partition (as last reported).
-    pub leader_shard: u16,
-    /// Leader epoch (Raft term; 0 on a single node).
-    pub epoch: u64,
-    /// Replicas.
-    pub replicas: Vec<NodeId>,
-    /// Replicas caught up with the commit point (as the leader last reported).
-    pub in_sync: u16,
-    /// The leader's high watermark and log start, when this node is not the one
-    /// to ask its own log (a cluster view: possibly a little stale).
-    pub reported: Option<(u64, u64)>,
-}
-
 impl Shard {
-    /// This node's view of partition `index` of `topic`.
-    pub fn partition_view(&self, topic: &crate::metadata::Topic, index: usize) -> PartitionView {
-        let node = self.settings.node_id;
-        let placement = topic.partitions.get(index);
-        let local_shard = placement.map_or(0, |p| p.shard.0);
-        let replicas = topic.replicas_of(index, node);
-        let (Some(cluster), Some(group)) = (self.cluster.as_deref(), topic.group(index as u32))
-        else {
-            return PartitionView {
-                leader: Some(node),
-                leader_shard: local_shard,
-                epoch: 0,
-                in_sync: 1,
-                replicas,
-                reported: None,
-            };
-        };
-        let info = cluster.view.info(group);
-        let leader = info.as_ref().and_then(|i| i.leader);
-        let leader_is_here = leader == Some(node);
-        PartitionView {
-            leader,
-            leader_shard: if leader_is_here {
-                local_shard
-            } else {
-                info.as_ref().map_or(0, |i| i.shard)
-            },
-            epoch: info.as_ref().map_or(0, |i| i.term),
-            in_sync: info.as_ref().map_or(0, |i| i.in_sync),
-            replicas,
-            reported: (!leader_is_here)
-                .then(|| info.as_ref().map(|i| (i.high_watermark, i.log_start)))
-                .flatten(),
-        }
-    }
-
     /// The controller's leader, in a cluster.
     pub fn controller_leader(&self) -> Option<NodeId> {
         self.cluster

@@ -165,6 +165,31 @@ fn out_of_range_reads_carry_the_valid_range() {
 }
 
 #[test]
+fn a_read_below_an_upper_offset_stops_there_and_answers_it() {
+    let dir = scratch("read-below");
+    let config = config(&dir, 1 << 20);
+    run(move || async move {
+        let (wal, _) = Wal::open(config).await.unwrap();
+        wal.create_log(LogId(1));
+        for i in 0..4u64 {
+            append(&wal, 1, &batch(5, 10, i)).await;
+        }
+        // Four batches of 5 records; the partition layer answers with 10.
+        let read = wal.read_below(LogId(1), 0, 1 << 20, 10).await.unwrap();
+        assert_eq!(read.high_watermark, 10);
+        assert_eq!(read.frames.len(), 2, "only the batches below offset 10");
+        // At or past the upper bound (but within the log): nothing, no error.
+        let read = wal.read_below(LogId(1), 10, 1 << 20, 10).await.unwrap();
+        assert!(read.frames.is_empty());
+        assert_eq!(read.high_watermark, 10);
+        // An upper bound past the log's own high watermark changes nothing.
+        let read = wal.read_below(LogId(1), 0, 1 << 20, 1_000).await.unwrap();
+        assert_eq!((read.high_watermark, read.frames.len()), (20, 4));
+        wal.close().await;
+    });
+}
+
+#[test]
 fn retention_by_size_and_time_deletes_the_right_segments() {
     let dir = scratch("retention");
     let config = config(&dir, 1 << 20);

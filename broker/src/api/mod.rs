@@ -245,7 +245,7 @@ pub(crate) fn locate(
     if !placement.local {
         let group = found
             .group(partition)
-            .unwrap_or(crate::replication::GroupId::CONTROLLER);
+            .unwrap_or(crate::partition::GroupId::CONTROLLER);
         return Err(shard.not_leader(group, &format!("partition {partition} of '{topic}'")));
     }
     Ok((*placement, found.config.clone()))

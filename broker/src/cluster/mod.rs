@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::replication::GroupId;
+use crate::partition::GroupId;
 use crate::types::NodeId;
 
 /// Nodes in a cluster, at most.

@@ -175,10 +175,6 @@ impl Coordinator {
     }
 }
 
-fn leader_term(shard: &Shard, log: LogId) -> u64 {
-    shard.leader_term(log)
-}
-
 impl Shard {
     /// Runs a group operation on the offsets partition `log` (owned by this shard).
     pub async fn group_op(
@@ -191,7 +187,7 @@ impl Shard {
             part.lock.acquire_permit(1).await.map_err(|_| {
                 ApiError::new(ErrorCode::ShuttingDown, "the coordinator is closing")
             })?;
-        self.check_serving(log)?;
+        self.serving(log)?;
         self.ensure_loaded(log, &part).await?;
         let now = self.groups.now_ms();
         let result = self.apply_group_op(log, &part, op, now).await;
@@ -216,7 +212,7 @@ impl Shard {
     }
 
     async fn ensure_loaded(&self, log: LogId, part: &OffsetsPartition) -> Result<(), ApiError> {
-        let term = leader_term(self, log);
+        let term = self.leader_term(log);
         if part
             .state
             .borrow()
@@ -226,14 +222,18 @@ impl Shard {
             return Ok(());
         }
         let started = Instant::now();
-        let (start, high_watermark, _) = self.wal.log_offsets(log)?;
+        let state = self.serving(log)?;
+        let (start, high_watermark) = (state.log_start, state.high_watermark);
         let mut groups: BTreeMap<String, Group> = BTreeMap::new();
         let mut offset = start;
         let mut records = 0u64;
         let mut skipped = 0u64;
         let now = self.groups.now_ms();
         while offset < high_watermark {
-            let read = self.wal.read(log, offset, 4 << 20).await?;
+            let read = self
+                .wal
+                .read_below(log, offset, 4 << 20, high_watermark)
+                .await?;
             if read.frames.is_empty() {
                 break;
             }
@@ -528,7 +528,7 @@ impl Shard {
                 .map(|(log, part)| (*log, part.clone()))
                 .collect();
             for (log, part) in logs {
-                if self.check_serving(log).is_err() {
+                if self.serving(log).is_err() {
                     continue;
                 }
                 let Ok(_permit) = part.lock.acquire_permit(1).await else {
@@ -588,12 +588,7 @@ impl Shard {
         log: LogId,
         part: &OffsetsPartition,
     ) -> Result<(), ApiError> {
-        if self
-            .cluster
-            .as_ref()
-            .and_then(|c| c.host.group_of(log))
-            .is_some()
-        {
+        if self.partition_state(log)?.group.is_some() {
             return Ok(());
         }
         let entries: Vec<Entry> = {
@@ -623,7 +618,8 @@ impl Shard {
                 })
                 .collect()
         };
-        let (_, start, _) = self.wal.log_offsets(log)?;
+        // The new log start: where the rewritten live entries begin.
+        let start = self.partition_state(log)?.high_watermark;
         self.write_entries(log, &entries).await?;
         self.wal.advance_log_start(log, start)?;
         tracing::info!(

@@ -17,11 +17,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use raft::eraftpb::Message;
 
-use super::raft_log::{FetchRequest, Recovered};
-use super::replica::{
+use crate::cluster::{ClusterView, LeaderInfo};
+use crate::partition::raft_log::{FetchRequest, Recovered};
+use crate::partition::replica::{
     frame_entry, AckMode, AckSlot, GroupId, Replica, ReplicaConfig, ReplicaError, TICK,
 };
-use crate::cluster::{ClusterView, LeaderInfo};
 use crate::storage::format::BatchInfo;
 use crate::storage::Wal;
 use crate::sync::{Completion, Notify};

@@ -30,8 +30,8 @@ use raft::eraftpb::Message;
 use sluice_schema::peer;
 
 use super::host::Outbound;
-use super::replica::GroupId;
 use crate::cluster::{ClusterView, LeaderInfo, NodeAddress};
+use crate::partition::replica::GroupId;
 use crate::protocol::FrameReader;
 use crate::sync::Notify;
 use crate::types::NodeId;

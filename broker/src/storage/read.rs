@@ -52,8 +52,23 @@ impl Wal {
     /// Reads batches of `log` from `offset` on, up to about `max_bytes` (at least one
     /// whole batch when any is available), never past the high watermark.
     pub async fn read(&self, log: LogId, offset: Offset, max_bytes: usize) -> Result<ReadBatches> {
+        self.read_below(log, offset, max_bytes, Offset::MAX).await
+    }
+
+    /// `read`, and never a batch at or past `upper` either: the partition layer
+    /// passes the high watermark it answers with, so the read and the answer
+    /// agree even if the log's own high watermark moves meanwhile. The answer's
+    /// `high_watermark` is the lower of the two.
+    pub async fn read_below(
+        &self,
+        log: LogId,
+        offset: Offset,
+        max_bytes: usize,
+        upper: Offset,
+    ) -> Result<ReadBatches> {
         let max_bytes = max_bytes.clamp(1, READ_BYTES_MAX);
         let (high_watermark, log_start) = self.check_read(log, offset)?;
+        let high_watermark = high_watermark.min(upper);
         let mut out = ReadBatches {
             high_watermark,
             log_start,
