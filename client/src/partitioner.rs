@@ -1,12 +1,15 @@
 //! Partition choice: keyed records use Kafka's murmur2 so that a key lands on the
 //! same partition number as with Kafka's default partitioner; records without a
-//! key go round-robin or stick to one partition per batch.
+//! key go round-robin or, by default, stick to one partition for
+//! `ProducerConfig::sticky_bytes` and then move to the partition with the least
+//! waiting to be sent (Kafka's uniform sticky partitioner, KIP-794).
 
 /// What the producer does with records that have no key and no partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NullKeyPolicy {
-    /// Fill one partition's batch, then move to the next partition (fewer, larger
-    /// batches; Kafka's default since 2.4).
+    /// Send `sticky_bytes` to one partition, then move to the one with the
+    /// fewest bytes waiting (in turn when they are even): fewer, larger batches
+    /// than round-robin and an even spread (Kafka's default since 3.3, KIP-794).
     #[default]
     Sticky,
     /// Each record goes to the next partition in turn.

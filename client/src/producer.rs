@@ -106,6 +106,10 @@ pub struct ProducerConfig {
     pub retry_backoff_max: Duration,
     /// Partition choice for records with neither key nor partition.
     pub partitioner: NullKeyPolicy,
+    /// With [`NullKeyPolicy::Sticky`]: bytes of keyless records sent to one
+    /// partition before the producer moves to another (KIP-794's switch point;
+    /// at most `batch_bytes`).
+    pub sticky_bytes: usize,
     /// Bytes of records buffered (unacknowledged) before `send` waits.
     pub buffer_bytes: usize,
     /// Largest payload of one produce request.
@@ -130,6 +134,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
             partitioner: NullKeyPolicy::Sticky,
+            sticky_bytes: 16 * 1024,
             buffer_bytes: 64 * 1024 * 1024,
             request_bytes_max: 8 * 1024 * 1024,
             idempotent: true,
@@ -393,12 +398,6 @@ impl PartitionQueue {
         }
     }
 
-    fn seal_if_full(&mut self, now: Instant, reserve: usize, batch_bytes: usize) {
-        if !fits(self, reserve, batch_bytes) {
-            self.seal(now);
-        }
-    }
-
     /// Appends to the open batch (which must exist).
     fn append(
         &mut self,
@@ -454,7 +453,10 @@ fn fits(queue: &PartitionQueue, reserve: usize, batch_bytes: usize) -> bool {
 struct TopicState {
     route: Arc<TopicRoute>,
     partitions: Vec<PartitionQueue>,
+    /// The partition keyless records go to now (sticky policy).
     sticky: u32,
+    /// Bytes of keyless records sent to it since the producer moved there.
+    sticky_sent: usize,
     round_robin: u32,
     /// The route's leaders proved stale (NotLeader, a dead connection, no leader
     /// known): the sender fetches metadata again before sending more.
@@ -672,9 +674,10 @@ impl Producer {
                 .topics
                 .entry(route.name.clone())
                 .or_insert(TopicState {
-                    route,
+                    route: route.clone(),
                     partitions,
-                    sticky: rand::random::<u32>(),
+                    sticky: rand::random::<u32>() % route.partition_count().max(1),
+                    sticky_sent: 0,
                     round_robin: 0,
                     stale: false,
                     refreshing: false,
@@ -701,6 +704,13 @@ impl Producer {
             && record.key.is_none()
             && config.partitioner == NullKeyPolicy::Sticky;
         let mut wake = false;
+        if sticky && topic.sticky_sent >= config.sticky_bytes.min(config.batch_bytes) {
+            // Uniform sticky partitioning (KIP-794): move on after a fixed number
+            // of bytes, whatever sealed the batches, to the least loaded partition.
+            topic.sticky = next_sticky(topic, config.batch_bytes);
+            topic.sticky_sent = 0;
+            partition = topic.sticky;
+        }
         if !fits(
             &topic.partitions[partition as usize],
             reserve,
@@ -708,16 +718,6 @@ impl Producer {
         ) {
             topic.partitions[partition as usize].seal(now);
             wake = true;
-            if sticky {
-                topic.sticky = topic.sticky.wrapping_add(1);
-                partition = topic.sticky % topic.route.partition_count();
-                wake |= !fits(
-                    &topic.partitions[partition as usize],
-                    reserve,
-                    config.batch_bytes,
-                );
-                topic.partitions[partition as usize].seal_if_full(now, reserve, config.batch_bytes);
-            }
         }
         let name = topic.route.name.clone();
         let queue = &mut topic.partitions[partition as usize];
@@ -742,9 +742,9 @@ impl Producer {
         {
             queue.seal(now);
             wake = true;
-            if sticky {
-                topic.sticky = topic.sticky.wrapping_add(1);
-            }
+        }
+        if sticky {
+            topic.sticky_sent += reserve;
         }
         drop(guard);
         if wake {
@@ -821,6 +821,27 @@ fn choose_partition(
             topic.round_robin % count
         }
     })
+}
+
+/// The partition keyless records move to when the sticky one has had its share:
+/// the one with the fewest bytes waiting to be sent (as KIP-794 weighs
+/// partitions by their queues: a slow or unavailable partition, whose requests
+/// in flight are at their limit, queues up and is avoided), the first after the
+/// current one in turn on a tie (so partitions that keep up take turns and get
+/// even shares). Queues are compared in whole batches: a partition is passed
+/// over only when it is at least a batch further behind.
+fn next_sticky(topic: &TopicState, batch_bytes: usize) -> u32 {
+    let count = topic.route.partition_count().max(1);
+    let load = |partition: u32| {
+        let queue = &topic.partitions[partition as usize];
+        let open = queue.open.as_ref().map_or(0, |open| open.builder.bytes());
+        let ready: usize = queue.ready.iter().map(|batch| batch.frame.len()).sum();
+        (open + ready) / batch_bytes.max(1)
+    };
+    (1..=count)
+        .map(|step| (topic.sticky + step) % count)
+        .min_by_key(|partition| load(*partition))
+        .unwrap_or(0)
 }
 
 /// The batches of one partition in one produce request.
@@ -1221,6 +1242,59 @@ mod tests {
         assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
         let late = backoff(&config, 30);
         assert!(late <= Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn keyless_records_take_turns_and_pass_over_a_partition_that_queues_up() {
+        let mut topic = TopicState {
+            route: Arc::new(TopicRoute {
+                name: Arc::from("t"),
+                shards: vec![0; 3],
+                leaders: vec![1; 3],
+            }),
+            partitions: (0..3).map(|_| PartitionQueue::default()).collect(),
+            sticky: 0,
+            sticky_sent: 0,
+            round_robin: 0,
+            stale: false,
+            refreshing: false,
+        };
+        let mut visits = Vec::new();
+        for _ in 0..6 {
+            topic.sticky = next_sticky(&topic, 1000);
+            visits.push(topic.sticky);
+        }
+        assert_eq!(
+            visits,
+            [1, 2, 0, 1, 2, 0],
+            "partitions that keep up take turns"
+        );
+        // Partition 1 stops draining: two batches wait to be sent.
+        let slot = BatchSlot::new(Arc::from("t"), 1);
+        for sequence in 0..2 {
+            topic.partitions[1].ready.push_back(SealedBatch {
+                frame: Bytes::from(vec![0u8; 1000]),
+                slot: slot.clone(),
+                sequence,
+                idempotent: false,
+                record_count: 1,
+                sealed: Instant::now(),
+                attempts: 0,
+                retry_at: None,
+                reserved_bytes: 0,
+                sent_behind: false,
+            });
+        }
+        let mut visits = Vec::new();
+        for _ in 0..4 {
+            topic.sticky = next_sticky(&topic, 1000);
+            visits.push(topic.sticky);
+        }
+        assert_eq!(
+            visits,
+            [2, 0, 2, 0],
+            "the partition that queues up is passed over"
+        );
     }
 
     #[test]

@@ -310,3 +310,36 @@ fn restart_keeps_topics_and_data_and_provisioning_creates_the_seed_topics() {
     );
     assert!(broker.log_text().contains("shutting down"));
 }
+
+/// Keyless records piped into the CLI spread evenly over a topic's partitions
+/// (uniform sticky partitioning, KIP-794): each partition within ±10% of an
+/// even share, for a small and a large input.
+#[test]
+fn keyless_records_from_the_cli_spread_evenly_over_partitions() {
+    let broker = Broker::start("null-key-spread", &["--shards", "2"]);
+    for (topic, count) in [("events", 30_000u64), ("events-large", 300_000)] {
+        broker.cli_ok(&["topic", "create", topic, "--partitions", "3"], None);
+        let input: String = (1..=count).map(|i| format!("{i}\n")).collect();
+        let started = Instant::now();
+        broker.cli_ok(&["produce", topic, "--acks", "1"], Some(&input));
+        let describe = broker.cli_ok(&["topic", "describe", topic, "--format", "json"], None);
+        let json: serde_json::Value = serde_json::from_str(&describe).unwrap();
+        let shares: Vec<u64> = json["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["high_watermark"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shares.iter().sum::<u64>(), count, "{shares:?}");
+        eprintln!("{topic}: {shares:?} in {:?}", started.elapsed());
+        let even = count as f64 / 3.0;
+        for share in &shares {
+            let off = (*share as f64 - even).abs() / even;
+            assert!(
+                off <= 0.10,
+                "{topic}: {count} keyless records split {shares:?}, one share {:.1}% off even",
+                off * 100.0
+            );
+        }
+    }
+}
