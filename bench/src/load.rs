@@ -123,9 +123,7 @@ impl Workload {
     }
 
     fn producer_config(&self) -> Result<ProducerConfig, String> {
-        // A record costs its value plus about 10 bytes of varint framing: a batch
-        // seals once it holds `records_per_batch` records.
-        let batch_bytes = (self.records_per_batch.max(1) * (self.message_bytes + 10)).max(256);
+        let batch_bytes = exact_batch_bytes(self.records_per_batch.max(1), self.message_bytes);
         let defaults = ProducerConfig::default();
         Ok(ProducerConfig {
             acks: self.acks()?,
@@ -140,6 +138,27 @@ impl Workload {
             ..defaults
         })
     }
+}
+
+/// The `batch_bytes` at which a batch holds exactly `records` records of
+/// `message_bytes`: a record is added while the batch's bytes plus the
+/// producer's upper bound for a record fit, so the limit is the bytes of
+/// `records - 1` records (built here as the producer builds them, timestamps
+/// within a millisecond as in a closed loop) plus that bound. (An estimate of ~10
+/// bytes of framing per record sealed 1 KiB batches one record early.)
+fn exact_batch_bytes(records: usize, message_bytes: usize) -> usize {
+    use sluice_client::batch::BatchBuilder;
+    let value = vec![0u8; message_bytes];
+    let mut builder = BatchBuilder::with_capacity(records * (message_bytes + 32));
+    for _ in 1..records {
+        if builder
+            .append(1_700_000_000_000, None, Some(&value), &[])
+            .is_err()
+        {
+            break;
+        }
+    }
+    (builder.bytes() + BatchBuilder::record_bytes_max(None, Some(&value), &[])).max(256)
 }
 
 /// Latency percentiles, µs.

@@ -30,8 +30,6 @@ use crate::sync::{Budget, Held, Notify};
 
 /// Small response pieces are coalesced into one write up to this size.
 const COALESCE_BYTES: usize = 64 * 1024;
-/// How often an idle accept loop looks at the shutdown flag.
-const SHUTDOWN_CHECK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,11 +101,16 @@ const LISTEN_BACKLOG: i32 = 1024;
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
     let connections = Rc::new(Connections::default());
     while !shard.shutting_down() {
-        let accepted =
-            glommio::timer::timeout(SHUTDOWN_CHECK, async { listener.accept().await }).await;
+        let accept = listener.accept();
+        futures::pin_mut!(accept);
+        let stopping = shard.until_stopping();
+        futures::pin_mut!(stopping);
+        let accepted = match futures::future::select(accept, stopping).await {
+            futures::future::Either::Left((accepted, _)) => accepted,
+            futures::future::Either::Right(((), _)) => break,
+        };
         let stream = match accepted {
             Ok(stream) => stream,
-            Err(glommio::GlommioError::TimedOut(_)) => continue,
             Err(error) => {
                 tracing::warn!(shard = %shard.id, %error, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -307,6 +307,7 @@ async fn run_shard(
     if let Some(cluster) = shard.cluster.clone() {
         start_cluster_shard(&shard, &cluster).await?;
     }
+    glommio::spawn_local(shard.clone().watch_shutdown()).detach();
     glommio::spawn_local(shard.clone().retention_loop()).detach();
     {
         let metrics = shard.settings.metrics.shards[usize::from(id.0)].clone();

@@ -140,6 +140,9 @@ struct OffsetsPartition {
 pub struct Coordinator {
     partitions: RefCell<HashMap<LogId, Rc<OffsetsPartition>>>,
     epoch: RefCell<Option<Instant>>,
+    /// Told when this shard starts coordinating an offsets partition (the
+    /// expiry loop sleeps on it while there is none: an idle shard stays asleep).
+    added: crate::sync::Notify,
 }
 
 /// Heartbeat interval told to members while their group reconciles.
@@ -157,16 +160,23 @@ impl Coordinator {
     }
 
     fn partition(&self, log: LogId) -> Rc<OffsetsPartition> {
-        self.partitions
+        let mut added = false;
+        let part = self
+            .partitions
             .borrow_mut()
             .entry(log)
             .or_insert_with(|| {
+                added = true;
                 Rc::new(OffsetsPartition {
                     lock: Rc::new(glommio::sync::Semaphore::new(1)),
                     state: RefCell::new(None),
                 })
             })
-            .clone()
+            .clone();
+        if added {
+            self.added.notify_all();
+        }
+        part
     }
 
     /// Forgets a partition (its log was deleted, or leadership moved away).
@@ -519,6 +529,14 @@ impl Shard {
     /// superseded records. Runs until shutdown.
     pub async fn group_expiry_loop(self: Rc<Self>, tick: Duration) {
         while !self.shutting_down() {
+            if self.groups.partitions.borrow().is_empty() {
+                let added = self.groups.added.wait();
+                futures::pin_mut!(added);
+                let stopping = self.until_stopping();
+                futures::pin_mut!(stopping);
+                futures::future::select(added, stopping).await;
+                continue;
+            }
             glommio::timer::sleep(tick).await;
             let logs: Vec<(LogId, Rc<OffsetsPartition>)> = self
                 .groups
