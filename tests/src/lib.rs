@@ -110,13 +110,30 @@ fn broker_args(data_dir: &Path, addr: SocketAddr, extra: &[&str]) -> Vec<String>
     args
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and that the kernel will not hand out on
+/// its own: it is below the ephemeral range that `bind(…:0)` listeners (the admin
+/// listeners of other brokers) and outgoing connections draw from. A test that
+/// kills a broker and starts it again on the same port can then rely on the
+/// port still being free; with an ephemeral port, another test's listener could
+/// take it in between (seen once: a restarted node's port answered HTTP). Ports
+/// are handed out in turn from a per-process starting point, never twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_start.clamp(10_001, 65_535));
+    let span = high - low;
+    let start = (std::process::id().wrapping_mul(7919)) % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range {low}..{high}");
 }
 
 /// A running `sluice-broker` process.
