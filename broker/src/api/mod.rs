@@ -41,10 +41,14 @@ pub fn parse(envelope: &[u8]) -> Result<wire::Request<'_>, String> {
 pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
     use std::sync::atomic::Ordering::Relaxed;
     let started = std::time::Instant::now();
-    let kind =
-        parse(&frame.envelope).map_or(usize::MAX, |r| crate::metrics::kind_index(r.body_type().0));
-    let response = serve(shard, frame).await;
-    if kind != usize::MAX {
+    // Verified once here; the handlers get the verified request.
+    let request = match parse(&frame.envelope) {
+        Ok(request) => request,
+        Err(message) => return Some(error_response(0, ErrorCode::MalformedRequest, &message)),
+    };
+    let kind = crate::metrics::kind_index(request.body_type().0);
+    let response = serve(shard, request, &frame).await;
+    {
         let metrics = shard.metrics();
         metrics.requests[kind].fetch_add(1, Relaxed);
         metrics.request_latency[kind].observe(started.elapsed().as_micros() as u64);
@@ -61,11 +65,7 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
     response
 }
 
-async fn serve(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
-    let request = match parse(&frame.envelope) {
-        Ok(request) => request,
-        Err(message) => return Some(error_response(0, ErrorCode::MalformedRequest, &message)),
-    };
+async fn serve(shard: &Rc<Shard>, request: wire::Request<'_>, frame: &Frame) -> Option<Outgoing> {
     let id = request.correlation_id();
     if request.version() != 1 {
         let message = format!(
