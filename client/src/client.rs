@@ -22,8 +22,11 @@ use crate::request::{ListOffsetsSpec, NewTopic, OffsetQuery, RequestBody};
 use crate::response::{Metadata, ResponseBody, TopicDescription, TopicResult, TopicSummary};
 
 /// A request to a partition's leader is tried this many times while leadership
-/// moves (each after refreshing metadata).
-pub const LEADER_RETRIES: u32 = 20;
+/// moves (each after refreshing metadata): 10 s in all. An election plus the new
+/// leader's first commit can take more than 2 s on a loaded machine (seen: a
+/// ListOffsets gave up with LeaderNotAvailable while 7 three-node clusters
+/// shared 2 cores).
+pub const LEADER_RETRIES: u32 = 100;
 /// Wait between those tries.
 pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(100);
 
