@@ -8,8 +8,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sluice_client::{
-    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
-    SeekTo,
+    Acks, Client, ClientConfig, Compression, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, SeekTo,
 };
 use tokio::sync::mpsc;
 
@@ -109,6 +109,17 @@ pub struct Workload {
     /// --consumers) while a producer writes; reports how long each rebalance takes.
     #[arg(long)]
     pub group: Option<String>,
+    /// Producers compress each batch: none, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    #[serde(serialize_with = "as_name")]
+    pub compression: Compression,
+    /// What values hold: random bytes or compressible text.
+    #[arg(long, value_enum, default_value_t = Values::Random)]
+    pub values: Values,
+}
+
+fn as_name<S: serde::Serializer>(codec: &Compression, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(codec.name())
 }
 
 impl Workload {
@@ -131,6 +142,7 @@ impl Workload {
             linger: Duration::from_millis(self.linger_ms),
             max_in_flight: self.max_in_flight.max(1),
             idempotent: self.idempotent,
+            compression: self.compression,
             buffer_bytes: self
                 .max_buffered_batches
                 .map(|n| n.max(1) * batch_bytes + self.message_bytes + 64)
@@ -205,6 +217,9 @@ pub struct Case {
     pub consumers: usize,
     pub message_bytes: usize,
     pub records_per_batch: usize,
+    #[serde(serialize_with = "as_name")]
+    pub compression: Compression,
+    pub values: Values,
     pub max_in_flight: usize,
     pub acks: String,
     pub keys: Keys,
@@ -354,6 +369,8 @@ pub async fn run_case(
         },
         message_bytes: workload.message_bytes,
         records_per_batch: workload.records_per_batch,
+        compression: workload.compression,
+        values: workload.values,
         max_in_flight: workload.max_in_flight,
         acks: workload.acks.clone(),
         keys: workload.keys,
@@ -408,12 +425,83 @@ async fn connect(brokers: &str) -> Result<Client, String> {
         .map_err(|e| format!("cannot connect to {brokers}: {e}"))
 }
 
-/// A value of `bytes` random bytes (incompressible).
-fn random_value(bytes: usize, seed: u64) -> Bytes {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut value = vec![0u8; bytes];
-    rng.fill(&mut value[..]);
-    Bytes::from(value)
+/// What record values hold.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Values {
+    /// Random bytes (incompressible).
+    Random,
+    /// JSON-like event lines (user, action, path, session id, latency): about
+    /// what an event pipeline carries, compressible a few times over.
+    Text,
+}
+
+/// Distinct values a producer cycles through, so that a batch (up to
+/// `VALUE_POOL_MAX` records) never holds the same value twice and compression
+/// sees realistic data rather than repeats.
+struct ValuePool {
+    values: Vec<Bytes>,
+    next: usize,
+}
+
+/// Values in a pool, at most (and at most 64 MiB of them).
+const VALUE_POOL_MAX: usize = 4096;
+
+impl ValuePool {
+    fn new(kind: Values, bytes: usize, seed: u64) -> ValuePool {
+        let count = (64 << 20) / bytes.max(1);
+        let count = count.clamp(1, VALUE_POOL_MAX);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let values = (0..count)
+            .map(|_| match kind {
+                Values::Random => {
+                    let mut value = vec![0u8; bytes];
+                    rng.fill(&mut value[..]);
+                    Bytes::from(value)
+                }
+                Values::Text => text_value(&mut rng, bytes),
+            })
+            .collect();
+        ValuePool { values, next: 0 }
+    }
+
+    fn next(&mut self) -> &Bytes {
+        let value = &self.values[self.next];
+        self.next = (self.next + 1) % self.values.len();
+        value
+    }
+}
+
+/// `bytes` of newline-separated JSON events drawn from `rng`.
+fn text_value(rng: &mut impl Rng, bytes: usize) -> Bytes {
+    use std::fmt::Write;
+    const ACTIONS: [&str; 8] = [
+        "view",
+        "click",
+        "add_to_cart",
+        "purchase",
+        "search",
+        "login",
+        "logout",
+        "scroll",
+    ];
+    let mut text = String::with_capacity(bytes + 256);
+    while text.len() < bytes {
+        let _ = writeln!(
+            text,
+            "{{\"ts\":{},\"user\":\"user-{:05}\",\"action\":\"{}\",\"path\":\"/products/{}/reviews?page={}\",\"session\":\"{:016x}\",\"latency_ms\":{},\"ok\":{}}}",
+            1_700_000_000_000u64 + rng.gen_range(0..86_400_000u64),
+            rng.gen_range(0..50_000u32),
+            ACTIONS[rng.gen_range(0..ACTIONS.len())],
+            rng.gen_range(0..100_000u32),
+            rng.gen_range(1..20u32),
+            rng.gen::<u64>(),
+            rng.gen_range(1..2_000u32),
+            rng.gen_bool(0.97),
+        );
+    }
+    text.truncate(bytes);
+    Bytes::from(text.into_bytes())
 }
 
 /// Zipf(s = 1) sampler over `0..n` by inverse CDF.
@@ -469,7 +557,7 @@ async fn producer_task(
         }
     });
     let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
-    let value = random_value(workload.message_bytes, index as u64 + 1);
+    let mut values = ValuePool::new(workload.values, workload.message_bytes, index as u64 + 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + index as u64);
     let zipf = (workload.keys == Keys::Zipfian).then(|| Zipf::new(workload.key_space));
     let per_producer_rate = workload
@@ -490,7 +578,7 @@ async fn producer_task(
             None => Instant::now(),
         };
         let topic = topics[(sent as usize) % topics.len()].clone();
-        let mut record = ProducerRecord::new(topic, stamped(&value, stamp_values));
+        let mut record = ProducerRecord::new(topic, stamped(values.next(), stamp_values));
         match workload.keys {
             Keys::None => record = record.with_partition(index as u32 % workload.partitions.max(1)),
             Keys::Uniform => {
@@ -552,7 +640,7 @@ async fn prefill(client: &Client, topics: &[String], workload: &Workload) -> Res
         ..workload.producer_config()?
     };
     let producer = Producer::new(client.clone(), config);
-    let value = random_value(workload.message_bytes, 99);
+    let mut values = ValuePool::new(workload.values, workload.message_bytes, 99);
     let partitions = workload.partitions.max(1);
     eprintln!(
         "prefilling {} records of {} B...",
@@ -560,7 +648,7 @@ async fn prefill(client: &Client, topics: &[String], workload: &Workload) -> Res
     );
     for i in 0..workload.prefill_records {
         let topic = topics[(i as usize) % topics.len()].as_str();
-        let record = ProducerRecord::new(topic, value.clone())
+        let record = ProducerRecord::new(topic, values.next().clone())
             .with_partition((i % u64::from(partitions)) as u32);
         producer
             .send_detached(record)

@@ -8,6 +8,8 @@
 //! [`Error::InvalidBatch`] (or [`Error::CorruptBatch`] for a CRC mismatch).
 
 use bytes::{BufMut, Bytes, BytesMut};
+pub use sluice_schema::compression::Compression;
+use sluice_schema::compression::RECORDS_BYTES_MAX;
 use sluice_schema::{batch, BATCH_BYTES_MAX};
 
 use crate::error::{Error, Result};
@@ -43,6 +45,7 @@ pub fn next_sequence(base_sequence: i32, record_count: u32) -> i32 {
 #[derive(Debug)]
 pub struct BatchBuilder {
     buf: BytesMut,
+    compression: Compression,
     record_count: u32,
     first_timestamp_ms: i64,
     max_timestamp_ms: i64,
@@ -56,13 +59,21 @@ impl BatchBuilder {
         buf.put_bytes(0, HEADER_BYTES);
         BatchBuilder {
             buf,
+            compression: Compression::None,
             record_count: 0,
             first_timestamp_ms: 0,
             max_timestamp_ms: i64::MIN,
         }
     }
 
-    /// Encoded bytes so far, header included.
+    /// Compresses the records with `codec` when the batch is finished (the
+    /// header stays uncompressed). A batch that `codec` does not shrink is sent
+    /// uncompressed.
+    pub fn set_compression(&mut self, codec: Compression) {
+        self.compression = codec;
+    }
+
+    /// Encoded bytes so far (uncompressed), header included.
     pub fn bytes(&self) -> usize {
         self.buf.len()
     }
@@ -152,16 +163,20 @@ impl BatchBuilder {
                 "a batch needs at least one record".into(),
             ));
         }
-        let frame_bytes = u32::try_from(self.buf.len()).map_err(|_| Error::RecordTooLarge {
-            bytes: self.buf.len(),
+        let (mut frame, codec, records_bytes) = self.compressed()?;
+        let buf = frame.bytes_mut();
+        let frame_bytes = u32::try_from(buf.len()).map_err(|_| Error::RecordTooLarge {
+            bytes: buf.len(),
             bytes_max: BATCH_BYTES_MAX,
         })?;
-        let header = &mut self.buf[..HEADER_BYTES];
+        let header = &mut buf[..HEADER_BYTES];
         write_u32(header, 0, batch::MAGIC);
         write_u32(header, batch::FRAME_BYTES_OFFSET, frame_bytes);
         header[batch::FORMAT_VERSION_OFFSET..][..2]
             .copy_from_slice(&batch::FORMAT_VERSION.to_le_bytes());
-        header[batch::ATTRIBUTES_OFFSET..][..2].copy_from_slice(&0u16.to_le_bytes());
+        header[batch::ATTRIBUTES_OFFSET..][..2]
+            .copy_from_slice(&codec.attribute_bits().to_le_bytes());
+        write_u32(header, batch::RECORDS_BYTES_OFFSET, records_bytes);
         write_u32(header, batch::RECORD_COUNT_OFFSET, self.record_count);
         write_u32(
             header,
@@ -185,9 +200,54 @@ impl BatchBuilder {
         write_u64(header, batch::PRODUCER_ID_OFFSET, producer_id as u64);
         header[batch::PRODUCER_EPOCH_OFFSET..][..2].copy_from_slice(&producer_epoch.to_le_bytes());
         write_u32(header, batch::BASE_SEQUENCE_OFFSET, base_sequence as u32);
-        let crc = crc32fast::hash(&self.buf[batch::PAYLOAD_CRC_START..]);
-        write_u32(&mut self.buf, batch::PAYLOAD_CRC_OFFSET, crc);
-        Ok(self.buf.freeze())
+        let crc = crc32fast::hash(&buf[batch::PAYLOAD_CRC_START..]);
+        write_u32(buf, batch::PAYLOAD_CRC_OFFSET, crc);
+        Ok(frame.freeze())
+    }
+
+    /// The frame buffer (header not yet filled in), its codec and the
+    /// `records_bytes` field: the records compressed into a new buffer, or the
+    /// builder's own buffer when there is no codec or it does not shrink them.
+    fn compressed(&mut self) -> Result<(FrameBuf, Compression, u32)> {
+        let records = &self.buf[HEADER_BYTES..];
+        if self.compression == Compression::None {
+            let plain = FrameBuf::Plain(std::mem::take(&mut self.buf));
+            return Ok((plain, Compression::None, 0));
+        }
+        let mut out = Vec::with_capacity(HEADER_BYTES + records.len() / 2);
+        out.resize(HEADER_BYTES, 0);
+        self.compression
+            .compress_into(records, &mut out)
+            .map_err(|error| Error::InvalidArgument(format!("compression failed: {error}")))?;
+        if out.len() >= self.buf.len() {
+            let plain = FrameBuf::Plain(std::mem::take(&mut self.buf));
+            return Ok((plain, Compression::None, 0));
+        }
+        let records_bytes = records.len() as u32;
+        Ok((FrameBuf::Packed(out), self.compression, records_bytes))
+    }
+}
+
+/// A finished frame's buffer: the builder's own, or a new one holding the
+/// compressed records.
+enum FrameBuf {
+    Plain(BytesMut),
+    Packed(Vec<u8>),
+}
+
+impl FrameBuf {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            FrameBuf::Plain(buf) => buf,
+            FrameBuf::Packed(buf) => buf,
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            FrameBuf::Plain(buf) => buf.freeze(),
+            FrameBuf::Packed(buf) => Bytes::from(buf),
+        }
     }
 }
 
@@ -259,6 +319,8 @@ pub struct BatchHeader {
     pub frame_bytes: u32,
     /// Attribute bits.
     pub attributes: u16,
+    /// Uncompressed bytes of a compressed batch's records (0 if uncompressed).
+    pub records_bytes: u32,
     /// Records in the batch.
     pub record_count: u32,
     /// Offset delta of the last record.
@@ -302,6 +364,7 @@ impl BatchHeader {
             leader_epoch: read_u32(buf, batch::LEADER_EPOCH_OFFSET),
             frame_bytes: read_u32(buf, batch::FRAME_BYTES_OFFSET),
             attributes: read_u16(buf, batch::ATTRIBUTES_OFFSET),
+            records_bytes: read_u32(buf, batch::RECORDS_BYTES_OFFSET),
             record_count: read_u32(buf, batch::RECORD_COUNT_OFFSET),
             last_offset_delta: read_u32(buf, batch::LAST_OFFSET_DELTA_OFFSET),
             first_timestamp_ms: read_u64(buf, batch::FIRST_TIMESTAMP_OFFSET) as i64,
@@ -332,13 +395,28 @@ impl BatchHeader {
                 self.last_offset_delta, self.record_count
             )));
         }
-        if self.attributes & batch::ATTRIBUTE_COMPRESSION_MASK != 0 {
+        let records_bytes_ok = match Compression::from_attributes(self.attributes) {
+            Some(Compression::None) => self.records_bytes == 0,
+            Some(_) => (1..=RECORDS_BYTES_MAX).contains(&(self.records_bytes as usize)),
+            None => {
+                return Err(invalid(format!(
+                    "unknown compression in attributes {:#x}",
+                    self.attributes
+                )))
+            }
+        };
+        if !records_bytes_ok {
             return Err(invalid(format!(
-                "unsupported compression in attributes {:#x}",
-                self.attributes
+                "records_bytes {} does not fit the codec of attributes {:#x}",
+                self.records_bytes, self.attributes
             )));
         }
         Ok(())
+    }
+
+    /// The batch's compression codec.
+    pub fn compression(&self) -> Compression {
+        Compression::from_attributes(self.attributes).unwrap_or_default()
     }
 
     /// Offset of the last record.
@@ -464,17 +542,38 @@ pub struct RecordIter {
     remaining: u32,
     header: BatchHeader,
     failed: bool,
+    /// Why the records cannot be decoded at all (reported once, first).
+    error: Option<Error>,
 }
 
 impl RecordIter {
     fn new(batch: &Batch) -> RecordIter {
-        RecordIter {
+        let mut iter = RecordIter {
             data: batch.frame.clone(),
             pos: HEADER_BYTES,
             remaining: batch.header.record_count,
             header: batch.header,
             failed: false,
+            error: None,
+        };
+        let codec = batch.header.compression();
+        if codec != Compression::None {
+            // Decompressed once; keys and values are slices of the result.
+            let block = &batch.frame[HEADER_BYTES..];
+            match codec.decompress(block, batch.header.records_bytes as usize) {
+                Ok(records) => {
+                    iter.data = Bytes::from(records);
+                    iter.pos = 0;
+                }
+                Err(error) => {
+                    iter.error = Some(invalid(format!(
+                        "batch at offset {}: {codec} block does not decode: {error}",
+                        batch.header.base_offset
+                    )));
+                }
+            }
         }
+        iter
     }
 
     fn decode(&mut self) -> Result<Record> {
@@ -509,6 +608,10 @@ impl Iterator for RecordIter {
     fn next(&mut self) -> Option<Result<Record>> {
         if self.failed {
             return None;
+        }
+        if let Some(error) = self.error.take() {
+            self.failed = true;
+            return Some(Err(error));
         }
         if self.remaining == 0 {
             if self.pos != self.data.len() {
@@ -625,6 +728,83 @@ mod tests {
         builder.append(999, None, None, &headers).unwrap();
         builder.append(1005, Some(b""), Some(b"v3"), &[]).unwrap();
         builder.finish().unwrap()
+    }
+
+    #[test]
+    fn compressed_batches_round_trip_and_incompressible_ones_go_plain() {
+        let text: Vec<Vec<u8>> = (0..300)
+            .map(|i| format!("{{\"user\":{},\"action\":\"click\"}}", i % 17).into_bytes())
+            .collect();
+        for codec in Compression::ALL {
+            let mut builder = BatchBuilder::with_capacity(1024);
+            for (i, value) in text.iter().enumerate() {
+                builder
+                    .append(1000 + i as i64, Some(b"k"), Some(value), &[])
+                    .unwrap();
+            }
+            let plain_bytes = builder.bytes();
+            builder.set_compression(codec);
+            let frame = stamp(&builder.finish().unwrap(), 7);
+            let batch = Batch::verify(frame.clone()).unwrap();
+            assert_eq!(batch.header.compression(), codec);
+            if codec == Compression::None {
+                assert_eq!(frame.len(), plain_bytes);
+                assert_eq!(batch.header.records_bytes, 0);
+            } else {
+                assert!(frame.len() * 3 < plain_bytes, "{codec}: {}", frame.len());
+                assert_eq!(
+                    batch.header.records_bytes as usize,
+                    plain_bytes - HEADER_BYTES
+                );
+            }
+            let records: Vec<Record> = batch.records().collect::<Result<_>>().unwrap();
+            assert_eq!(records.len(), text.len());
+            for (i, record) in records.iter().enumerate() {
+                assert_eq!(record.offset, 7 + i as u64);
+                assert_eq!(record.timestamp_ms, 1000 + i as i64);
+                assert_eq!(record.value.as_deref(), Some(&text[i][..]));
+            }
+        }
+        // Random bytes do not shrink: the batch goes out uncompressed.
+        let mut builder = BatchBuilder::with_capacity(1024);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        builder.append(1, None, Some(&noise), &[]).unwrap();
+        builder.set_compression(Compression::Lz4);
+        let batch = Batch::verify(builder.finish().unwrap()).unwrap();
+        assert_eq!(batch.header.compression(), Compression::None);
+        assert_eq!(
+            batch.records().next().unwrap().unwrap().value.unwrap(),
+            noise
+        );
+    }
+
+    #[test]
+    fn a_compressed_block_that_does_not_decode_is_an_error_of_its_batch() {
+        let mut builder = BatchBuilder::with_capacity(1024);
+        for _ in 0..50 {
+            builder
+                .append(1, None, Some(b"the same value again"), &[])
+                .unwrap();
+        }
+        builder.set_compression(Compression::Zstd);
+        let mut frame = BytesMut::from(&builder.finish().unwrap()[..]);
+        let end = frame.len();
+        frame[end - 3] ^= 0xff;
+        let crc = crc32fast::hash(&frame[batch::PAYLOAD_CRC_START..]);
+        write_u32(&mut frame, batch::PAYLOAD_CRC_OFFSET, crc);
+        let batch = Batch::verify(frame.freeze()).unwrap();
+        let mut records = batch.records();
+        let error = records.next().unwrap().unwrap_err();
+        assert!(matches!(error, Error::InvalidBatch(_)), "{error}");
+        assert!(records.next().is_none());
     }
 
     #[test]

@@ -48,6 +48,7 @@ mod group;
 mod groups;
 mod producer;
 
+pub use batch::Compression;
 pub use client::{Client, ClientConfig, ListedOffset, Target, TopicRoute};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
 pub use dlq::{process_with_retry, Processed, RetryPolicy};

@@ -55,7 +55,7 @@ use sluice_schema::BATCH_BYTES_MAX;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
-use crate::batch::{next_sequence, BatchBuilder, Header, ProducerStamp, HEADER_BYTES};
+use crate::batch::{next_sequence, BatchBuilder, Compression, Header, ProducerStamp, HEADER_BYTES};
 use crate::client::{partition_error, unexpected, Client, Target, TopicRoute};
 use crate::error::{Code, Error, Result};
 use crate::groups::ProducerIdentity;
@@ -117,6 +117,10 @@ pub struct ProducerConfig {
     /// Idempotent produce (with acks 1 or all): retries never duplicate
     /// records. See the module documentation.
     pub idempotent: bool,
+    /// Codec each batch's records are compressed with when it is sealed
+    /// (`batch_bytes` counts uncompressed bytes). The broker stores and serves
+    /// batches as they come; consumers decompress.
+    pub compression: Compression,
 }
 
 /// Batches of one partition in flight at once when idempotent: the broker
@@ -138,6 +142,7 @@ impl Default for ProducerConfig {
             buffer_bytes: 64 * 1024 * 1024,
             request_bytes_max: 8 * 1024 * 1024,
             idempotent: true,
+            compression: Compression::None,
         }
     }
 }
@@ -725,10 +730,11 @@ impl Producer {
             wake = true;
             let slot = BatchSlot::new(name, partition);
             state.outstanding.push(slot.clone());
+            let mut builder =
+                BatchBuilder::with_capacity(config.batch_bytes.max(reserve + HEADER_BYTES));
+            builder.set_compression(config.compression);
             queue.open = Some(OpenBatch {
-                builder: BatchBuilder::with_capacity(
-                    config.batch_bytes.max(reserve + HEADER_BYTES),
-                ),
+                builder,
                 slot,
                 opened: now,
                 reserved_bytes: 0,

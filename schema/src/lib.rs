@@ -3,7 +3,8 @@
 //! `flatc` generates from it (committed; `tools/gen-schema.sh` regenerates it and CI
 //! fails on drift), and the wire constants both ends share.
 //!
-//! This crate has no logic. The framing and the record-batch layout are described
+//! The only logic here is the batch compression codecs (`compression`), which
+//! both ends must apply identically. The framing and the record-batch layout are described
 //! byte by byte in `docs/protocol.md` and `docs/storage.md`; the constants below are
 //! the single source of truth for the numbers in those documents.
 
@@ -21,6 +22,8 @@
 )]
 #[rustfmt::skip]
 mod generated;
+
+pub mod compression;
 
 /// Generated flatbuffers types (`sluice.wire` namespace).
 pub use generated::sluice_generated::sluice::wire;
@@ -66,14 +69,15 @@ pub const RESPONSE_ENVELOPE_BYTES_MAX: usize = 8 * 1024 * 1024;
 ///  34     2  attributes          client   bits 0-2 compression (0 = none), bit 4 control
 ///  36     4  record_count        client
 ///  40     4  last_offset_delta   client   record_count - 1
-///  44     4  reserved            client   0
+///  44     4  records_bytes       client   uncompressed bytes of the records; 0 if none
 ///  48     8  first_timestamp_ms  client
 ///  56     8  max_timestamp_ms    client
 ///  64     8  producer_id         client   -1 when not idempotent
 ///  72     2  producer_epoch      client   -1
 ///  74     2  reserved            client   0
 ///  76     4  base_sequence       client   -1
-///  80     .  records             client   varint-framed records
+///  80     .  records             client   varint-framed records, or their
+///                                          compressed block (see `compression`)
 /// ```
 ///
 /// All integers are little-endian. CRCs are CRC-32 (IEEE, as `crc32fast`).
@@ -108,6 +112,9 @@ pub mod batch {
     pub const RECORD_COUNT_OFFSET: usize = 36;
     /// Offset of `last_offset_delta`.
     pub const LAST_OFFSET_DELTA_OFFSET: usize = 40;
+    /// Offset of `records_bytes` (uncompressed length of a compressed batch's
+    /// records; 0 in an uncompressed batch).
+    pub const RECORDS_BYTES_OFFSET: usize = 44;
     /// Offset of `first_timestamp_ms`.
     pub const FIRST_TIMESTAMP_OFFSET: usize = 48;
     /// Offset of `max_timestamp_ms`.
@@ -118,7 +125,7 @@ pub mod batch {
     pub const PRODUCER_EPOCH_OFFSET: usize = 72;
     /// Offset of `base_sequence`.
     pub const BASE_SEQUENCE_OFFSET: usize = 76;
-    /// Attribute bits holding the compression codec (only 0 = none is defined).
+    /// Attribute bits holding the compression codec (see [`crate::compression`]).
     pub const ATTRIBUTE_COMPRESSION_MASK: u16 = 0b111;
     /// Attribute bit marking a control batch.
     pub const ATTRIBUTE_CONTROL: u16 = 1 << 4;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use sluice_client::request::{
     FetchPartitionSpec, NewTopic, ProducePartitionRange, ProduceTopicRanges, RequestBody,
 };
-use sluice_schema::batch as layout;
 use sluice_schema::wire::ErrorCode;
 use sluice_tests::proto::*;
 use sluice_tests::{close_wait_sockets, free_port, scratch, Broker, Raw};
@@ -371,84 +370,6 @@ fn a_frame_sent_slowly_across_the_idle_timeout_is_served_and_a_slow_loris_is_clo
         1,
         "its request never ran"
     );
-}
-
-/// Varint (zigzag) encoding.
-fn varint(value: i64, out: &mut Vec<u8>) {
-    let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
-    while zigzag >= 0x80 {
-        out.push(zigzag as u8 | 0x80);
-        zigzag >>= 7;
-    }
-    out.push(zigzag as u8);
-}
-
-/// A record: the fields after its length, with the length prefixed.
-fn record(fields: &[i64], value: &[u8], tail: &[i64]) -> Vec<u8> {
-    let mut body = vec![0u8]; // attributes
-    for field in fields {
-        varint(*field, &mut body);
-    }
-    body.extend_from_slice(value);
-    for field in tail {
-        varint(*field, &mut body);
-    }
-    let mut out = Vec::new();
-    varint(body.len() as i64, &mut out);
-    out.extend_from_slice(&body);
-    out
-}
-
-/// A good record: timestamp delta 0, offset delta `index`, null key, value "abc",
-/// no headers.
-fn good(index: i64) -> Vec<u8> {
-    record(&[0, index, -1, 3], b"abc", &[0])
-}
-
-/// A batch frame around `records` claiming `count` records, with valid header
-/// fields and CRC.
-fn seal(records: &[u8], count: u32) -> Vec<u8> {
-    let mut frame = vec![0u8; layout::HEADER_BYTES];
-    frame.extend_from_slice(records);
-    let len = frame.len() as u32;
-    let put = |frame: &mut Vec<u8>, at: usize, bytes: &[u8]| {
-        frame[at..at + bytes.len()].copy_from_slice(bytes)
-    };
-    put(&mut frame, 0, &layout::MAGIC.to_le_bytes());
-    put(&mut frame, layout::FRAME_BYTES_OFFSET, &len.to_le_bytes());
-    put(
-        &mut frame,
-        layout::FORMAT_VERSION_OFFSET,
-        &layout::FORMAT_VERSION.to_le_bytes(),
-    );
-    put(
-        &mut frame,
-        layout::RECORD_COUNT_OFFSET,
-        &count.to_le_bytes(),
-    );
-    put(
-        &mut frame,
-        layout::LAST_OFFSET_DELTA_OFFSET,
-        &count.saturating_sub(1).to_le_bytes(),
-    );
-    put(
-        &mut frame,
-        layout::PRODUCER_ID_OFFSET,
-        &(-1i64).to_le_bytes(),
-    );
-    put(
-        &mut frame,
-        layout::PRODUCER_EPOCH_OFFSET,
-        &(-1i16).to_le_bytes(),
-    );
-    put(
-        &mut frame,
-        layout::BASE_SEQUENCE_OFFSET,
-        &(-1i32).to_le_bytes(),
-    );
-    let crc = crc32fast::hash(&frame[layout::PAYLOAD_CRC_START..]);
-    put(&mut frame, layout::PAYLOAD_CRC_OFFSET, &crc.to_le_bytes());
-    frame
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use clap::Args;
-use sluice_client::{Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+use sluice_client::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -40,6 +40,9 @@ pub struct ProduceArgs {
     /// (retries included).
     #[arg(long, default_value_t = 120_000)]
     delivery_timeout_ms: u64,
+    /// Compress each batch: none, snappy, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: Compression,
 }
 
 fn parse_acks(text: &str) -> Result<Acks, String> {
@@ -83,6 +86,7 @@ pub async fn run(brokers: &[String], args: ProduceArgs) -> CliResult {
         acks: args.acks,
         linger: std::time::Duration::from_millis(args.linger_ms),
         delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms.max(1)),
+        compression: args.compression,
         ..ProducerConfig::default()
     };
     let producer = Producer::new(client, config);

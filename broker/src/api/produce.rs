@@ -146,6 +146,14 @@ fn check_partition(
                 ),
             )
         })?;
+    if topic == sluice_schema::groups::OFFSETS_TOPIC {
+        // Group state is the coordinator's: records from elsewhere would be read
+        // back as members and offsets.
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{topic} is internal: only the group coordinator writes to it"),
+        ));
+    }
     let (placement, config) = locate(shard, metadata, topic, partition.partition())?;
     let batches = split_batches(payload.slice(start..end), config.max_message_bytes as usize)?;
     Ok((placement, batches))

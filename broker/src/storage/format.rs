@@ -7,6 +7,7 @@
 //! `leader_epoch` and then computes only the 72-byte `header_crc`.
 
 use sluice_schema::batch;
+use sluice_schema::compression::{self, Compression};
 use std::mem::{offset_of, size_of};
 use zerocopy::little_endian::{I16, I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -39,8 +40,8 @@ pub struct BatchHeader {
     pub record_count: U32,
     /// `record_count - 1`.
     pub last_offset_delta: U32,
-    /// Zero.
-    pub reserved0: U32,
+    /// Uncompressed bytes of a compressed batch's records; zero otherwise.
+    pub records_bytes: U32,
     /// Create time of the first record, ms since the epoch.
     pub first_timestamp_ms: I64,
     /// Largest record timestamp in the batch.
@@ -67,6 +68,7 @@ const _: () = assert!(offset_of!(BatchHeader, attributes) == batch::ATTRIBUTES_O
 const _: () = assert!(offset_of!(BatchHeader, record_count) == batch::RECORD_COUNT_OFFSET);
 const _: () =
     assert!(offset_of!(BatchHeader, last_offset_delta) == batch::LAST_OFFSET_DELTA_OFFSET);
+const _: () = assert!(offset_of!(BatchHeader, records_bytes) == batch::RECORDS_BYTES_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, first_timestamp_ms) == batch::FIRST_TIMESTAMP_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, max_timestamp_ms) == batch::MAX_TIMESTAMP_OFFSET);
 const _: () = assert!(offset_of!(BatchHeader, producer_id) == batch::PRODUCER_ID_OFFSET);
@@ -108,9 +110,13 @@ pub enum FrameError {
         /// Declared last offset delta.
         last_offset_delta: u32,
     },
-    /// Compression codec or attribute bits this broker does not know.
+    /// Attribute bits this broker does not know.
     #[error("unsupported batch attributes {0:#06x}")]
     BadAttributes(u16),
+    /// An undefined compression codec, or a `records_bytes` field that does
+    /// not fit the codec.
+    #[error("batch compression: {0}")]
+    BadCompression(String),
     /// The payload CRC does not match.
     #[error("batch payload CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     PayloadCrc {
@@ -195,12 +201,38 @@ pub fn check_header(header: &BatchHeader, frame_bytes_max: usize) -> Result<usiz
     }
     let attributes = header.attributes.get();
     let known = batch::ATTRIBUTE_CONTROL;
-    if attributes & batch::ATTRIBUTE_COMPRESSION_MASK != 0
-        || attributes & !known & !batch::ATTRIBUTE_COMPRESSION_MASK != 0
-    {
+    if attributes & !known & !batch::ATTRIBUTE_COMPRESSION_MASK != 0 {
         return Err(FrameError::BadAttributes(attributes));
     }
+    let records_bytes = header.records_bytes.get() as usize;
+    let bits = attributes & batch::ATTRIBUTE_COMPRESSION_MASK;
+    match Compression::from_attributes(attributes) {
+        None => {
+            return Err(FrameError::BadCompression(format!(
+                "undefined codec {bits} (0 none, 2 snappy, 3 lz4, 4 zstd)"
+            )))
+        }
+        Some(Compression::None) if records_bytes != 0 => {
+            return Err(FrameError::BadCompression(format!(
+                "an uncompressed batch declares records_bytes {records_bytes} (must be 0)"
+            )))
+        }
+        Some(Compression::None) => {}
+        Some(_) if control => return Err(FrameError::BadAttributes(attributes)),
+        Some(codec) if !(1..=compression::RECORDS_BYTES_MAX).contains(&records_bytes) => {
+            return Err(FrameError::BadCompression(format!(
+                "a {codec} batch declares records_bytes {records_bytes} (1..={})",
+                compression::RECORDS_BYTES_MAX
+            )))
+        }
+        Some(_) => {}
+    }
     Ok(frame_bytes)
+}
+
+/// The codec of a header that passed [`check_header`].
+pub fn codec(header: &BatchHeader) -> Compression {
+    Compression::from_attributes(header.attributes.get()).unwrap_or_default()
 }
 
 /// CRC-32 over the client-owned part of a frame.
@@ -245,7 +277,28 @@ pub fn verify_client_batch(bytes: &[u8], frame_bytes_max: usize) -> Result<Batch
     if computed != stored {
         return Err(FrameError::PayloadCrc { stored, computed });
     }
-    check_records(frame, header.record_count.get())?;
+    let records = &frame[batch::HEADER_BYTES..];
+    match codec(header) {
+        Compression::None => check_records(records, header.record_count.get())?,
+        // A compressed batch is stored and served as it came, but its records
+        // are checked like any others: a block that fails to decode would fail
+        // every consumer of the partition.
+        compressed => SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let decoded = compressed
+                .decompress_into(records, header.records_bytes.get() as usize, &mut scratch)
+                .map_err(|error| {
+                    FrameError::BadCompression(format!(
+                        "the {compressed} block does not decode: {error}"
+                    ))
+                })
+                .and_then(|()| check_records(&scratch, header.record_count.get()));
+            if scratch.capacity() > SCRATCH_KEPT_BYTES {
+                *scratch = Vec::new();
+            }
+            decoded
+        })?,
+    }
     Ok(BatchInfo {
         frame_bytes,
         record_count: header.record_count.get(),
@@ -253,31 +306,40 @@ pub fn verify_client_batch(bytes: &[u8], frame_bytes_max: usize) -> Result<Batch
     })
 }
 
-/// Walks the records of a whole batch frame and checks their framing exactly as a
-/// consumer decodes it (docs/protocol.md, "Records"): `record_count` records, each
+thread_local! {
+    /// Decompression buffer of the thread's batch checks (kept between batches
+    /// up to [`SCRATCH_KEPT_BYTES`]).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A larger decompression buffer is freed after use.
+const SCRATCH_KEPT_BYTES: usize = 4 << 20;
+
+/// Walks the records section of a batch (the bytes after its header, decompressed)
+/// and checks their framing exactly as a consumer decodes it (docs/protocol.md, "Records"): `record_count` records, each
 /// `length | attributes | timestamp delta | offset delta | key | value | headers`
 /// with every length inside the record, offset delta = the record's index, keys and
 /// values of length -1 (null) or more, a non-negative header count, UTF-8 header
 /// keys that are not null, each record consuming exactly its length, and nothing
 /// after the last record.
-pub fn check_records(frame: &[u8], record_count: u32) -> Result<(), FrameError> {
-    let mut position = batch::HEADER_BYTES;
+pub fn check_records(records: &[u8], record_count: u32) -> Result<(), FrameError> {
+    let mut position = 0;
     for index in 0..record_count {
         let bad = |reason: String| FrameError::BadRecord { index, reason };
-        let length = varint_i32(frame, &mut position)
+        let length = varint_i32(records, &mut position)
             .ok_or_else(|| bad("record length is truncated or not a 32-bit varint".into()))?;
         let length =
             usize::try_from(length).map_err(|_| bad(format!("negative record length {length}")))?;
         let end = position
             .checked_add(length)
-            .filter(|end| *end <= frame.len())
+            .filter(|end| *end <= records.len())
             .ok_or_else(|| {
                 bad(format!(
                     "record length {length} runs past the end of the batch"
                 ))
             })?;
         let mut record = Cursor {
-            bytes: &frame[..end],
+            bytes: &records[..end],
             position,
         };
         record.check(index).map_err(bad)?;
@@ -289,12 +351,12 @@ pub fn check_records(frame: &[u8], record_count: u32) -> Result<(), FrameError> 
         }
         position = end;
     }
-    if position != frame.len() {
+    if position != records.len() {
         return Err(FrameError::BadRecord {
             index: record_count,
             reason: format!(
                 "{} bytes after the last of {record_count} records",
-                frame.len() - position
+                records.len() - position
             ),
         });
     }

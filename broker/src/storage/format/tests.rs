@@ -84,3 +84,64 @@ fn segment_header_roundtrip_and_damage() {
     let error = SegmentHeader::parse(other_version.as_bytes()).unwrap_err();
     assert!(error.contains("version 99"), "{error}");
 }
+
+#[test]
+fn compressed_batches_are_checked_by_their_decoded_records() {
+    use sluice_schema::compression::Compression;
+    let values: Vec<Vec<u8>> = (0..200)
+        .map(|i| format!("value {}", i % 9).into_bytes())
+        .collect();
+    let plain = client_batch(&values, 1_700_000_000_000);
+    let records = &plain[batch::HEADER_BYTES..];
+    for codec in [Compression::Snappy, Compression::Lz4, Compression::Zstd] {
+        let with = |attributes: u16, records_bytes: u32, section: &[u8]| {
+            let mut frame = plain[..batch::HEADER_BYTES].to_vec();
+            frame.extend_from_slice(section);
+            let len = frame.len() as u32;
+            frame[batch::FRAME_BYTES_OFFSET..][..4].copy_from_slice(&len.to_le_bytes());
+            frame[batch::ATTRIBUTES_OFFSET..][..2].copy_from_slice(&attributes.to_le_bytes());
+            frame[batch::RECORDS_BYTES_OFFSET..][..4].copy_from_slice(&records_bytes.to_le_bytes());
+            let crc = payload_crc(&frame);
+            frame[batch::PAYLOAD_CRC_OFFSET..][..4].copy_from_slice(&crc.to_le_bytes());
+            frame
+        };
+        let mut block = Vec::new();
+        codec.compress_into(records, &mut block).unwrap();
+        let bits = codec.attribute_bits();
+        let good = with(bits, records.len() as u32, &block);
+        let info = verify_client_batch(&good, usize::MAX).unwrap();
+        assert_eq!(info.record_count, 200);
+        assert_eq!(info.frame_bytes, good.len());
+        assert!(good.len() < plain.len());
+        // Stamped and stored, it verifies as stored and keeps its codec.
+        let mut stored = good.clone();
+        stamp(&mut stored, 10, LogId(1), Epoch(1));
+        verify_stored(&stored, usize::MAX).unwrap();
+        let refused = [
+            with(bits, 0, &block),
+            with(bits, records.len() as u32 + 1, &block),
+            with(1, records.len() as u32, &block),
+            with(0, records.len() as u32, records),
+            with(bits, records.len() as u32, &block[..block.len() - 1]),
+            with(
+                bits | batch::ATTRIBUTE_CONTROL,
+                records.len() as u32,
+                &block,
+            ),
+        ];
+        for frame in refused {
+            assert!(verify_client_batch(&frame, usize::MAX).is_err(), "{codec}");
+        }
+        // Records that decode but are malformed are refused as records.
+        let mut short = Vec::new();
+        codec
+            .compress_into(&records[..records.len() - 1], &mut short)
+            .unwrap();
+        let error = verify_client_batch(&with(bits, records.len() as u32 - 1, &short), usize::MAX)
+            .unwrap_err();
+        assert!(
+            matches!(error, FrameError::BadRecord { .. }),
+            "{codec}: {error}"
+        );
+    }
+}
