@@ -986,6 +986,15 @@ fn the_offsets_partition_is_compacted_and_offsets_survive_it_and_a_restart() {
         })
     };
     check(&broker);
+    // Only the coordinator writes group state: a client's records there would be
+    // read back as members and offsets.
+    let output = broker.cli(
+        &["produce", "__sluice_offsets", "--partition", "0", "--acks", "1"],
+        Some("forged\n"),
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("internal"), "{stderr}");
     let mut broker = broker;
     broker.kill9();
     let broker = broker.start_again();
