@@ -1,0 +1,134 @@
+//! The client producer's whole hot path on one core: `Producer::send` of a
+//! record (partition choice, buffer reservation, encoding into the open batch,
+//! its delivery handle), sealing (with and without compression), framing the
+//! produce request and writing it to the socket, measured as records/s of the
+//! thread that does all of it. The records go to a broker started in this
+//! process on CPU 0 (acks=0, so the producer counts a record as done once its
+//! batch is written to the connection); the producer runs on a single-threaded
+//! tokio runtime pinned to CPU 1, and each iteration is a burst of sends
+//! followed by `flush`, so the time includes the sender task's framing and
+//! socket writes.
+//!
+//! `cargo bench -p sluice-bench --bench producer` (about a minute). Not run in
+//! CI: it measures speed, and CI's machine is not this one.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice_broker::runtime::{self, BrokerConfig};
+use sluice_client::{
+    Acks, Client, ClientConfig, Compression, Producer, ProducerConfig, ProducerRecord,
+};
+
+/// Records per criterion iteration (one burst, then a flush).
+const BURST: u64 = 100_000;
+
+fn pin(cpu: usize) {
+    if let Some(id) = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|id| id.id == cpu)
+    {
+        core_affinity::set_for_current(id);
+    }
+}
+
+/// `bytes` of text that compresses a few times over, distinct per `seed`.
+fn text_value(bytes: usize, seed: u64) -> Bytes {
+    let mut text = String::with_capacity(bytes + 64);
+    let mut n = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    while text.len() < bytes {
+        n ^= n << 13;
+        n ^= n >> 7;
+        n ^= n << 17;
+        text.push_str(&format!(
+            "{{\"user\":{},\"event\":\"click\",\"id\":{}}}",
+            n % 10_000,
+            n % 1_000_000
+        ));
+    }
+    text.truncate(bytes);
+    Bytes::from(text)
+}
+
+fn bench_producer(c: &mut Criterion) {
+    let data_dir = std::env::current_dir()
+        .expect("a working directory")
+        .join(format!("target/producer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&data_dir).expect("a data dir");
+    let mut config = BrokerConfig::new(&data_dir, "127.0.0.1:0".parse().expect("an address"));
+    config.shards = 1;
+    config.cpus = Some(vec![0]);
+    config.segment_bytes = 256 << 20;
+    let broker = runtime::start(config).expect("the broker starts");
+    pin(1);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let client = rt
+        .block_on(Client::connect(ClientConfig::new([broker.addr.to_string()])))
+        .expect("connected");
+    let mut group = c.benchmark_group("producer");
+    group
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(6))
+        .sample_size(10);
+    for (value_bytes, compression) in [
+        (100usize, Compression::None),
+        (1024, Compression::None),
+        (100, Compression::Lz4),
+        (100, Compression::Zstd),
+    ] {
+        let topic = format!("hot-{value_bytes}-{compression}");
+        rt.block_on(client.create_topic(&topic, 1, Vec::new()))
+            .expect("the topic is created");
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                acks: Acks::None,
+                idempotent: false,
+                batch_bytes: 256 << 10,
+                linger: Duration::from_millis(5),
+                compression,
+                ..ProducerConfig::default()
+            },
+        );
+        let values: Vec<Bytes> = (0..1024)
+            .map(|seed| text_value(value_bytes, seed))
+            .collect();
+        let topic: std::sync::Arc<str> = topic.into();
+        group.throughput(Throughput::Elements(BURST));
+        group.bench_function(
+            BenchmarkId::new("send_flush", format!("{value_bytes}B-{compression}")),
+            |b| {
+                b.iter_custom(|iterations| {
+                    rt.block_on(async {
+                        let started = Instant::now();
+                        for _ in 0..iterations {
+                            for i in 0..BURST {
+                                let record = ProducerRecord::new(
+                                    topic.clone(),
+                                    values[i as usize % values.len()].clone(),
+                                )
+                                .with_partition(0);
+                                producer.send_detached(record).await.expect("sent");
+                            }
+                            producer.flush().await.expect("flushed");
+                        }
+                        started.elapsed()
+                    })
+                })
+            },
+        );
+        rt.block_on(producer.close()).expect("closed");
+    }
+    group.finish();
+    drop(client);
+    broker.shutdown().expect("the broker stops");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+criterion_group!(benches, bench_producer);
+criterion_main!(benches);
