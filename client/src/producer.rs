@@ -44,6 +44,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -471,7 +472,9 @@ struct TopicState {
 
 #[derive(Default)]
 struct State {
-    topics: HashMap<Arc<str>, TopicState>,
+    /// Looked up once per record: FNV-1a over the (short) topic name instead of
+    /// SipHash.
+    topics: HashMap<Arc<str>, TopicState, BuildHasherDefault<Fnv1a>>,
     outstanding: Vec<Arc<BatchSlot>>,
     outstanding_pruned_len: usize,
 }
@@ -703,7 +706,9 @@ impl Producer {
         let Some(topic) = state.topics.get_mut(&*record.topic) else {
             return Ok(None);
         };
-        let now = Instant::now();
+        // Read the clock only when a batch opens or seals (not per record).
+        let mut now = None;
+        let mut now = || *now.get_or_insert_with(Instant::now);
         let mut partition = choose_partition(topic, record, config.partitioner)?;
         let sticky = record.partition.is_none()
             && record.key.is_none()
@@ -721,14 +726,13 @@ impl Producer {
             reserve,
             config.batch_bytes,
         ) {
-            topic.partitions[partition as usize].seal(now);
+            topic.partitions[partition as usize].seal(now());
             wake = true;
         }
-        let name = topic.route.name.clone();
         let queue = &mut topic.partitions[partition as usize];
         if queue.open.is_none() {
             wake = true;
-            let slot = BatchSlot::new(name, partition);
+            let slot = BatchSlot::new(topic.route.name.clone(), partition);
             state.outstanding.push(slot.clone());
             let mut builder =
                 BatchBuilder::with_capacity(config.batch_bytes.max(reserve + HEADER_BYTES));
@@ -736,7 +740,7 @@ impl Producer {
             queue.open = Some(OpenBatch {
                 builder,
                 slot,
-                opened: now,
+                opened: now(),
                 reserved_bytes: 0,
             });
         }
@@ -746,7 +750,7 @@ impl Producer {
             .as_ref()
             .is_some_and(|open| open.builder.bytes() >= config.batch_bytes)
         {
-            queue.seal(now);
+            queue.seal(now());
             wake = true;
         }
         if sticky {
@@ -792,6 +796,30 @@ impl Producer {
             let _ = sender.await;
         }
         Ok(())
+    }
+}
+
+/// FNV-1a, for the producer's topic map (names come from the application; the
+/// map is the producer's own, so flooding it only slows that producer).
+#[derive(Default)]
+struct Fnv1a(u64);
+
+impl std::hash::Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = hash;
     }
 }
 

@@ -989,7 +989,14 @@ fn the_offsets_partition_is_compacted_and_offsets_survive_it_and_a_restart() {
     // Only the coordinator writes group state: a client's records there would be
     // read back as members and offsets.
     let output = broker.cli(
-        &["produce", "__sluice_offsets", "--partition", "0", "--acks", "1"],
+        &[
+            "produce",
+            "__sluice_offsets",
+            "--partition",
+            "0",
+            "--acks",
+            "1",
+        ],
         Some("forged\n"),
     );
     assert!(!output.status.success());
