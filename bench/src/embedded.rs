@@ -15,6 +15,16 @@ pub struct Embedded {
     pub addr: SocketAddr,
 }
 
+/// The metrics of the first broker started in this process (for the produce
+/// stage breakdown).
+pub static METRICS: std::sync::OnceLock<sluice_broker::metrics::NodeMetrics> =
+    std::sync::OnceLock::new();
+
+/// Produce stage totals of the embedded broker: (stage, count, seconds).
+pub fn stage_totals() -> Option<Vec<(&'static str, u64, f64)>> {
+    METRICS.get().map(|metrics| metrics.produce_stage_totals())
+}
+
 /// `f_type` of tmpfs in statfs(2).
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
@@ -35,6 +45,7 @@ impl Embedded {
         config.cpus = Some(cpus.to_vec());
         config.segment_bytes = 256 << 20;
         let handle = runtime::start(config)?;
+        let _ = METRICS.set(handle.metrics.clone());
         let addr = handle.addr;
         Ok(Embedded {
             handle: Some(handle),

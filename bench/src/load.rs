@@ -205,6 +205,18 @@ pub struct CpuUse {
     pub load_cores: f64,
 }
 
+/// The mean duration of one produce stage in the broker.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stage {
+    /// Stage name (`receive`, `verify`, `append`, `wal_queue`, `wal_write`,
+    /// `wal_sync_wait`, `wal_sync`).
+    pub stage: String,
+    /// Requests (or WAL writes, for the `wal_` stages) observed.
+    pub count: u64,
+    /// Mean, microseconds.
+    pub mean_us: f64,
+}
+
 /// One measured case (the stable JSON schema; see BENCHMARKS.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
@@ -234,6 +246,9 @@ pub struct Case {
     pub latency_us: Percentiles,
     pub cpu: CpuUse,
     pub per_second: Vec<Interval>,
+    /// Embedded broker: mean time of a produce request's stages during the
+    /// measured window (see `sluice_produce_stage_seconds`).
+    pub broker_stages: Option<Vec<Stage>>,
     #[serde(skip)]
     pub histogram: Option<hdrhistogram::Histogram<u64>>,
 }
@@ -319,6 +334,7 @@ pub async fn run_case(
         recorder.start_measuring();
     }
     let cpu_before = CpuSplit::now();
+    let stages_before = embedded.then(crate::embedded::stage_totals).flatten();
     let started = Instant::now();
     let label = format!("{name} ({regime})");
     let intervals = progress(
@@ -333,6 +349,27 @@ pub async fn run_case(
     let elapsed = started.elapsed().as_secs_f64();
     recorder.stop_measuring();
     let cpu = CpuSplit::now().since(cpu_before);
+    let stages = stages_before.and_then(|before| {
+        let after = crate::embedded::stage_totals()?;
+        Some(
+            before
+                .iter()
+                .zip(after)
+                .map(|((stage, count0, seconds0), (_, count1, seconds1))| {
+                    let count = count1.saturating_sub(*count0);
+                    Stage {
+                        stage: stage.to_string(),
+                        count,
+                        mean_us: if count == 0 {
+                            0.0
+                        } else {
+                            (seconds1 - seconds0) * 1e6 / count as f64
+                        },
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+    });
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         if let Ok(Err(error)) = task.await {
@@ -402,6 +439,7 @@ pub async fn run_case(
             load_cores: cpu.load_seconds / elapsed,
         },
         per_second: intervals,
+        broker_stages: stages.filter(|stages| stages.iter().any(|s| s.count > 0)),
         histogram: Some(histogram),
     })
 }

@@ -109,6 +109,13 @@ pub fn print_summary(case: &Case) {
         "    CPU: broker {broker}, load generator {:.2} cores; {}",
         case.cpu.load_cores, case.durability
     );
+    if let Some(stages) = &case.broker_stages {
+        let line: Vec<String> = stages
+            .iter()
+            .map(|s| format!("{} {:.0}", s.stage, s.mean_us))
+            .collect();
+        println!("    broker produce stages, mean us: {}", line.join(", "));
+    }
 }
 
 /// Writes every case's per-second histograms as an HdrHistogram interval log.

@@ -42,6 +42,14 @@ pub const SEGMENT_ZERO_STEP_BYTES: u64 = 16 << 20;
 /// The background extender keeps at least this many zero-filled bytes ahead of the
 /// write position (the writer waits for it when a burst outruns it).
 pub const SEGMENT_ZERO_AHEAD_BYTES: u64 = 32 << 20;
+/// While the WAL's writes average at least this many bytes, the extender
+/// allocates the next step (`fallocate`) instead of zero-filling it. Measured on
+/// the development machine (ext4 on a virtual disk; one batch in flight, acks=1,
+/// medians of 3, same run): with 1 MiB writes allocation doubled the rate and cut
+/// the p99 from 43 to 11 ms; with 100 KiB writes the p99 fell from 15 ms to 2 ms
+/// (p50 0.70 → 0.88 ms); with 4 KiB writes zero-filling stayed better (87k
+/// against 56k records/s, p99 0.8 against 1.5 ms).
+pub const SEGMENT_ALLOCATE_WRITE_BYTES: usize = 64 << 10;
 
 /// Largest batch frame the broker accepts (topics may set less).
 pub const BATCH_BYTES_MAX: usize = sluice_schema::BATCH_BYTES_MAX;

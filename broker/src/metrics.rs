@@ -100,6 +100,49 @@ pub struct HistogramSnapshot {
     pub count: u64,
 }
 
+/// The stages of a produce request whose durations are kept
+/// (`sluice_produce_stage_seconds{stage}`): `receive` (the frame's first byte
+/// to its last), `verify` (envelope and batches checked, partitions located),
+/// `append` (handed to the owning shard until durable there, including the
+/// mesh hop), and per WAL write: `wal_queue` (queued until the write is
+/// issued), `wal_write`, `wal_sync_wait` (written until the covering
+/// fdatasync is issued) and `wal_sync`.
+pub const PRODUCE_STAGES: [&str; 7] = [
+    "receive",
+    "verify",
+    "append",
+    "wal_queue",
+    "wal_write",
+    "wal_sync_wait",
+    "wal_sync",
+];
+
+/// Index in [`PRODUCE_STAGES`].
+#[derive(Clone, Copy, Debug)]
+pub enum ProduceStage {
+    /// See [`PRODUCE_STAGES`].
+    Receive,
+    /// See [`PRODUCE_STAGES`].
+    Verify,
+    /// See [`PRODUCE_STAGES`].
+    Append,
+    /// See [`PRODUCE_STAGES`].
+    WalQueue,
+    /// See [`PRODUCE_STAGES`].
+    WalWrite,
+    /// See [`PRODUCE_STAGES`].
+    WalSyncWait,
+    /// See [`PRODUCE_STAGES`].
+    WalSync,
+}
+
+impl ShardMetrics {
+    /// Records `us` microseconds spent in `stage`.
+    pub fn stage(&self, stage: ProduceStage, us: u64) {
+        self.produce_stages[stage as usize].observe(us);
+    }
+}
+
 /// Request kinds, as metric labels (index = [`kind_index`]).
 pub const REQUEST_KINDS: [&str; 17] = [
     "handshake",
@@ -176,6 +219,8 @@ pub struct ShardMetrics {
     pub cache_bytes: AtomicU64,
     /// fdatasync latency.
     pub sync_latency: Histogram,
+    /// Where produce requests' time goes, by [`PRODUCE_STAGES`].
+    pub produce_stages: Vec<Histogram>,
     /// Appends made durable per fdatasync (group commit).
     pub appends_per_sync: Histogram,
     /// Segments deleted by retention.
@@ -219,6 +264,10 @@ impl Default for ShardMetrics {
             cache_misses: AtomicU64::new(0),
             cache_bytes: AtomicU64::new(0),
             sync_latency: Histogram::latency(),
+            produce_stages: PRODUCE_STAGES
+                .iter()
+                .map(|_| Histogram::latency())
+                .collect(),
             appends_per_sync: Histogram::counts(),
             retention_segments_deleted: AtomicU64::new(0),
             retention_log_starts_moved: AtomicU64::new(0),
@@ -276,6 +325,22 @@ impl NodeMetrics {
                     .sum(),
             ),
         ]
+    }
+
+    /// Per produce stage (as [`PRODUCE_STAGES`]): observations and their
+    /// total in seconds, summed over shards.
+    pub fn produce_stage_totals(&self) -> Vec<(&'static str, u64, f64)> {
+        PRODUCE_STAGES
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| {
+                let mut total = self.shards[0].produce_stages[index].snapshot();
+                for s in &self.shards[1..] {
+                    s.produce_stages[index].add_into(&mut total);
+                }
+                (*stage, total.count, total.sum)
+            })
+            .collect()
     }
 
     /// Prometheus text exposition of the per-shard metrics.
@@ -473,6 +538,22 @@ impl NodeMetrics {
                 "sluice_wal_fsync_duration_seconds",
                 &format!("shard=\"{i}\""),
                 &s.sync_latency.snapshot(),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_produce_stage_seconds Where produce requests' time goes, by stage (all shards; see docs/operations.md).\n# TYPE sluice_produce_stage_seconds histogram"
+        );
+        for (index, stage) in PRODUCE_STAGES.iter().enumerate() {
+            let mut total = shards[0].produce_stages[index].snapshot();
+            for s in &shards[1..] {
+                s.produce_stages[index].add_into(&mut total);
+            }
+            histogram(
+                out,
+                "sluice_produce_stage_seconds",
+                &format!("stage=\"{stage}\""),
+                &total,
             );
         }
         let _ = writeln!(

@@ -266,7 +266,10 @@ async fn read_loop<R: futures_lite::AsyncRead + Unpin>(
     let mut frame_started: Option<Instant> = None;
     let mut handshaken = false;
     loop {
-        if let Some(frame) = frames.try_frame().map_err(|e| e.to_string())? {
+        if let Some(mut frame) = frames.try_frame().map_err(|e| e.to_string())? {
+            if let Some(started) = frame_started {
+                frame.receive_us = started.elapsed().as_micros() as u64;
+            }
             let bytes = held.split(frame.wire_bytes);
             frame_started = (frames.buffered() > 0).then(Instant::now);
             if !handshaken {

@@ -26,6 +26,9 @@ pub struct Frame {
     pub payload: Bytes,
     /// Bytes the frame took on the wire, prefix included.
     pub wire_bytes: usize,
+    /// Microseconds from its first byte's arrival to its last (set by the
+    /// connection; 0 when it came in one read).
+    pub receive_us: u64,
 }
 
 /// Why the connection's framing broke (the connection is closed).
@@ -130,6 +133,7 @@ impl FrameReader {
         let _ = frame.split_to(ENVELOPE_LENGTH_BYTES);
         let frame = frame.freeze();
         Ok(Some(Frame {
+            receive_us: 0,
             envelope: frame.slice(..envelope_bytes),
             payload: frame.slice(envelope_bytes..),
             wire_bytes: total,

@@ -311,9 +311,17 @@ async fn run_shard(
     glommio::spawn_local(shard.clone().retention_loop()).detach();
     {
         let metrics = shard.settings.metrics.shards[usize::from(id.0)].clone();
+        let sync_metrics = metrics.clone();
         wal.set_sync_observer(move |us, appends| {
-            metrics.sync_latency.observe(us);
-            metrics.appends_per_sync.observe(appends);
+            sync_metrics.sync_latency.observe(us);
+            sync_metrics.appends_per_sync.observe(appends);
+        });
+        wal.set_stage_observer(move |stages| {
+            use crate::metrics::ProduceStage;
+            metrics.stage(ProduceStage::WalQueue, stages.queue_us);
+            metrics.stage(ProduceStage::WalWrite, stages.write_us);
+            metrics.stage(ProduceStage::WalSyncWait, stages.sync_wait_us);
+            metrics.stage(ProduceStage::WalSync, stages.sync_us);
         });
     }
     glommio::spawn_local(shard.clone().publish_metrics_loop()).detach();

@@ -344,3 +344,51 @@ fn writes_ending_exactly_on_block_and_chunk_boundaries() {
         wal.close().await;
     });
 }
+
+#[test]
+fn large_writes_get_allocated_steps_small_ones_zero_filled_and_both_read_back_after_a_rescan() {
+    let dir = scratch("allocated-steps");
+    let config = config(&dir, 256 << 20);
+    let second = config.clone();
+    let wal_dir = config.dir.clone();
+    let sent = run(move || async move {
+        let (wal, _) = Wal::open(config).await.unwrap();
+        wal.create_log(LogId(1));
+        let mut sent = Vec::new();
+        // Small writes first: their steps are zero-filled.
+        for i in 0..6_000u64 {
+            let frame = batch(4, 1000, i);
+            append(&wal, 1, &frame).await;
+            sent.push(frame);
+        }
+        let small = wal.stats();
+        assert!(small.steps_zero_filled >= 1, "{small:?}");
+        assert_eq!(small.steps_allocated, 0, "{small:?}");
+        // Then ~1 MiB writes: once the average moves, steps are allocated.
+        for i in 0..120u64 {
+            let frame = batch(64, 16_000, 10_000 + i);
+            append(&wal, 1, &frame).await;
+            sent.push(frame);
+        }
+        let large = wal.stats();
+        assert!(large.steps_allocated >= 2, "{large:?}");
+        wal.close().await;
+        sent
+    });
+    // Without the checkpoint the whole segment is scanned: the allocated steps
+    // read as zeros past the last frame, like zero-filled ones.
+    let _ = std::fs::remove_file(wal_dir.join("checkpoint"));
+    run(move || async move {
+        let (wal, report) = Wal::open(second).await.unwrap();
+        assert!(!report.checkpoint_used);
+        assert_eq!(report.frames_scanned, sent.len() as u64);
+        let got = read_all(&wal, 1, 0).await;
+        assert_eq!(got.len(), sent.len());
+        for (stored, frame) in got.iter().zip(&sent) {
+            assert_eq!(client_bytes(stored), client_bytes(frame));
+        }
+        // Appends continue after the rescan.
+        append(&wal, 1, &batch(64, 16_000, 99_999)).await;
+        wal.close().await;
+    });
+}

@@ -292,6 +292,31 @@ fn metrics_count_what_the_node_did_in_prometheus_format() {
     assert!(value(&all, "sluice_wal_fsyncs_total") >= 1.0);
     assert!(value(&all, "sluice_wal_fsync_duration_seconds_count") >= 1.0);
     assert!(value(&all, "sluice_wal_appends_per_fsync_count") >= 1.0);
+    // Where produce time went: every stage was seen, and the parts of a request
+    // take no longer than the whole.
+    let stage = |name: &str, what: &str| {
+        value(
+            &all,
+            &format!("sluice_produce_stage_seconds_{what}{{stage=\"{name}\"}}"),
+        )
+    };
+    for name in [
+        "receive",
+        "verify",
+        "append",
+        "wal_queue",
+        "wal_write",
+        "wal_sync_wait",
+        "wal_sync",
+    ] {
+        assert!(stage(name, "count") >= 1.0, "stage {name}: {text}");
+    }
+    let produce_seconds = value(
+        &all,
+        "sluice_request_duration_seconds_sum{kind=\"produce\"}",
+    );
+    assert!(stage("wal_sync", "sum") > 0.0);
+    assert!(stage("verify", "sum") + stage("append", "sum") <= produce_seconds * 1.01 + 1e-3);
     assert!(value(&all, "sluice_fetched_bytes_total") > 0.0);
     assert!(value(&all, "sluice_connections_accepted_total") >= 1.0);
     let produce_requests: f64 = all

@@ -47,6 +47,11 @@ pub async fn dispatch(shard: &Rc<Shard>, frame: Frame) -> Option<Outgoing> {
         Err(message) => return Some(error_response(0, ErrorCode::MalformedRequest, &message)),
     };
     let kind = crate::metrics::kind_index(request.body_type().0);
+    if request.body_type() == wire::RequestBody::ProduceRequest {
+        shard
+            .metrics()
+            .stage(crate::metrics::ProduceStage::Receive, frame.receive_us);
+    }
     let response = serve(shard, request, &frame).await;
     {
         let metrics = shard.metrics();

@@ -12,6 +12,7 @@ use flatbuffers::FlatBufferBuilder;
 use sluice_schema::wire::{self, ErrorCode};
 
 use super::{checks, locate};
+use crate::metrics::ProduceStage;
 use crate::protocol::{cut_message, error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, ShardReply, ShardRequest};
@@ -30,6 +31,7 @@ pub(super) async fn handle(
     request: wire::ProduceRequest<'_>,
     payload: &Bytes,
 ) -> Option<Outgoing> {
+    let started = std::time::Instant::now();
     let acks = request.acks();
     if !(-1..=1).contains(&acks) {
         return Some(error_response(
@@ -60,6 +62,11 @@ pub(super) async fn handle(
             .collect();
         plan.push((topic.name().to_string(), partitions));
     }
+    let verified = std::time::Instant::now();
+    shard.metrics().stage(
+        ProduceStage::Verify,
+        (verified - started).as_micros() as u64,
+    );
     // Appends start in request order (join_all polls in order), so batches of one
     // partition keep their order within and across requests on this connection.
     let appends = plan
@@ -97,6 +104,9 @@ pub(super) async fn handle(
         Ok(futures::future::join_all(appends).await)
     })
     .await;
+    shard
+        .metrics()
+        .stage(ProduceStage::Append, verified.elapsed().as_micros() as u64);
     if acks == 0 {
         return None;
     }

@@ -34,4 +34,6 @@ pub use index::{IndexedFrame, LogState, Replicated, Run, WalPosition};
 pub use read::ReadBatches;
 pub use recovery::RecoveryReport;
 pub use retention::Retention;
-pub use wal::{now_ms, Appended, EntryFrame, LogWrite, ReplicatedView, Wal, WalConfig, WalStats};
+pub use wal::{
+    now_ms, Appended, EntryFrame, LogWrite, ReplicatedView, Wal, WalConfig, WalStages, WalStats,
+};

@@ -6,9 +6,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::error::{Result, StorageError};
-use super::segment::SegmentFile;
+use super::segment::{Extend, SegmentFile};
 use super::wal::{now_ms, Segment, Wal};
-use crate::limits::{SEGMENT_HEADER_BYTES, SEGMENT_ZERO_AHEAD_BYTES};
+use crate::limits::{SEGMENT_ALLOCATE_WRITE_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_ZERO_AHEAD_BYTES};
 use crate::types::SegmentId;
 
 /// After a failed zero-fill (a full disk), the extender tries again this much later.
@@ -21,7 +21,7 @@ pub(super) async fn extender_loop(wal: Rc<Wal>) {
     let mut shrunk_below = wal.state.borrow().active;
     loop {
         let wake = wal.extender_wake.wait();
-        let (file, want, active) = {
+        let (file, want, active, large_writes) = {
             let state = wal.state.borrow();
             if state.closing && state.writer_done {
                 break;
@@ -30,7 +30,8 @@ pub(super) async fn extender_loop(wal: Rc<Wal>) {
             let file = state.segments[&active].file.clone();
             let want = (state.write_byte + state.inflight_bytes as u64 + SEGMENT_ZERO_AHEAD_BYTES)
                 .min(file.capacity);
-            (file, want, active)
+            let large_writes = state.write_bytes_average >= SEGMENT_ALLOCATE_WRITE_BYTES as f64;
+            (file, want, active, large_writes)
         };
         if shrunk_below < active {
             shrink_rolled(&wal, shrunk_below, active).await;
@@ -40,8 +41,20 @@ pub(super) async fn extender_loop(wal: Rc<Wal>) {
             wake.await;
             continue;
         }
-        match file.extend().await {
-            Ok(_) => wal.state.borrow_mut().extend_error = None,
+        let how = if large_writes {
+            Extend::Allocate
+        } else {
+            Extend::ZeroFill
+        };
+        match file.extend(how).await {
+            Ok(_) => {
+                let mut state = wal.state.borrow_mut();
+                state.extend_error = None;
+                match how {
+                    Extend::ZeroFill => state.stats.steps_zero_filled += 1,
+                    Extend::Allocate => state.stats.steps_allocated += 1,
+                }
+            }
             Err(error) => {
                 tracing::warn!(path = %file.path.display(), %error, "cannot zero-fill more of the WAL segment; appends that need the space fail until it can");
                 let mut state = wal.state.borrow_mut();

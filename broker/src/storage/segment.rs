@@ -77,6 +77,23 @@ fn check_alignment(file: &DmaFile, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How the extender prepares the next step of a segment. Both leave blocks that
+/// exist and read as zeros, so recovery treats them alike; they differ in what
+/// the appends into them cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extend {
+    /// Write zeros: an append into them then overwrites written blocks, and its
+    /// fdatasync flushes data only. Best for small writes, whose fdatasync would
+    /// otherwise also commit the conversion of an unwritten extent each time; it
+    /// costs a second write of every byte and bursts of zeros that the appends
+    /// queue behind.
+    ZeroFill,
+    /// `fallocate` (unwritten extents): no bytes written ahead; each append's
+    /// fdatasync also commits its extent's conversion, a cost that large writes
+    /// amortize.
+    Allocate,
+}
+
 impl SegmentFile {
     /// Creates a new segment: zero-fills its first step, writes its header block
     /// last, syncs it, then syncs the directory so the file's name is durable too.
@@ -132,15 +149,23 @@ impl SegmentFile {
         self.zeroed_end.get()
     }
 
-    /// Zero-fills the next step (up to `capacity`) and makes it durable, so that
-    /// appends into it never change the file's size. Returns the new extent.
-    pub async fn extend(&self) -> Result<u64> {
+    /// Prepares the next step (up to `capacity`) and makes it durable, so that
+    /// appends into it never change the file's size: by zero-filling it or by
+    /// allocating it (see [`Extend`]). Returns the new extent.
+    pub async fn extend(&self, how: Extend) -> Result<u64> {
         let from = self.zeroed_end.get();
         let to = (from + SEGMENT_ZERO_STEP_BYTES).min(self.capacity);
         if to <= from {
             return Ok(from);
         }
-        self.zero_fill(from, to).await?;
+        match how {
+            Extend::ZeroFill => self.zero_fill(from, to).await?,
+            Extend::Allocate => self
+                .file
+                .pre_allocate(to, false)
+                .await
+                .map_err(|e| StorageError::glommio("fallocate segment", &self.path, e))?,
+        }
         self.sync().await?;
         self.zeroed_end.set(to);
         Ok(to)

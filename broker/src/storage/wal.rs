@@ -27,7 +27,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use glommio::task::JoinHandle;
@@ -100,6 +100,8 @@ pub(super) struct Pending {
     pub(super) seq: u64,
     /// Set on the last frame of an append call.
     pub(super) completion: Option<Rc<Completion<Result<()>>>>,
+    /// When it was queued for the writer.
+    pub(super) queued: Instant,
 }
 
 /// What a queued frame is to the index.
@@ -130,6 +132,11 @@ impl PendingKind {
 struct Written {
     seq_end: u64,
     bytes: usize,
+    /// When its oldest frame was queued, when the write was issued and when it
+    /// completed (for [`WalStages`]).
+    queued: Instant,
+    issued: Instant,
+    completed: Instant,
     /// (log, offset after its last frame in the write) to publish once durable.
     durable_ends: Vec<(LogId, Offset)>,
     completions: Vec<Rc<Completion<Result<()>>>>,
@@ -196,6 +203,10 @@ pub struct WalStats {
     pub sync_us_total: u64,
     /// Segments rolled.
     pub rolls: u64,
+    /// Segment steps the extender zero-filled.
+    pub steps_zero_filled: u64,
+    /// Segment steps the extender allocated (`fallocate`: large writes).
+    pub steps_allocated: u64,
     /// Reads served from the tail cache.
     pub cache_hits: u64,
     /// Reads that went to disk.
@@ -205,6 +216,8 @@ pub struct WalStats {
 }
 
 pub(super) struct State {
+    /// Moving average of the bytes per write (how the extender prepares space).
+    pub write_bytes_average: f64,
     pub segments: BTreeMap<SegmentId, Segment>,
     pub active: SegmentId,
     /// Next frame byte in the active segment.
@@ -254,10 +267,31 @@ pub struct Wal {
     /// Told the duration (µs) of every successful fdatasync and how many appends
     /// it made durable (metrics).
     sync_observer: SyncObserver,
+    /// Told the stages of every write once it is durable (metrics).
+    stage_observer: StageObserver,
 }
 
 /// See [`Wal::set_sync_observer`].
 type SyncObserver = RefCell<Option<Box<dyn Fn(u64, u64)>>>;
+
+/// See [`Wal::set_stage_observer`].
+type StageObserver = RefCell<Option<Box<dyn Fn(WalStages)>>>;
+
+/// Where one write's time went, in microseconds, from its oldest frame's
+/// queueing to the fdatasync that made it durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStages {
+    /// Queued until the writer issued the write (waiting for an earlier write,
+    /// a segment roll or zero-filled space).
+    pub queue_us: u64,
+    /// The write itself (issued → completed).
+    pub write_us: u64,
+    /// Written, until the fdatasync covering it was issued (an earlier
+    /// fdatasync still running).
+    pub sync_wait_us: u64,
+    /// The fdatasync covering it.
+    pub sync_us: u64,
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -321,6 +355,7 @@ impl Wal {
                 preparing_spare: false,
                 extend_error: None,
                 stats: WalStats::default(),
+                write_bytes_average: 0.0,
             }),
             writer_wake: Notify::default(),
             syncer_wake: Notify::default(),
@@ -330,6 +365,7 @@ impl Wal {
             durable_advanced: Notify::default(),
             tasks: RefCell::new(Vec::new()),
             sync_observer: RefCell::new(None),
+            stage_observer: RefCell::new(None),
         });
         let writer = glommio::spawn_local(writer_loop(wal.clone())).detach();
         let syncer = glommio::spawn_local(syncer_loop(wal.clone())).detach();
@@ -499,6 +535,7 @@ impl Wal {
         batches: &[(Bytes, BatchInfo)],
         bytes: usize,
     ) -> Result<(Rc<Completion<Result<()>>>, Appended)> {
+        let now = Instant::now();
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         if let Some((offset, error)) = state.corrupt.get(&log) {
@@ -542,6 +579,7 @@ impl Wal {
                 kind: PendingKind::Batch,
                 seq,
                 completion: (position + 1 == batches.len()).then(|| completion.clone()),
+                queued: now,
             });
         }
         state.inflight_bytes += bytes;
@@ -643,6 +681,7 @@ impl Wal {
                 seq: 0,
                 completion: None,
                 frame: frame.frame,
+                queued: Instant::now(),
             });
         }
         if let Some(Control::State { hard_state, anchor }) = write.state {
@@ -963,6 +1002,7 @@ async fn write_once(wal: &Rc<Wal>) {
     };
     // The chunks go out concurrently (queue depth for large writes); only the first
     // block overlaps the previous write, which has completed.
+    let issued = Instant::now();
     let writes = buffers
         .into_iter()
         .enumerate()
@@ -974,7 +1014,7 @@ async fn write_once(wal: &Rc<Wal>) {
         .map(|_| ());
     let mut state = wal.state.borrow_mut();
     match result {
-        Ok(()) => record_write(wal, &mut state, taken, end, new_tail),
+        Ok(()) => record_write(wal, &mut state, taken, end, new_tail, issued),
         Err(error) => {
             tracing::error!(shard = %wal.config.shard, %error, "WAL write failed");
             // Put the taken frames back in front so they fail (and roll back) together.
@@ -1019,7 +1059,16 @@ async fn wait_for_extent(wal: &Rc<Wal>) -> bool {
 }
 
 /// Publishes a completed write: index, cache, segment contents, tail block.
-fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new_tail: Vec<u8>) {
+fn record_write(
+    wal: &Wal,
+    state: &mut State,
+    taken: Vec<Pending>,
+    end: u64,
+    new_tail: Vec<u8>,
+    issued: Instant,
+) {
+    let completed = Instant::now();
+    let queued = taken.iter().map(|p| p.queued).min().unwrap_or(issued);
     let active = state.active;
     let mut position = state.write_byte;
     let mut durable_ends: Vec<(LogId, Offset)> = Vec::new();
@@ -1063,9 +1112,13 @@ fn record_write(wal: &Wal, state: &mut State, taken: Vec<Pending>, end: u64, new
     }
     state.written_seq = seq_end;
     state.stats.writes += 1;
+    state.write_bytes_average = 0.9 * state.write_bytes_average + 0.1 * bytes as f64;
     state.unsynced.push_back(Written {
         seq_end,
         bytes,
+        queued,
+        issued,
+        completed,
         durable_ends,
         completions,
     });
@@ -1173,6 +1226,7 @@ fn control_pending(
         kind,
         seq: 0,
         completion: None,
+        queued: Instant::now(),
     }
 }
 
@@ -1269,7 +1323,7 @@ async fn syncer_loop(wal: Rc<Wal>) {
             wake.await;
             continue;
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = file.sync().await;
         let elapsed_us = started.elapsed().as_micros() as u64;
         let mut state = wal.state.borrow_mut();
@@ -1277,6 +1331,7 @@ async fn syncer_loop(wal: Rc<Wal>) {
         state.stats.sync_us_total += elapsed_us;
         match result {
             Ok(()) => {
+                report_stages(&wal, &state, target, started, elapsed_us);
                 let appends = publish_durable(&wal, &mut state, target);
                 if let Some(observe) = wal.sync_observer.borrow().as_ref() {
                     observe(elapsed_us, appends);
@@ -1296,6 +1351,26 @@ async fn syncer_loop(wal: Rc<Wal>) {
                 wal.fail_pending(&mut state, &error);
             }
         }
+    }
+}
+
+/// Tells the stage observer where the time of each write up to `target` went;
+/// `sync_started` is when the fdatasync that covers them was issued.
+fn report_stages(wal: &Wal, state: &State, target: u64, sync_started: Instant, sync_us: u64) {
+    let observer = wal.stage_observer.borrow();
+    let Some(observe) = observer.as_ref() else {
+        return;
+    };
+    let micros = |later: Instant, earlier: Instant| {
+        later.saturating_duration_since(earlier).as_micros() as u64
+    };
+    for written in state.unsynced.iter().take_while(|w| w.seq_end <= target) {
+        observe(WalStages {
+            queue_us: micros(written.issued, written.queued),
+            write_us: micros(written.completed, written.issued),
+            sync_wait_us: micros(sync_started, written.completed),
+            sync_us,
+        });
     }
 }
 
@@ -1328,6 +1403,12 @@ impl Wal {
     /// the number of appends it made durable.
     pub fn set_sync_observer(&self, observe: impl Fn(u64, u64) + 'static) {
         *self.sync_observer.borrow_mut() = Some(Box::new(observe));
+    }
+
+    /// Sets the function told, for every write once it is durable, where its
+    /// time went ([`WalStages`]).
+    pub fn set_stage_observer(&self, observe: impl Fn(WalStages) + 'static) {
+        *self.stage_observer.borrow_mut() = Some(Box::new(observe));
     }
 
     /// Waits until every write issued so far is durable.
