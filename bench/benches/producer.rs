@@ -72,9 +72,10 @@ fn text_value(bytes: usize, seed: u64) -> Bytes {
 }
 
 fn bench_producer(c: &mut Criterion) {
-    let data_dir = std::env::current_dir()
-        .expect("a working directory")
-        .join(format!("target/producer-bench-{}", std::process::id()));
+    // Cargo's scratch directory for benches (under the workspace's target/, a
+    // real filesystem), not the package directory a bench runs in.
+    let data_dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("producer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir).expect("a data dir");
     let mut config = BrokerConfig::new(&data_dir, "127.0.0.1:0".parse().expect("an address"));
     config.shards = 1;

@@ -96,14 +96,9 @@ pub fn produce(
     )
 }
 
-/// Fetches from an offset; returns (error, high watermark, log start, payload bytes).
-pub fn fetch(
-    raw: &mut Raw,
-    topic: &str,
-    partition: u32,
-    offset: u64,
-) -> (ErrorCode, u64, u64, usize) {
-    let body = RequestBody::Fetch {
+/// A fetch of up to 1 MiB from one partition, without waiting.
+pub fn fetch_body(topic: &str, partition: u32, offset: u64) -> RequestBody {
+    RequestBody::Fetch {
         max_wait_ms: 0,
         min_bytes: 0,
         max_bytes: 1 << 20,
@@ -115,8 +110,19 @@ pub fn fetch(
                 max_bytes: 1 << 20,
             }],
         )],
-    };
-    let reply = raw.request(&body, &[]).unwrap();
+    }
+}
+
+/// Fetches from an offset; returns (error, high watermark, log start, payload bytes).
+pub fn fetch(
+    raw: &mut Raw,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> (ErrorCode, u64, u64, usize) {
+    let reply = raw
+        .request(&fetch_body(topic, partition, offset), &[])
+        .unwrap();
     let response = reply.response();
     let result = response
         .body_as_fetch_response()

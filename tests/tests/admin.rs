@@ -300,15 +300,7 @@ fn metrics_count_what_the_node_did_in_prometheus_format() {
             &format!("sluice_produce_stage_seconds_{what}{{stage=\"{name}\"}}"),
         )
     };
-    for name in [
-        "receive",
-        "verify",
-        "append",
-        "wal_queue",
-        "wal_write",
-        "wal_sync_wait",
-        "wal_sync",
-    ] {
+    for name in sluice_broker::metrics::PRODUCE_STAGES {
         assert!(stage(name, "count") >= 1.0, "stage {name}: {text}");
     }
     let produce_seconds = value(

@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used)]
 
 use sluice_client::batch::{BatchBuilder, Compression};
-use sluice_client::request::{FetchPartitionSpec, RequestBody};
 use sluice_schema::batch as layout;
 use sluice_schema::compression::RECORDS_BYTES_MAX;
 use sluice_schema::wire::ErrorCode;
@@ -93,20 +92,7 @@ fn every_codec_round_trips_through_the_cli_and_compressible_data_takes_less_disk
 
 /// The bytes of every batch in the first fetch from `offset`.
 fn fetch_payload(raw: &mut Raw, topic: &str, offset: u64) -> Vec<u8> {
-    let body = RequestBody::Fetch {
-        max_wait_ms: 0,
-        min_bytes: 0,
-        max_bytes: 1 << 20,
-        topics: vec![(
-            topic.into(),
-            vec![FetchPartitionSpec {
-                partition: 0,
-                offset,
-                max_bytes: 1 << 20,
-            }],
-        )],
-    };
-    let reply = raw.request(&body, &[]).unwrap();
+    let reply = raw.request(&fetch_body(topic, 0, offset), &[]).unwrap();
     assert_eq!(reply.response().error(), ErrorCode::None);
     reply.payload.to_vec()
 }
