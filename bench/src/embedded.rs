@@ -30,7 +30,11 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 impl Embedded {
     /// Starts a broker with one shard per CPU in `cpus`.
-    pub fn start(data_root: &std::path::Path, cpus: &[usize]) -> Result<Embedded, String> {
+    pub fn start(
+        data_root: &std::path::Path,
+        cpus: &[usize],
+        tail_cache_mib: Option<usize>,
+    ) -> Result<Embedded, String> {
         let data_dir = data_root.join(format!("sluice-bench-data-{}", std::process::id()));
         std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
         if is_tmpfs(&data_dir) {
@@ -44,6 +48,9 @@ impl Embedded {
         config.shards = cpus.len();
         config.cpus = Some(cpus.to_vec());
         config.segment_bytes = 256 << 20;
+        if let Some(mib) = tail_cache_mib {
+            config.tail_cache_bytes = mib << 20;
+        }
         let handle = runtime::start(config)?;
         let _ = METRICS.set(handle.metrics.clone());
         let addr = handle.addr;

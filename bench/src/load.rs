@@ -101,6 +101,10 @@ pub struct Workload {
     /// Records written before a consume run.
     #[arg(long, default_value_t = 500_000)]
     pub prefill_records: u64,
+    /// Consumers: fetches in flight per broker shard (pieces of a partition
+    /// read ahead at once); 1 = one fetch at a time.
+    #[arg(long, default_value_t = ConsumerConfig::default().fetches_in_flight)]
+    pub fetches_in_flight: usize,
     /// Idempotent producers (the client's default): `--idempotent false` turns
     /// it off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -708,6 +712,7 @@ async fn consumer_task(
 ) -> Result<(), String> {
     let config = ConsumerConfig {
         max_wait: Duration::from_millis(100),
+        fetches_in_flight: workload.fetches_in_flight,
         start: if kind == Kind::E2e {
             SeekTo::End
         } else {
@@ -764,5 +769,10 @@ async fn consumer_task(
             }
         }
     }
+    let stats = consumer.stats();
+    eprintln!(
+        "consumer {index}: {} fetches ({} pipelined pieces, {} dropped), up to {} in flight per shard",
+        stats.fetches, stats.pieces, stats.pieces_dropped, stats.in_flight_max
+    );
     Ok(())
 }

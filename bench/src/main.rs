@@ -66,6 +66,10 @@ struct Run {
     /// Where the embedded broker's temporary data dir goes (a real filesystem).
     #[arg(long, default_value = "target")]
     data_dir: PathBuf,
+    /// The embedded broker's tail cache per shard, MiB (the broker's default:
+    /// 64). A consume run whose prefill fits in it is served from memory.
+    #[arg(long)]
+    tail_cache_mib: Option<usize>,
     /// Write results, configuration and machine facts as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -114,7 +118,11 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
     let (broker_cpus, load_cpus) = default_cpus(&run);
     let embedded = match &run.brokers {
         Some(_) => None,
-        None => Some(embedded::Embedded::start(&run.data_dir, &broker_cpus)?),
+        None => Some(embedded::Embedded::start(
+            &run.data_dir,
+            &broker_cpus,
+            run.tail_cache_mib,
+        )?),
     };
     let brokers = run.brokers.clone().unwrap_or_else(|| {
         embedded
@@ -131,6 +139,11 @@ fn execute(command: &str, run: Run, kind: Kind) -> Result<(), String> {
             Vec::new()
         },
         load_cpus: load_cpus.clone(),
+        tail_cache_bytes: match (&embedded, run.tail_cache_mib) {
+            (None, _) => 0,
+            (Some(_), Some(mib)) => mib << 20,
+            (Some(_), None) => sluice_broker::limits::TAIL_CACHE_BYTES_DEFAULT,
+        },
     };
     let runtime = runtime(&load_cpus)?;
     let tty = std::io::stderr().is_terminal();

@@ -20,6 +20,9 @@ pub struct Placement {
     pub broker_cpus: Vec<usize>,
     /// CPUs given to the load generator.
     pub load_cpus: Vec<usize>,
+    /// The embedded broker's tail cache per shard, bytes (0 for a running broker:
+    /// unknown here).
+    pub tail_cache_bytes: usize,
 }
 
 /// The whole `--json` document.

@@ -144,6 +144,8 @@ pub struct PartitionRead {
     pub offset: Offset,
     /// The partition's own byte budget.
     pub max_bytes: usize,
+    /// Where the read stops (a pipelined fetch's range).
+    pub range: crate::storage::ReadRange,
 }
 
 /// Work one shard asks another to do.

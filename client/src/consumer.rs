@@ -1,11 +1,21 @@
 //! [`Consumer`]: reads assigned partitions (no consumer groups yet).
 //!
-//! The consumer keeps at most one fetch in flight per broker shard, covering all
-//! assigned partitions that shard owns, sent on that shard's connection. Fetches
-//! long-poll (`max_wait`), and the next fetch for a shard starts as soon as the
-//! previous one returns, while fewer than `buffered_bytes_max` bytes wait to be
-//! consumed (prefetch). Fetched batches are kept as zero-copy slices of the
-//! response frame; records are decoded only when consumed.
+//! The consumer keeps up to `fetches_in_flight` fetches in flight per broker
+//! shard, each covering the assigned partitions that shard owns that want one,
+//! sent on that shard's connection. Fetches long-poll (`max_wait`), and the next
+//! fetch starts as soon as one returns, while fewer than `buffered_bytes_max`
+//! bytes wait to be consumed (prefetch). Fetched batches are kept as zero-copy
+//! slices of the response frame; records are decoded only when consumed.
+//!
+//! A partition that is behind its high watermark by more than a fetch is read
+//! as a pipeline: the range ahead is cut into pieces of about a fetch's worth
+//! of records (from the bytes per record seen so far), fetched at once, each
+//! asking for the batches that start inside its piece (`end_offset`,
+//! `whole_batches`), so the pieces join without overlap. Results are applied in
+//! piece order whatever order they arrive in. A piece that comes back short
+//! (its byte budget cut it) leaves a gap before the next one: the pieces after
+//! it are dropped and reading goes on from where the data ends, so a wrong
+//! guess costs a fetch, never a record.
 //!
 //! Positions are resolved lazily: a seek to `Beginning`, `End` or a timestamp
 //! becomes a ListOffsets lookup right before the partition's next fetch. A seek
@@ -14,7 +24,7 @@
 //! fetching the partition (its slot is kept, so outcomes still in flight for
 //! it are recognized and dropped).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -60,6 +70,9 @@ pub struct ConsumerConfig {
     pub start: SeekTo,
     /// No new fetch starts while this many fetched bytes wait to be consumed.
     pub buffered_bytes_max: usize,
+    /// Fetches in flight per broker shard, and pieces in flight per partition
+    /// read as a pipeline (1: one fetch at a time, no pipeline).
+    pub fetches_in_flight: usize,
     /// Pause after a retriable fetch failure.
     pub retry_backoff: Duration,
 }
@@ -73,6 +86,7 @@ impl Default for ConsumerConfig {
             partition_max_bytes: 4 * 1024 * 1024,
             start: SeekTo::Beginning,
             buffered_bytes_max: 64 * 1024 * 1024,
+            fetches_in_flight: 4,
             retry_backoff: Duration::from_millis(100),
         }
     }
@@ -152,23 +166,50 @@ struct PartState {
     fetch: Position,
     consumed: Option<u64>,
     epoch: u64,
-    in_flight: bool,
+    /// Fetches in flight for the partition, in offset order (pieces of a
+    /// pipeline; only the last may be unbounded).
+    window: VecDeque<Slot>,
+    /// Moves on when the window is dropped: outcomes of older pieces are ignored.
+    window_gen: u64,
+    next_seq: u64,
+    /// A route lookup is in flight.
+    routing: bool,
     paused: bool,
     high_watermark: Option<u64>,
     log_start_offset: Option<u64>,
+    /// Averages of what fetches returned (0: nothing yet): they size the pieces.
+    bytes_per_record: f64,
+    bytes_per_batch: f64,
+}
+
+/// One fetch of a partition in flight.
+struct Slot {
+    seq: u64,
+    /// First offset of the piece (`None` for a first fetch from a pending seek).
+    start: Option<u64>,
+    /// End of the piece; `None`: up to the high watermark (the window's last).
+    end: Option<u64>,
+    /// The outcome, once it came, kept until the pieces before it are applied.
+    result: Option<Result<(u64, FetchPartitionResult)>>,
 }
 
 struct FetchItem {
     index: usize,
     epoch: u64,
+    window_gen: u64,
+    seq: u64,
     topic: Arc<str>,
     partition: u32,
     position: Position,
+    end: Option<u64>,
+    whole_batches: bool,
 }
 
 struct ItemOutcome {
     index: usize,
     epoch: u64,
+    window_gen: u64,
+    seq: u64,
     result: Result<(u64, FetchPartitionResult)>,
 }
 
@@ -193,14 +234,28 @@ pub struct Consumer {
     config: ConsumerConfig,
     parts: Vec<PartState>,
     index: HashMap<(Arc<str>, u32), usize>,
-    /// Leaders with a fetch in flight (one fetch per leader shard at a time).
-    targets_busy: HashSet<Target>,
+    /// Fetches in flight per leader shard.
+    target_fetches: HashMap<Target, usize>,
     outcomes_tx: mpsc::UnboundedSender<Outcome>,
     outcomes: mpsc::UnboundedReceiver<Outcome>,
     buffer: VecDeque<FetchedBatch>,
     buffered_bytes: usize,
     current: Option<Current>,
     errors: VecDeque<Error>,
+    stats: ConsumerStats,
+}
+
+/// What a consumer's fetching did (counters since it was created).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Fetch requests sent.
+    pub fetches: u64,
+    /// Partition fetches that were a bounded piece of a pipeline.
+    pub pieces: u64,
+    /// Pieces dropped unused (the one before came back short, or failed).
+    pub pieces_dropped: u64,
+    /// Most fetches in flight to one broker shard at once.
+    pub in_flight_max: usize,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -220,13 +275,14 @@ impl Consumer {
             config,
             parts: Vec::new(),
             index: HashMap::new(),
-            targets_busy: HashSet::new(),
+            target_fetches: HashMap::new(),
             outcomes_tx,
             outcomes,
             buffer: VecDeque::new(),
             buffered_bytes: 0,
             current: None,
             errors: VecDeque::new(),
+            stats: ConsumerStats::default(),
         }
     }
 
@@ -286,6 +342,7 @@ impl Consumer {
                 part.paused = false;
                 part.high_watermark = None;
                 part.log_start_offset = None;
+                part.window.clear();
                 continue;
             }
             self.index.insert(key, self.parts.len());
@@ -297,10 +354,15 @@ impl Consumer {
                 fetch,
                 consumed,
                 epoch: 0,
-                in_flight: false,
+                window: VecDeque::new(),
+                window_gen: 0,
+                next_seq: 0,
+                routing: false,
                 paused: false,
                 high_watermark: None,
                 log_start_offset: None,
+                bytes_per_record: 0.0,
+                bytes_per_batch: 0.0,
             });
         }
         Ok(())
@@ -318,6 +380,7 @@ impl Consumer {
         part.consumed = None;
         part.high_watermark = None;
         part.log_start_offset = None;
+        part.window.clear();
         self.drop_buffered(index);
         Ok(())
     }
@@ -377,6 +440,7 @@ impl Consumer {
             SeekTo::Offset(offset) => Some(offset),
             _ => None,
         };
+        part.window.clear();
         self.drop_buffered(index);
         Ok(())
     }
@@ -390,6 +454,11 @@ impl Consumer {
     /// The high watermark seen in the latest fetch of the partition.
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Result<Option<u64>> {
         Ok(self.parts[self.part_index(topic, partition)?].high_watermark)
+    }
+
+    /// Counters of the fetches made so far.
+    pub fn stats(&self) -> ConsumerStats {
+        self.stats
     }
 
     /// The log start offset seen in the latest fetch of the partition.
@@ -505,28 +574,36 @@ impl Consumer {
         if self.buffered_bytes >= self.config.buffered_bytes_max {
             return;
         }
-        let mut by_target: HashMap<Target, Vec<FetchItem>> = HashMap::new();
+        let depth = self.config.fetches_in_flight.max(1);
+        // Per target, requests by rank: a partition's n-th new piece goes in the
+        // target's n-th new request.
+        let mut by_target: HashMap<Target, Vec<Vec<FetchItem>>> = HashMap::new();
         let mut unrouted: Vec<(usize, u64, Arc<str>, u32)> = Vec::new();
         for (index, part) in self.parts.iter_mut().enumerate() {
-            if part.in_flight || part.paused || !part.assigned {
+            if part.routing || part.paused || !part.assigned {
                 continue;
             }
             let Some(target) = part.target else {
-                part.in_flight = true;
-                unrouted.push((index, part.epoch, part.topic.clone(), part.partition));
+                if part.window.is_empty() {
+                    part.routing = true;
+                    unrouted.push((index, part.epoch, part.topic.clone(), part.partition));
+                }
                 continue;
             };
-            if self.targets_busy.contains(&target) {
-                continue;
+            let busy = self.target_fetches.get(&target).copied().unwrap_or(0);
+            let requests = by_target.entry(target).or_default();
+            let max_bytes = self.config.partition_max_bytes;
+            let mut rank = 0;
+            while busy + rank < depth {
+                let Some(item) = next_piece(part, index, depth, max_bytes) else {
+                    break;
+                };
+                if requests.len() <= rank {
+                    requests.push(Vec::new());
+                }
+                requests[rank].push(item);
+                rank += 1;
             }
-            part.in_flight = true;
-            by_target.entry(target).or_default().push(FetchItem {
-                index,
-                epoch: part.epoch,
-                topic: part.topic.clone(),
-                partition: part.partition,
-                position: part.fetch,
-            });
         }
         if !unrouted.is_empty() {
             tokio::spawn(route_task(
@@ -536,16 +613,22 @@ impl Consumer {
                 self.outcomes_tx.clone(),
             ));
         }
-        for (target, items) in by_target {
-            self.targets_busy.insert(target);
-            let task = fetch_task(
-                self.client.clone(),
-                self.config.clone(),
-                target,
-                items,
-                self.outcomes_tx.clone(),
-            );
-            tokio::spawn(task);
+        for (target, requests) in by_target {
+            for items in requests {
+                let count = self.target_fetches.entry(target).or_default();
+                *count += 1;
+                self.stats.fetches += 1;
+                self.stats.in_flight_max = self.stats.in_flight_max.max(*count);
+                self.stats.pieces += items.iter().filter(|item| item.end.is_some()).count() as u64;
+                let task = fetch_task(
+                    self.client.clone(),
+                    self.config.clone(),
+                    target,
+                    items,
+                    self.outcomes_tx.clone(),
+                );
+                tokio::spawn(task);
+            }
         }
     }
 
@@ -554,7 +637,7 @@ impl Consumer {
             Outcome::Routed(routes) => {
                 for (index, epoch, target) in routes {
                     let part = &mut self.parts[index];
-                    part.in_flight = false;
+                    part.routing = false;
                     if epoch == part.epoch || part.target.is_none() {
                         part.target = target;
                     }
@@ -562,39 +645,97 @@ impl Consumer {
                 return;
             }
             Outcome::Fetched { target, items } => {
-                self.targets_busy.remove(&target);
+                if let Some(count) = self.target_fetches.get_mut(&target) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.target_fetches.remove(&target);
+                    }
+                }
                 items
             }
         };
         for item in items {
             let part = &mut self.parts[item.index];
-            part.in_flight = false;
-            if item.epoch != part.epoch {
+            if item.epoch != part.epoch || item.window_gen != part.window_gen {
                 continue;
             }
-            let stale = match &item.result {
-                Err(error) => error.means_stale_route(),
-                Ok((_, result)) => result.error.means_stale_route(),
+            let Some(slot) = part.window.iter_mut().find(|slot| slot.seq == item.seq) else {
+                continue;
             };
-            if stale {
-                tracing::debug!(topic = %part.topic, partition = part.partition, "leader moved or unreachable; refreshing its route");
-                part.target = None;
-                continue;
+            slot.result = Some(item.result);
+            self.apply_window(item.index);
+        }
+    }
+
+    /// Applies the outcomes at the head of a partition's window, in piece order.
+    fn apply_window(&mut self, index: usize) {
+        loop {
+            let part = &mut self.parts[index];
+            if part.window.front().is_none_or(|slot| slot.result.is_none()) {
+                return;
             }
-            match item.result {
-                Ok((offset, result)) => self.apply_partition(item.index, offset, result),
-                Err(error) if error.is_retriable() => {
-                    tracing::debug!(%error, topic = %part.topic, partition = part.partition, "fetch failed; retrying");
-                }
-                Err(error) => {
-                    part.paused = true;
-                    self.errors.push_back(error);
-                }
+            let Some(Slot {
+                start,
+                result: Some(result),
+                ..
+            }) = part.window.pop_front()
+            else {
+                return;
+            };
+            if !self.apply_slot(index, start, result) {
+                // Drop the pieces after it; reading goes on from the position.
+                let part = &mut self.parts[index];
+                self.stats.pieces_dropped += part.window.len() as u64;
+                part.window.clear();
+                part.window_gen += 1;
+                return;
             }
         }
     }
 
-    fn apply_partition(&mut self, index: usize, offset: u64, result: FetchPartitionResult) {
+    /// Applies one fetch outcome; false if the pieces after it cannot be used
+    /// (an error, or this piece came back short of where the next one starts).
+    fn apply_slot(
+        &mut self,
+        index: usize,
+        start: Option<u64>,
+        result: Result<(u64, FetchPartitionResult)>,
+    ) -> bool {
+        let part = &mut self.parts[index];
+        let stale = match &result {
+            Err(error) => error.means_stale_route(),
+            Ok((_, result)) => result.error.means_stale_route(),
+        };
+        if stale {
+            tracing::debug!(topic = %part.topic, partition = part.partition, "leader moved or unreachable; refreshing its route");
+            part.target = None;
+            return false;
+        }
+        match result {
+            Ok((offset, result)) => {
+                if let (Some(start), Position::Resolved(position)) = (start, part.fetch) {
+                    if start > position {
+                        // The piece before this one ended short of it.
+                        self.stats.pieces_dropped += 1;
+                        return false;
+                    }
+                }
+                self.apply_partition(index, offset, result)
+            }
+            Err(error) if error.is_retriable() => {
+                tracing::debug!(%error, topic = %part.topic, partition = part.partition, "fetch failed; retrying");
+                false
+            }
+            Err(error) => {
+                part.paused = true;
+                self.errors.push_back(error);
+                false
+            }
+        }
+    }
+
+    /// Buffers the batches of one fetch outcome; false on an error or a gap.
+    fn apply_partition(&mut self, index: usize, offset: u64, result: FetchPartitionResult) -> bool {
         let part = &mut self.parts[index];
         part.high_watermark = Some(result.high_watermark);
         part.log_start_offset = Some(result.log_start_offset);
@@ -607,21 +748,28 @@ impl Consumer {
                 part.paused = true;
                 self.errors.push_back(error);
             }
-            return;
+            return false;
         }
+        let (mut bytes, mut records, mut batches) = (0usize, 0u64, 0u32);
         for batch in BatchIter::new(result.records) {
             let batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
                     part.paused = true;
                     self.errors.push_back(error);
-                    return;
+                    return false;
                 }
             };
-            if batch.header.next_offset() <= offset {
+            let Position::Resolved(position) = part.fetch else {
+                return false;
+            };
+            if batch.header.next_offset() <= position.max(offset) {
                 continue;
             }
             part.fetch = Position::Resolved(batch.header.next_offset());
+            bytes += batch.frame.len();
+            records += u64::from(batch.header.record_count);
+            batches += 1;
             self.buffered_bytes += batch.frame.len();
             self.buffer.push_back(FetchedBatch {
                 topic: part.topic.clone(),
@@ -632,7 +780,74 @@ impl Consumer {
                 epoch: part.epoch,
             });
         }
+        if records > 0 {
+            let per_record = bytes as f64 / records as f64;
+            let per_batch = bytes as f64 / f64::from(batches);
+            if part.bytes_per_record == 0.0 {
+                part.bytes_per_record = per_record;
+                part.bytes_per_batch = per_batch;
+            } else {
+                part.bytes_per_record = 0.75 * part.bytes_per_record + 0.25 * per_record;
+                part.bytes_per_batch = 0.75 * part.bytes_per_batch + 0.25 * per_batch;
+            }
+        }
+        true
     }
+}
+
+/// The partition's next fetch, if it may start one: the first fetch from its
+/// position, or the next piece of its pipeline (bounded while the piece ends
+/// below the high watermark seen, else the window's unbounded last fetch).
+fn next_piece(
+    part: &mut PartState,
+    index: usize,
+    depth: usize,
+    partition_max_bytes: u32,
+) -> Option<FetchItem> {
+    if part.window.len() >= depth || part.window.back().is_some_and(|slot| slot.end.is_none()) {
+        return None;
+    }
+    let (start, whole_batches) = match part.window.back() {
+        Some(last) => (Position::Resolved(last.end?), true),
+        None => (part.fetch, false),
+    };
+    let end = match (start, part.high_watermark) {
+        (Position::Resolved(start), Some(high_watermark))
+            if depth > 1 && part.bytes_per_record > 0.0 =>
+        {
+            // Room for a batch past the piece's end (the last batch may start
+            // inside and end beyond) and for batch sizes to vary.
+            let budget = f64::from(partition_max_bytes);
+            let piece_bytes = (budget - 2.0 * part.bytes_per_batch).max(budget / 4.0);
+            let records = (piece_bytes / part.bytes_per_record).max(1.0) as u64;
+            let end = start.saturating_add(records);
+            (end < high_watermark).then_some(end)
+        }
+        _ => None,
+    };
+    let seq = part.next_seq;
+    part.next_seq += 1;
+    let start_offset = match start {
+        Position::Resolved(offset) => Some(offset),
+        Position::Pending(_) => None,
+    };
+    part.window.push_back(Slot {
+        seq,
+        start: start_offset.filter(|_| whole_batches),
+        end,
+        result: None,
+    });
+    Some(FetchItem {
+        index,
+        epoch: part.epoch,
+        window_gen: part.window_gen,
+        seq,
+        topic: part.topic.clone(),
+        partition: part.partition,
+        position: start,
+        end,
+        whole_batches,
+    })
 }
 
 fn fetch_error(part: &PartState, offset: u64, result: &FetchPartitionResult) -> Result<()> {
@@ -744,6 +959,8 @@ async fn fetch_task(
         outcome_items.push(ItemOutcome {
             index: item.index,
             epoch: item.epoch,
+            window_gen: item.window_gen,
+            seq: item.seq,
             result,
         });
     }
@@ -774,6 +991,8 @@ async fn fetch(
             partition: item.partition,
             offset: *offset,
             max_bytes: config.partition_max_bytes,
+            end_offset: item.end.unwrap_or(0),
+            whole_batches: item.whole_batches,
         };
         match topics.iter_mut().find(|(name, _)| **name == *item.topic) {
             Some((_, specs)) => specs.push(spec),

@@ -50,7 +50,7 @@ mod producer;
 
 pub use batch::Compression;
 pub use client::{Client, ClientConfig, ListedOffset, Target, TopicRoute};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, SeekTo};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, ConsumerStats, FetchedBatch, SeekTo};
 pub use dlq::{process_with_retry, Processed, RetryPolicy};
 pub use error::{Code, Error, Result};
 pub use group::{AutoOffsetReset, GroupConsumer, GroupConsumerBuilder, RebalanceHook};

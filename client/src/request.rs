@@ -54,7 +54,7 @@ pub struct ProduceTopicRanges {
 }
 
 /// One partition to fetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FetchPartitionSpec {
     /// Partition.
     pub partition: u32,
@@ -62,6 +62,11 @@ pub struct FetchPartitionSpec {
     pub offset: u64,
     /// Per-partition byte budget.
     pub max_bytes: u32,
+    /// No batch starting at or past this is returned (0: no bound).
+    pub end_offset: u64,
+    /// Only batches starting at or past `offset` (a fetch continuing another
+    /// that returned the batch holding `offset`).
+    pub whole_batches: bool,
 }
 
 /// One partition to look an offset up for.
@@ -637,6 +642,8 @@ fn encode_fetch(
                     partition: spec.partition,
                     offset: spec.offset,
                     max_bytes: spec.max_bytes,
+                    end_offset: spec.end_offset,
+                    whole_batches: spec.whole_batches,
                 };
                 wire::FetchPartition::create(fbb, &args)
             })

@@ -108,6 +108,7 @@ pub fn fetch_body(topic: &str, partition: u32, offset: u64) -> RequestBody {
                 partition,
                 offset,
                 max_bytes: 1 << 20,
+                ..Default::default()
             }],
         )],
     }

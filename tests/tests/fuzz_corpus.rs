@@ -130,6 +130,7 @@ fn request_bodies() -> Vec<(RequestBody, Vec<u8>)> {
                         partition: 0,
                         offset: 5,
                         max_bytes: 4096,
+                        ..Default::default()
                     }],
                 )],
             },

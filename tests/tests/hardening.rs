@@ -51,6 +51,7 @@ fn a_fetch_waiting_for_more_than_exists_neither_spins_nor_stalls_its_shard() {
                     partition: 0,
                     offset: 0,
                     max_bytes: 16 << 20,
+                    ..Default::default()
                 }],
             )],
         };
@@ -170,6 +171,7 @@ fn requests_are_bounded_and_duplicates_refused() {
             partition: i % 1000,
             offset: 0,
             max_bytes: 1,
+            ..Default::default()
         })
         .collect();
     let body = RequestBody::Fetch {

@@ -6,6 +6,9 @@
 //! never reads much more than it can send (at most one batch per shard beyond its
 //! share, so that a batch larger than the budget still makes progress).
 //!
+//! A partition fetched within a range (`end_offset`) that ends at or below its
+//! high watermark answers at once: nothing it waits for can come.
+//!
 //! Waiting sleeps until a partition's high watermark moves past what this fetch
 //! last saw, or the wait ends — never until "the watermark is past the fetch
 //! offset", which is already true when some but not `min_bytes` are there (that
@@ -27,7 +30,7 @@ use crate::metadata::PartitionPlacement;
 use crate::protocol::{cut_message, error_response, ok, Outgoing};
 use crate::shard::Shard;
 use crate::shard_messages::{ApiError, PartitionRead, ShardReply, ShardRequest};
-use crate::storage::ReadBatches;
+use crate::storage::{ReadBatches, ReadRange};
 use crate::types::{Offset, ShardId};
 
 /// Response payload budget when the request gives none (`max_bytes` = 0).
@@ -43,6 +46,7 @@ struct Wanted {
     partition: u32,
     offset: Offset,
     max_bytes: usize,
+    range: ReadRange,
     target: Result<PartitionPlacement, ApiError>,
 }
 
@@ -70,8 +74,21 @@ pub(super) async fn handle(
             .map(|r| r.as_ref().map(|b| b.bytes).unwrap_or(0))
             .sum();
         let any_error = results.iter().any(Result::is_err);
+        // A range that ends at or below the high watermark has all it will
+        // ever have (a consumer's piece of a range it is behind on, which may
+        // even be empty): waiting for more would stall the pieces after it.
+        let any_complete = results.iter().zip(&wanted).any(|(result, want)| {
+            result
+                .as_ref()
+                .is_ok_and(|read| want.range.end <= read.high_watermark)
+        });
         let now = Instant::now();
-        if any_error || available >= min_bytes || now >= deadline || shard.shutting_down() {
+        if any_error
+            || any_complete
+            || available >= min_bytes
+            || now >= deadline
+            || shard.shutting_down()
+        {
             return respond(id, &wanted, results, max_bytes);
         }
         if slot.is_none() {
@@ -120,13 +137,32 @@ fn wanted(
     let mut wanted = Vec::new();
     for topic in request.topics().iter().flatten() {
         for partition in topic.partitions().iter().flatten() {
-            let target = locate(shard, &metadata, topic.name(), partition.partition())
-                .map(|(placement, _)| placement);
+            let range = ReadRange {
+                end: match partition.end_offset() {
+                    0 => Offset::MAX,
+                    end => end,
+                },
+                whole_batches: partition.whole_batches(),
+            };
+            let target = if range.end <= partition.offset() {
+                Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "end_offset {} is not past offset {}",
+                        range.end,
+                        partition.offset()
+                    ),
+                ))
+            } else {
+                locate(shard, &metadata, topic.name(), partition.partition())
+                    .map(|(placement, _)| placement)
+            };
             wanted.push(Wanted {
                 topic: topic.name().to_string(),
                 partition: partition.partition(),
                 offset: partition.offset(),
                 max_bytes: (partition.max_bytes() as usize).clamp(1, READ_BYTES_MAX),
+                range,
                 target,
             });
         }
@@ -167,6 +203,7 @@ async fn read_all(
                     log,
                     offset: want.offset,
                     max_bytes: want.max_bytes,
+                    range: want.range,
                 }
             })
             .collect();

@@ -40,7 +40,13 @@ impl Shard {
             } else {
                 let limit = read.max_bytes.min(remaining);
                 self.wal
-                    .read_below(read.log, read.offset, limit, state.high_watermark)
+                    .read_range(
+                        read.log,
+                        read.offset,
+                        limit,
+                        state.high_watermark,
+                        read.range,
+                    )
                     .await
                     .map_err(ApiError::from)
             };

@@ -31,7 +31,7 @@ mod wal;
 pub use control::{Anchor, Control, HardState};
 pub use error::{Result, StorageError};
 pub use index::{IndexedFrame, LogState, Replicated, Run, WalPosition};
-pub use read::ReadBatches;
+pub use read::{ReadBatches, ReadRange};
 pub use recovery::RecoveryReport;
 pub use retention::Retention;
 pub use wal::{

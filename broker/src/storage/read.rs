@@ -34,6 +34,25 @@ pub struct ReadBatches {
     pub log_start: Offset,
 }
 
+/// Where a read may go beyond its start offset and byte budget.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadRange {
+    /// No batch starting at or past this is returned.
+    pub end: Offset,
+    /// Only batches starting at or past the read's offset (skip the one that
+    /// holds it if it starts below).
+    pub whole_batches: bool,
+}
+
+impl Default for ReadRange {
+    fn default() -> Self {
+        ReadRange {
+            end: Offset::MAX,
+            whole_batches: false,
+        }
+    }
+}
+
 /// The next piece of a read.
 enum Step {
     /// Frames from the tail cache.
@@ -66,18 +85,37 @@ impl Wal {
         max_bytes: usize,
         upper: Offset,
     ) -> Result<ReadBatches> {
+        self.read_range(log, offset, max_bytes, upper, ReadRange::default())
+            .await
+    }
+
+    /// `read_below`, within `range`: no batch that starts at or past
+    /// `range.end`, and with `range.whole_batches` none that starts below
+    /// `offset` either (a pipelined read that continues another one, which
+    /// already returned the batch holding `offset`).
+    pub async fn read_range(
+        &self,
+        log: LogId,
+        offset: Offset,
+        max_bytes: usize,
+        upper: Offset,
+        range: ReadRange,
+    ) -> Result<ReadBatches> {
         let max_bytes = max_bytes.clamp(1, READ_BYTES_MAX);
         let (high_watermark, log_start) = self.check_read(log, offset)?;
         let high_watermark = high_watermark.min(upper);
+        // Batches are served below this (the answer still reports the log's
+        // high watermark).
+        let stop = high_watermark.min(range.end);
         let mut out = ReadBatches {
             high_watermark,
             log_start,
             ..ReadBatches::default()
         };
         let mut next = offset;
-        while next < high_watermark && out.bytes < max_bytes {
+        while next < stop && out.bytes < max_bytes {
             let budget = max_bytes - out.bytes;
-            let (frames, damage) = match self.plan_step(log, next, high_watermark, budget)? {
+            let (frames, damage) = match self.plan_step(log, next, stop, budget)? {
                 Step::Cached(frames) => (frames, None),
                 Step::Disk(file, runs) => self.read_runs(log, &file, &runs).await?,
                 Step::Nothing => break,
@@ -96,8 +134,12 @@ impl Wal {
                 if last < next {
                     continue;
                 }
-                if base >= high_watermark || (out.bytes > 0 && out.bytes + frame.len() > max_bytes)
-                {
+                if range.whole_batches && base < offset {
+                    // The batch holding `offset`, already served to the reader.
+                    next = last + 1;
+                    continue;
+                }
+                if base >= stop || (out.bytes > 0 && out.bytes + frame.len() > max_bytes) {
                     return Ok(out);
                 }
                 out.bytes += frame.len();

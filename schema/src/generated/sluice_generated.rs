@@ -4199,6 +4199,8 @@ impl<'a> FetchPartition<'a> {
   pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
   pub const VT_OFFSET: ::flatbuffers::VOffsetT = 6;
   pub const VT_MAX_BYTES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_END_OFFSET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_WHOLE_BATCHES: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -4210,9 +4212,11 @@ impl<'a> FetchPartition<'a> {
     args: &'args FetchPartitionArgs
   ) -> ::flatbuffers::WIPOffset<FetchPartition<'bldr>> {
     let mut builder = FetchPartitionBuilder::new(_fbb);
+    builder.add_end_offset(args.end_offset);
     builder.add_offset(args.offset);
     builder.add_max_bytes(args.max_bytes);
     builder.add_partition(args.partition);
+    builder.add_whole_batches(args.whole_batches);
     builder.finish()
   }
 
@@ -4239,6 +4243,25 @@ impl<'a> FetchPartition<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(FetchPartition::VT_MAX_BYTES, Some(0)).unwrap()}
   }
+  /// No batch starting at or past this offset is returned (0: no bound). With
+  /// `whole_batches`, a consumer splits a range it is behind on into pieces
+  /// fetched at once, each continuing the one before.
+  #[inline]
+  pub fn end_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FetchPartition::VT_END_OFFSET, Some(0)).unwrap()}
+  }
+  /// Only batches starting at or past `offset`: the batch holding `offset`, if
+  /// it starts below, was returned by the fetch this one continues.
+  #[inline]
+  pub fn whole_batches(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(FetchPartition::VT_WHOLE_BATCHES, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchPartition<'_> {
@@ -4250,6 +4273,8 @@ impl ::flatbuffers::Verifiable for FetchPartition<'_> {
      .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
      .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
      .visit_field::<u32>("max_bytes", Self::VT_MAX_BYTES, false)?
+     .visit_field::<u64>("end_offset", Self::VT_END_OFFSET, false)?
+     .visit_field::<bool>("whole_batches", Self::VT_WHOLE_BATCHES, false)?
      .finish();
     Ok(())
   }
@@ -4258,6 +4283,8 @@ pub struct FetchPartitionArgs {
     pub partition: u32,
     pub offset: u64,
     pub max_bytes: u32,
+    pub end_offset: u64,
+    pub whole_batches: bool,
 }
 impl<'a> Default for FetchPartitionArgs {
   #[inline]
@@ -4266,6 +4293,8 @@ impl<'a> Default for FetchPartitionArgs {
       partition: 0,
       offset: 0,
       max_bytes: 0,
+      end_offset: 0,
+      whole_batches: false,
     }
   }
 }
@@ -4288,6 +4317,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchPartitionBuilder<'a, 'b,
     self.fbb_.push_slot::<u32>(FetchPartition::VT_MAX_BYTES, max_bytes, 0);
   }
   #[inline]
+  pub fn add_end_offset(&mut self, end_offset: u64) {
+    self.fbb_.push_slot::<u64>(FetchPartition::VT_END_OFFSET, end_offset, 0);
+  }
+  #[inline]
+  pub fn add_whole_batches(&mut self, whole_batches: bool) {
+    self.fbb_.push_slot::<bool>(FetchPartition::VT_WHOLE_BATCHES, whole_batches, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchPartitionBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchPartitionBuilder {
@@ -4308,6 +4345,8 @@ impl ::core::fmt::Debug for FetchPartition<'_> {
       ds.field("partition", &self.partition());
       ds.field("offset", &self.offset());
       ds.field("max_bytes", &self.max_bytes());
+      ds.field("end_offset", &self.end_offset());
+      ds.field("whole_batches", &self.whole_batches());
       ds.finish()
   }
 }
