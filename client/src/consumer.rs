@@ -41,6 +41,11 @@ use crate::error::{Code, Error, Result};
 use crate::request::{FetchPartitionSpec, OffsetQuery, RequestBody};
 use crate::response::{FetchPartitionResult, ResponseBody};
 
+/// The most a broker reads of one partition for one fetch.
+const READ_BYTES_MAX: usize = 16 << 20;
+/// A broker's response budget when a fetch gives none (`max_bytes` = 0).
+const FETCH_BYTES_DEFAULT: usize = 32 << 20;
+
 /// Where to move a partition's position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeekTo {
@@ -575,6 +580,26 @@ impl Consumer {
             return;
         }
         let depth = self.config.fetches_in_flight.max(1);
+        let partition_max_bytes =
+            (self.config.partition_max_bytes as usize).clamp(1, READ_BYTES_MAX);
+        // Reading ahead (a partition's pieces after its first fetch) stops where
+        // the buffer limit would be passed by what is in flight; a partition's
+        // first fetch is never held back by others reading ahead.
+        let in_flight: usize = self.parts.iter().map(|part| part.window.len()).sum();
+        let room = self.config.buffered_bytes_max - self.buffered_bytes;
+        let mut ahead = (room / partition_max_bytes).saturating_sub(in_flight);
+        // A response's budget is shared by the partitions it names: a piece is
+        // sized to its share, so that it does not come back short.
+        let response_bytes = match self.config.max_bytes {
+            0 => FETCH_BYTES_DEFAULT,
+            n => n as usize,
+        };
+        let mut sharing: HashMap<Target, usize> = HashMap::new();
+        for part in &self.parts {
+            if let (Some(target), true, false) = (part.target, part.assigned, part.paused) {
+                *sharing.entry(target).or_default() += 1;
+            }
+        }
         // Per target, requests by rank: a partition's n-th new piece goes in the
         // target's n-th new request.
         let mut by_target: HashMap<Target, Vec<Vec<FetchItem>>> = HashMap::new();
@@ -592,12 +617,20 @@ impl Consumer {
             };
             let busy = self.target_fetches.get(&target).copied().unwrap_or(0);
             let requests = by_target.entry(target).or_default();
-            let max_bytes = self.config.partition_max_bytes;
+            let share = response_bytes / sharing.get(&target).copied().unwrap_or(1);
+            let piece_budget = partition_max_bytes.min(share.max(1));
             let mut rank = 0;
             while busy + rank < depth {
-                let Some(item) = next_piece(part, index, depth, max_bytes) else {
+                let reading_ahead = !part.window.is_empty();
+                if reading_ahead && ahead == 0 {
+                    break;
+                }
+                let Some(item) = next_piece(part, index, depth, piece_budget) else {
                     break;
                 };
+                if reading_ahead {
+                    ahead -= 1;
+                }
                 if requests.len() <= rank {
                     requests.push(Vec::new());
                 }
@@ -671,18 +704,34 @@ impl Consumer {
     fn apply_window(&mut self, index: usize) {
         loop {
             let part = &mut self.parts[index];
+            if let (
+                Some(Slot {
+                    start: Some(start), ..
+                }),
+                Position::Resolved(position),
+            ) = (part.window.front(), part.fetch)
+            {
+                if *start > position {
+                    // The piece before this one came back short: a gap. Drop
+                    // this piece and those after it now (not when they answer:
+                    // the window's last fetch may be long-polling).
+                    self.stats.pieces_dropped += part.window.len() as u64;
+                    part.window.clear();
+                    part.window_gen += 1;
+                    return;
+                }
+            }
             if part.window.front().is_none_or(|slot| slot.result.is_none()) {
                 return;
             }
             let Some(Slot {
-                start,
                 result: Some(result),
                 ..
             }) = part.window.pop_front()
             else {
                 return;
             };
-            if !self.apply_slot(index, start, result) {
+            if !self.apply_slot(index, result) {
                 // Drop the pieces after it; reading goes on from the position.
                 let part = &mut self.parts[index];
                 self.stats.pieces_dropped += part.window.len() as u64;
@@ -694,13 +743,8 @@ impl Consumer {
     }
 
     /// Applies one fetch outcome; false if the pieces after it cannot be used
-    /// (an error, or this piece came back short of where the next one starts).
-    fn apply_slot(
-        &mut self,
-        index: usize,
-        start: Option<u64>,
-        result: Result<(u64, FetchPartitionResult)>,
-    ) -> bool {
+    /// (a stale route or an error).
+    fn apply_slot(&mut self, index: usize, result: Result<(u64, FetchPartitionResult)>) -> bool {
         let part = &mut self.parts[index];
         let stale = match &result {
             Err(error) => error.means_stale_route(),
@@ -712,16 +756,7 @@ impl Consumer {
             return false;
         }
         match result {
-            Ok((offset, result)) => {
-                if let (Some(start), Position::Resolved(position)) = (start, part.fetch) {
-                    if start > position {
-                        // The piece before this one ended short of it.
-                        self.stats.pieces_dropped += 1;
-                        return false;
-                    }
-                }
-                self.apply_partition(index, offset, result)
-            }
+            Ok((offset, result)) => self.apply_partition(index, offset, result),
             Err(error) if error.is_retriable() => {
                 tracing::debug!(%error, topic = %part.topic, partition = part.partition, "fetch failed; retrying");
                 false
@@ -802,7 +837,7 @@ fn next_piece(
     part: &mut PartState,
     index: usize,
     depth: usize,
-    partition_max_bytes: u32,
+    budget_bytes: usize,
 ) -> Option<FetchItem> {
     if part.window.len() >= depth || part.window.back().is_some_and(|slot| slot.end.is_none()) {
         return None;
@@ -817,7 +852,7 @@ fn next_piece(
         {
             // Room for a batch past the piece's end (the last batch may start
             // inside and end beyond) and for batch sizes to vary.
-            let budget = f64::from(partition_max_bytes);
+            let budget = budget_bytes as f64;
             let piece_bytes = (budget - 2.0 * part.bytes_per_batch).max(budget / 4.0);
             let records = (piece_bytes / part.bytes_per_record).max(1.0) as u64;
             let end = start.saturating_add(records);

@@ -1,5 +1,6 @@
 //! Segment lifecycle: rolling, the spare segment prepared ahead of need, and the
-//! extender that zero-fills the active segment step by step ahead of the writer.
+//! extender that prepares the active segment step by step ahead of the writer
+//! (zero-filled for small writes, allocated with fallocate for large ones).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -11,12 +12,13 @@ use super::wal::{now_ms, Segment, Wal};
 use crate::limits::{SEGMENT_ALLOCATE_WRITE_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_ZERO_AHEAD_BYTES};
 use crate::types::SegmentId;
 
-/// After a failed zero-fill (a full disk), the extender tries again this much later.
+/// After a failed step (a full disk), the extender tries again this much later.
 const EXTEND_RETRY: Duration = Duration::from_millis(100);
 
-/// Keeps the active segment zero-filled `SEGMENT_ZERO_AHEAD_BYTES` beyond what is
-/// written and queued, one durable step at a time, and gives rolled-over segments
-/// their unused zero-filled tail back. Runs until the WAL closes.
+/// Keeps the active segment prepared `SEGMENT_ZERO_AHEAD_BYTES` beyond what is
+/// written and queued, one durable step at a time (zero-filled, or allocated
+/// while writes average `SEGMENT_ALLOCATE_WRITE_BYTES` or more), and gives
+/// rolled-over segments their unused tail back. Runs until the WAL closes.
 pub(super) async fn extender_loop(wal: Rc<Wal>) {
     let mut shrunk_below = wal.state.borrow().active;
     loop {
@@ -56,7 +58,7 @@ pub(super) async fn extender_loop(wal: Rc<Wal>) {
                 }
             }
             Err(error) => {
-                tracing::warn!(path = %file.path.display(), %error, "cannot zero-fill more of the WAL segment; appends that need the space fail until it can");
+                tracing::warn!(path = %file.path.display(), %error, "cannot extend the WAL segment (zero-fill or allocate); appends that need the space fail until it can");
                 let mut state = wal.state.borrow_mut();
                 if !matches!(error, StorageError::DiskFull { .. }) {
                     state.extend_error = Some(StorageError::Failed(error.to_string()));
