@@ -311,6 +311,14 @@ impl Broker {
     }
 }
 
+/// A current-thread tokio runtime for a test's client code.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Runs the `sluice` CLI with `--brokers brokers` and returns its output.
 pub fn run_cli(brokers: &str, args: &[&str], stdin: Option<&str>) -> Output {
     let mut command = Command::new(bin("sluice"));

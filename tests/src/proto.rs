@@ -125,7 +125,18 @@ pub fn fetch(
         .request(&fetch_body(topic, partition, offset), &[])
         .unwrap();
     let response = reply.response();
-    let result = response
+    let result = first_fetch_result(&response);
+    (
+        result.error(),
+        result.high_watermark(),
+        result.log_start_offset(),
+        result.payload_bytes() as usize,
+    )
+}
+
+/// The first partition result of a fetch response.
+pub fn first_fetch_result<'a>(response: &wire::Response<'a>) -> wire::FetchPartitionResult<'a> {
+    response
         .body_as_fetch_response()
         .unwrap()
         .topics()
@@ -133,13 +144,7 @@ pub fn fetch(
         .get(0)
         .partitions()
         .unwrap()
-        .get(0);
-    (
-        result.error(),
-        result.high_watermark(),
-        result.log_start_offset(),
-        result.payload_bytes() as usize,
-    )
+        .get(0)
 }
 
 pub fn high_watermark(raw: &mut Raw, topic: &str, partition: u32) -> u64 {

@@ -14,15 +14,8 @@ use sluice_client::{
     SeekTo,
 };
 use sluice_schema::wire::ErrorCode;
-use sluice_tests::proto::{batch, create, produce};
-use sluice_tests::{Broker, Raw};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use sluice_tests::proto::{batch, create, first_fetch_result, produce};
+use sluice_tests::{runtime, Broker, Raw};
 
 /// Fetches one partition within a range; returns (error, the base offset and
 /// record count of every batch returned).
@@ -71,15 +64,7 @@ fn fetch_range_waiting(
     let reply = raw.request(&body, &[]).unwrap();
     let response = reply.response();
     assert_eq!(response.error(), ErrorCode::None);
-    let result = response
-        .body_as_fetch_response()
-        .unwrap()
-        .topics()
-        .unwrap()
-        .get(0)
-        .partitions()
-        .unwrap()
-        .get(0);
+    let result = first_fetch_result(&response);
     let start = result.payload_offset() as usize;
     let bytes = result.payload_bytes() as usize;
     let payload = Bytes::copy_from_slice(&reply.payload[start..start + bytes]);
@@ -169,6 +154,45 @@ fn fetch_ranges(name: &str, args: &[&str]) {
         assert_eq!(error, ErrorCode::InvalidRequest, "end {end}");
         assert!(got.is_empty());
     }
+    // The largest end is no bound at all.
+    let (error, got) = fetch_range(&mut raw, "ranges", 15, u64::MAX, true, max);
+    assert_eq!(error, ErrorCode::None);
+    assert_eq!(bases(&got), [20, 30, 40, 50, 60, 70, 80, 90]);
+    // Offsets outside the log are out of range, with or without a range.
+    for (offset, end) in [(101, 0), (101, 200), (u64::MAX - 1, u64::MAX)] {
+        for whole in [false, true] {
+            let (error, got) = fetch_range(&mut raw, "ranges", offset, end, whole, max);
+            assert_eq!(error, ErrorCode::OffsetOutOfRange, "{offset}..{end}");
+            assert!(got.is_empty());
+        }
+    }
+    // The same partition twice in one fetch is refused as before.
+    let spec = FetchPartitionSpec {
+        partition: 0,
+        offset: 0,
+        max_bytes: max,
+        end_offset: 50,
+        whole_batches: false,
+    };
+    let body = RequestBody::Fetch {
+        max_wait_ms: 0,
+        min_bytes: 0,
+        max_bytes: 16 << 20,
+        topics: vec![(
+            "ranges".into(),
+            vec![
+                spec,
+                FetchPartitionSpec {
+                    offset: 50,
+                    end_offset: 0,
+                    whole_batches: true,
+                    ..spec
+                },
+            ],
+        )],
+    };
+    let reply = raw.request(&body, &[]).unwrap();
+    assert_eq!(reply.response().error(), ErrorCode::InvalidRequest);
     // The broker still answers normally afterwards.
     let (error, got) = fetch_range(&mut raw, "ranges", 0, 0, false, max);
     assert_eq!(error, ErrorCode::None);

@@ -11,14 +11,7 @@ use sluice_client::{
     Acks, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord,
     SeekTo,
 };
-use sluice_tests::Broker;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use sluice_tests::{runtime, Broker};
 
 async fn client(broker: &Broker) -> Client {
     Client::connect(ClientConfig::new([broker.brokers()]))

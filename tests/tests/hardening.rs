@@ -63,15 +63,7 @@ fn a_fetch_waiting_for_more_than_exists_neither_spins_nor_stalls_its_shard() {
             "{:?}",
             response.message()
         );
-        let result = response
-            .body_as_fetch_response()
-            .unwrap()
-            .topics()
-            .unwrap()
-            .get(0)
-            .partitions()
-            .unwrap()
-            .get(0);
+        let result = first_fetch_result(&response);
         assert_eq!(result.error(), ErrorCode::None, "{:?}", result.message());
         (reply.payload.len(), started.elapsed())
     });
