@@ -124,6 +124,8 @@ pub struct PartitionDescription {
     pub replicas: Vec<u32>,
     /// Replicas caught up with the commit point (as the leader last reported).
     pub in_sync: u16,
+    /// Those replicas (node ids, ascending).
+    pub in_sync_replicas: Vec<u32>,
     /// Leader epoch (Raft term).
     pub leader_epoch: u64,
 }
@@ -619,6 +621,9 @@ fn describe(body: wire::DescribeTopicsResponse<'_>) -> ResponseBody {
                         .replicas()
                         .map_or(Vec::new(), |r| r.iter().collect()),
                     in_sync: partition.in_sync(),
+                    in_sync_replicas: partition
+                        .in_sync_replicas()
+                        .map_or(Vec::new(), |r| r.iter().collect()),
                     leader_epoch: partition.leader_epoch(),
                 })
                 .collect();

@@ -167,6 +167,17 @@ fn three_nodes_replicate_and_every_node_serves_the_same_data() {
             assert!((1..=3).contains(&partition["leader"].as_u64().unwrap()));
         }
     }
+    // Every node names the in-sync replicas: all three.
+    cluster.wait_for(Duration::from_secs(10), "every replica in sync", |c| {
+        (1..=3).all(|node| {
+            c.describe_on(node, "orders").is_some_and(|d| {
+                d["partitions"].as_array().unwrap().iter().all(|p| {
+                    p["in_sync"].as_u64() == Some(3)
+                        && p["in_sync_replicas"] == serde_json::json!([1, 2, 3])
+                })
+            })
+        })
+    });
     // A node that does not lead a partition refuses its produce, naming the leader.
     let leader = cluster.leader_of("orders", 0).unwrap();
     let follower = (1..=3).find(|n| *n != leader).unwrap();
@@ -205,9 +216,11 @@ fn killing_the_leader_during_acks_all_produce_loses_no_acknowledged_record() {
     );
     let dir = scratch("cluster-kill-acks");
     let mut failovers = Vec::new();
+    let mut victims = std::collections::BTreeSet::new();
     let rounds = 20;
     for round in 0..rounds {
         let (leader, _) = cluster.wait_for_leader("events", 0, Duration::from_secs(20));
+        victims.insert(leader);
         let ack_log = dir.join(format!("round-{round}"));
         let lines: String = (0..400).map(|i| format!("r{round}-{i}\n")).collect();
         let mut producer = Command::new(bin("sluice"))
@@ -232,13 +245,30 @@ fn killing_the_leader_during_acks_all_produce_loses_no_acknowledged_record() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The records trickle in over at least 400 ms (40 pieces of 10, 10 ms
+        // apart), so the kill, 30-190 ms in, always lands while the producer is
+        // still producing.
         let mut stdin = producer.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
-        drop(stdin);
-        // Kill the leader while the producer is busy (or right after it finished).
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let feeder = {
+            let written = written.clone();
+            let lines: Vec<String> = lines.lines().map(|l| format!("{l}\n")).collect();
+            std::thread::spawn(move || {
+                for piece in lines.chunks(10) {
+                    std::io::Write::write_all(&mut stdin, piece.concat().as_bytes()).unwrap();
+                    written.fetch_add(piece.len(), std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
         std::thread::sleep(Duration::from_millis(30 + (round as u64 % 5) * 40));
         let killed_at = Instant::now();
         cluster.kill9(leader);
+        let written_at_kill = written.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            written_at_kill < 400,
+            "round {round}: the kill came after the producer's input ended"
+        );
         let (next, _) = cluster.wait_for_leader("events", 0, Duration::from_secs(20));
         failovers.push(killed_at.elapsed());
         eprintln!(
@@ -246,6 +276,7 @@ fn killing_the_leader_during_acks_all_produce_loses_no_acknowledged_record() {
             killed_at.elapsed()
         );
         assert_ne!(next, leader);
+        feeder.join().unwrap();
         let output = producer.wait_with_output().unwrap();
         assert!(
             output.status.success(),
@@ -277,6 +308,11 @@ fn killing_the_leader_during_acks_all_produce_loses_no_acknowledged_record() {
             );
         }
     }
+    assert_eq!(
+        victims.len(),
+        3,
+        "leadership moved round the cluster: every node was killed as leader ({victims:?})"
+    );
     failovers.sort();
     eprintln!(
         "leader failover after kill -9 (3 nodes, loopback, debug build): median {:?}, max {:?} over {rounds} rounds",
@@ -373,6 +409,18 @@ fn a_partitioned_leader_stops_acknowledging_and_its_suffix_is_truncated_on_heal(
                 && d["partitions"][0]["high_watermark"].as_u64() == Some(200)
         })
     });
+    // The deposed leader is fenced: its produce is refused with NotLeader, naming
+    // the new leader (of a later epoch).
+    let (new_leader, _) = cluster.wait_for_leader("t", 0, Duration::from_secs(20));
+    assert_ne!(new_leader, old);
+    let mut raw = Raw::open(cluster.node(old).addr);
+    let (error, _, message) = produce(&mut raw, "t", 0, &batch(&[b"to-the-old-leader"]), -1);
+    assert_eq!(error, ErrorCode::NotLeader, "{message}");
+    assert!(
+        message.contains(&cluster.address(new_leader)),
+        "the refusal names the new leader {}: {message}",
+        cluster.address(new_leader)
+    );
     let served = consumed(&cluster, None, "t");
     assert_eq!(served.len(), 200, "everything acknowledged, nothing else");
     assert!(served.values().all(|v| !v.starts_with("minority")));
@@ -415,10 +463,32 @@ fn a_follower_that_was_down_catches_up_and_can_then_lead() {
         .map(|i| format!("while-down-{i} {}\n", "x".repeat(100)))
         .collect();
     cluster.cli_ok(&["produce", "t", "--acks", "all"], Some(&lines));
+    // While it is down the partition is under-replicated, and the operator's
+    // views say which replica is missing.
+    let others: Vec<u64> = (1..=3).filter(|n| *n != follower).map(u64::from).collect();
+    cluster.wait_for(Duration::from_secs(20), "an under-replicated status", |c| {
+        c.status_on(leader).is_some_and(|s| {
+            s["under_replicated"].as_array().unwrap().iter().any(|p| {
+                p["topic"] == "t"
+                    && p["partition"] == 0
+                    && p["in_sync_replicas"]
+                        .as_array()
+                        .is_some_and(|set| set.iter().filter_map(|n| n.as_u64()).eq(others.clone()))
+            })
+        })
+    });
+    let description = cluster.describe_on(leader, "t").unwrap();
+    assert_eq!(description["partitions"][0]["in_sync"].as_u64(), Some(2));
     cluster.restart(follower);
     cluster.wait_for(Duration::from_secs(30), "the follower to catch up", |c| {
-        c.describe_on(leader, "t")
-            .is_some_and(|d| d["partitions"][0]["in_sync"].as_u64() == Some(3))
+        c.describe_on(leader, "t").is_some_and(|d| {
+            d["partitions"][0]["in_sync"].as_u64() == Some(3)
+                && d["partitions"][0]["in_sync_replicas"] == serde_json::json!([1, 2, 3])
+        })
+    });
+    cluster.wait_for(Duration::from_secs(20), "a fully replicated status", |c| {
+        c.status_on(follower)
+            .is_some_and(|s| s["under_replicated"].as_array().unwrap().is_empty())
     });
     // Kill whoever leads until the caught-up follower is elected (each time a
     // majority, the follower included, remains).
@@ -451,12 +521,31 @@ fn the_controller_fails_over_and_topics_can_still_be_created() {
     let _serial = serial();
     let mut cluster = Cluster::start("cluster-controller", 3, &NODE_ARGS);
     cluster.cli_ok(&["topic", "create", "first", "--partitions", "2"], None);
+    // Without --replication-factor: min(3, nodes) replicas, on distinct nodes.
+    let description = cluster.describe_on(1, "first").unwrap();
+    for partition in description["partitions"].as_array().unwrap() {
+        let replicas: std::collections::BTreeSet<u64> = partition["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .collect();
+        assert_eq!(replicas.len(), 3, "default replication factor: {partition}");
+    }
     let controller = cluster.controller().unwrap();
     cluster.kill9(controller);
     cluster.wait_for(Duration::from_secs(20), "a new controller", |c| {
         c.controller().is_some_and(|n| n != controller)
     });
-    cluster.cli_ok(
+    // Asked of the surviving node that is not the controller, which forwards it.
+    let new_controller = cluster.controller().unwrap();
+    let forwarder = cluster
+        .running()
+        .into_iter()
+        .find(|n| *n != new_controller)
+        .unwrap();
+    let output = cluster.cli_on(
+        forwarder,
         &[
             "topic",
             "create",
@@ -467,6 +556,11 @@ fn the_controller_fails_over_and_topics_can_still_be_created() {
             "2",
         ],
         None,
+    );
+    assert!(
+        output.status.success(),
+        "topic create through node {forwarder}: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
     for node in cluster.running() {
         let description = cluster.describe_on(node, "second").unwrap();

@@ -55,6 +55,7 @@ pub async fn run(brokers: &[String], format: OutputFormat, command: ClusterComma
                     "leader": partition.leader_node,
                     "replicas": partition.replicas,
                     "in_sync": partition.in_sync,
+                    "in_sync_replicas": partition.in_sync_replicas,
                 }));
             }
         }

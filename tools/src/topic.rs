@@ -120,6 +120,7 @@ fn description_json(topic: &TopicDescription) -> serde_json::Value {
                 "shard": partition.shard,
                 "replicas": partition.replicas,
                 "in_sync": partition.in_sync,
+                "in_sync_replicas": partition.in_sync_replicas,
                 "leader_epoch": partition.leader_epoch,
                 "log_start_offset": partition.log_start_offset,
                 "high_watermark": partition.high_watermark,
@@ -142,11 +143,16 @@ fn print_description(topic: &TopicDescription) -> CliResult {
         .iter()
         .map(|partition| {
             let replicas: Vec<String> = partition.replicas.iter().map(u32::to_string).collect();
+            let in_sync: Vec<String> = partition
+                .in_sync_replicas
+                .iter()
+                .map(u32::to_string)
+                .collect();
             vec![
                 partition.partition.to_string(),
                 partition.leader_node.to_string(),
                 replicas.join(","),
-                partition.in_sync.to_string(),
+                in_sync.join(","),
                 partition.leader_epoch.to_string(),
                 partition.shard.to_string(),
                 partition.log_start_offset.to_string(),

@@ -341,6 +341,8 @@ pub(super) async fn describe(
                 }
                 let replicas: Vec<u32> = view.replicas.iter().map(|n| n.0).collect();
                 let replicas = fbb.create_vector(&replicas);
+                let in_sync: Vec<u32> = view.in_sync_replicas.iter().map(|n| n.0).collect();
+                let in_sync_replicas = fbb.create_vector(&in_sync);
                 wire::PartitionDescription::create(
                     &mut fbb,
                     &wire::PartitionDescriptionArgs {
@@ -354,6 +356,7 @@ pub(super) async fn describe(
                         replicas: Some(replicas),
                         in_sync: view.in_sync,
                         leader_epoch: view.epoch,
+                        in_sync_replicas: Some(in_sync_replicas),
                     },
                 )
             })

@@ -118,6 +118,9 @@ pub struct LeaderInfo {
     pub log_start: u64,
     /// Voters caught up with the commit index (as the leader last said).
     pub in_sync: u16,
+    /// Which voters are in sync: bit i for the i-th voter in ascending node id
+    /// order.
+    pub in_sync_mask: u8,
     /// Voters.
     pub voters: u16,
     /// The shard of the reporting node that holds the replica.
@@ -282,6 +285,7 @@ mod tests {
             high_watermark: term * 10,
             log_start: 0,
             in_sync: 2,
+            in_sync_mask: 0b11,
             voters: 2,
             shard: 0,
         };

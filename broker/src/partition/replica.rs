@@ -337,6 +337,27 @@ impl Replica {
             .count() as u16
     }
 
+    /// Which voters reach the commit index (the leader's view; 0 elsewhere): bit
+    /// i for the i-th voter in ascending node id order.
+    pub fn in_sync_mask(&self) -> u8 {
+        if !self.is_leader() {
+            return 0;
+        }
+        let commit = self.node.raft.raft_log.committed;
+        let mut voters = self.voters();
+        voters.sort();
+        let prs = self.node.raft.prs();
+        voters
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(_, id)| {
+                prs.get(u64::from(id.0))
+                    .is_some_and(|pr| pr.matched >= commit)
+            })
+            .fold(0u8, |mask, (bit, _)| mask | (1 << bit))
+    }
+
     /// Voters of the group.
     pub fn voters(&self) -> Vec<NodeId> {
         self.node

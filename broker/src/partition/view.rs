@@ -16,6 +16,8 @@ pub struct PartitionView {
     pub replicas: Vec<NodeId>,
     /// Replicas caught up with the commit point (as the leader last reported).
     pub in_sync: u16,
+    /// Those replicas (ascending node ids).
+    pub in_sync_replicas: Vec<NodeId>,
     /// The leader's high watermark and log start, when this node is not the one
     /// to ask its own log (a cluster view: possibly a little stale).
     pub reported: Option<(u64, u64)>,
@@ -35,6 +37,7 @@ impl Shard {
                 leader_shard: local_shard,
                 epoch: 0,
                 in_sync: 1,
+                in_sync_replicas: replicas.clone(),
                 replicas,
                 reported: None,
             };
@@ -51,10 +54,47 @@ impl Shard {
             },
             epoch: info.as_ref().map_or(0, |i| i.term),
             in_sync: info.as_ref().map_or(0, |i| i.in_sync),
+            in_sync_replicas: in_sync_replicas(
+                &replicas,
+                info.as_ref().map_or(0, |i| i.in_sync_mask),
+            ),
             replicas,
             reported: (!leader_is_here)
                 .then(|| info.as_ref().map(|i| (i.high_watermark, i.log_start)))
                 .flatten(),
         }
+    }
+}
+
+/// The replicas a leader's in-sync mask names (bit i: the i-th voter in ascending
+/// node id order; the voters are the replicas).
+fn in_sync_replicas(replicas: &[NodeId], mask: u8) -> Vec<NodeId> {
+    let mut sorted = replicas.to_vec();
+    sorted.sort();
+    sorted
+        .into_iter()
+        .take(8)
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, node)| node)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mask_names_replicas_in_ascending_order() {
+        let replicas = [NodeId(3), NodeId(1), NodeId(2)];
+        assert_eq!(
+            in_sync_replicas(&replicas, 0b111),
+            vec![NodeId(1), NodeId(2), NodeId(3)]
+        );
+        assert_eq!(
+            in_sync_replicas(&replicas, 0b101),
+            vec![NodeId(1), NodeId(3)]
+        );
+        assert_eq!(in_sync_replicas(&replicas, 0), Vec::<NodeId>::new());
     }
 }

@@ -448,11 +448,14 @@ impl ReplicaHost {
             high_watermark,
             log_start: self.wal.log_offsets(replica.log).map(|o| o.0).unwrap_or(0),
             in_sync: replica.in_sync(),
+            in_sync_mask: replica.in_sync_mask(),
             voters: replica.voters().len() as u16,
             shard: self.wal.config().shard.0,
         };
         let changed = hosted.published.as_ref().is_none_or(|old| {
-            old.leader != info.leader || old.term != info.term || old.in_sync != info.in_sync
+            old.leader != info.leader
+                || old.term != info.term
+                || old.in_sync_mask != info.in_sync_mask
         });
         let leader_moved = hosted
             .published

@@ -125,6 +125,7 @@ impl PeerTransport {
                     info.leader.map_or(0, |n| n.0),
                     info.in_sync,
                     info.voters,
+                    info.in_sync_mask,
                     *shard,
                 ));
             }
@@ -431,6 +432,7 @@ async fn read_peer(
                             high_watermark: hint.high_watermark(),
                             log_start: hint.log_start(),
                             in_sync: hint.in_sync(),
+                            in_sync_mask: hint.in_sync_mask(),
                             voters: hint.voters(),
                             shard: hint.shard(),
                         },

@@ -285,6 +285,7 @@ impl ::core::fmt::Debug for LeaderHint {
       .field("leader", &self.leader())
       .field("in_sync", &self.in_sync())
       .field("voters", &self.voters())
+      .field("in_sync_mask", &self.in_sync_mask())
       .field("shard", &self.shard())
       .finish()
   }
@@ -337,6 +338,7 @@ impl<'a> LeaderHint {
     leader: u32,
     in_sync: u16,
     voters: u16,
+    in_sync_mask: u8,
     shard: u16,
   ) -> Self {
     let mut s = Self([0; 48]);
@@ -347,6 +349,7 @@ impl<'a> LeaderHint {
     s.set_leader(leader);
     s.set_in_sync(in_sync);
     s.set_voters(voters);
+    s.set_in_sync_mask(in_sync_mask);
     s.set_shard(shard);
     s
   }
@@ -555,6 +558,37 @@ impl<'a> LeaderHint {
     }
   }
 
+  /// Which voters are in sync: bit i for the i-th voter in ascending node id
+  /// order (a group has at most 5 voters).
+  pub fn in_sync_mask(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[40..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_in_sync_mask(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[40..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
   /// The leader's shard that owns the partition (clients connect to it).
   pub fn shard(&self) -> u16 {
     let mut mem = ::core::mem::MaybeUninit::<<u16 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
@@ -563,7 +597,7 @@ impl<'a> LeaderHint {
     // Which contains a valid value in this slot
     ::flatbuffers::EndianScalar::from_little_endian(unsafe {
       ::core::ptr::copy_nonoverlapping(
-        self.0[40..].as_ptr(),
+        self.0[42..].as_ptr(),
         mem.as_mut_ptr() as *mut u8,
         ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
@@ -579,7 +613,7 @@ impl<'a> LeaderHint {
     unsafe {
       ::core::ptr::copy_nonoverlapping(
         &x_le as *const _ as *const u8,
-        self.0[40..].as_mut_ptr(),
+        self.0[42..].as_mut_ptr(),
         ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }

@@ -2919,6 +2919,7 @@ impl<'a> PartitionDescription<'a> {
   pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 18;
   pub const VT_IN_SYNC: ::flatbuffers::VOffsetT = 20;
   pub const VT_LEADER_EPOCH: ::flatbuffers::VOffsetT = 22;
+  pub const VT_IN_SYNC_REPLICAS: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2934,6 +2935,7 @@ impl<'a> PartitionDescription<'a> {
     builder.add_size_bytes(args.size_bytes);
     builder.add_high_watermark(args.high_watermark);
     builder.add_log_start_offset(args.log_start_offset);
+    if let Some(x) = args.in_sync_replicas { builder.add_in_sync_replicas(x); }
     if let Some(x) = args.replicas { builder.add_replicas(x); }
     builder.add_leader_node(args.leader_node);
     builder.add_partition(args.partition);
@@ -3019,6 +3021,15 @@ impl<'a> PartitionDescription<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(PartitionDescription::VT_LEADER_EPOCH, Some(0)).unwrap()}
   }
+  /// Which replicas are in sync (node ids, ascending), as the leader last
+  /// reported; `in_sync` counts them.
+  #[inline]
+  pub fn in_sync_replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionDescription::VT_IN_SYNC_REPLICAS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionDescription<'_> {
@@ -3037,6 +3048,7 @@ impl ::flatbuffers::Verifiable for PartitionDescription<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
      .visit_field::<u16>("in_sync", Self::VT_IN_SYNC, false)?
      .visit_field::<u64>("leader_epoch", Self::VT_LEADER_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("in_sync_replicas", Self::VT_IN_SYNC_REPLICAS, false)?
      .finish();
     Ok(())
   }
@@ -3052,6 +3064,7 @@ pub struct PartitionDescriptionArgs<'a> {
     pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
     pub in_sync: u16,
     pub leader_epoch: u64,
+    pub in_sync_replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
 }
 impl<'a> Default for PartitionDescriptionArgs<'a> {
   #[inline]
@@ -3067,6 +3080,7 @@ impl<'a> Default for PartitionDescriptionArgs<'a> {
       replicas: None,
       in_sync: 0,
       leader_epoch: 0,
+      in_sync_replicas: None,
     }
   }
 }
@@ -3117,6 +3131,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionDescriptionBuilder<'
     self.fbb_.push_slot::<u64>(PartitionDescription::VT_LEADER_EPOCH, leader_epoch, 0);
   }
   #[inline]
+  pub fn add_in_sync_replicas(&mut self, in_sync_replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionDescription::VT_IN_SYNC_REPLICAS, in_sync_replicas);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionDescriptionBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionDescriptionBuilder {
@@ -3144,6 +3162,7 @@ impl ::core::fmt::Debug for PartitionDescription<'_> {
       ds.field("replicas", &self.replicas());
       ds.field("in_sync", &self.in_sync());
       ds.field("leader_epoch", &self.leader_epoch());
+      ds.field("in_sync_replicas", &self.in_sync_replicas());
       ds.finish()
   }
 }
