@@ -42,6 +42,8 @@ fn thread_cpu() -> Duration {
 
 /// Records per criterion iteration (one burst, then a flush).
 const BURST: u64 = 100_000;
+/// Records per `send_many` call.
+const SEND_MANY: u64 = 1_000;
 
 fn pin(cpu: usize) {
     if let Some(id) = core_affinity::get_core_ids()
@@ -144,6 +146,87 @@ fn bench_producer(c: &mut Criterion) {
                 })
             },
         );
+        if compression == Compression::None {
+            // The same records through the batch API, a call per 1,000 records
+            // (filling the call's Vec of records again is counted too).
+            group.bench_function(
+                BenchmarkId::new("send_many_flush", format!("{value_bytes}B-{compression}")),
+                |b| {
+                    b.iter_custom(|iterations| {
+                        rt.block_on(async {
+                            let started = thread_cpu();
+                            let mut records = Vec::with_capacity(SEND_MANY as usize);
+                            for _ in 0..iterations {
+                                for call in 0..BURST / SEND_MANY {
+                                    records.clear();
+                                    records.extend((0..SEND_MANY).map(|i| {
+                                        let i = (call * SEND_MANY + i) as usize;
+                                        ProducerRecord::new(
+                                            topic.clone(),
+                                            values[i % values.len()].clone(),
+                                        )
+                                        .with_partition(0)
+                                    }));
+                                    producer.send_many_detached(&records).await.expect("sent");
+                                }
+                                producer.flush().await.expect("flushed");
+                            }
+                            thread_cpu() - started
+                        })
+                    })
+                },
+            );
+            // The same through the batch API with the records built beforehand
+            // (100 slices of 1,000, sent again each iteration): the producer's own
+            // path alone, record -> batch -> frame -> socket.
+            let prebuilt: Vec<Vec<ProducerRecord>> = (0..BURST / SEND_MANY)
+                .map(|call| {
+                    (0..SEND_MANY)
+                        .map(|i| {
+                            let i = (call * SEND_MANY + i) as usize;
+                            ProducerRecord::new(topic.clone(), values[i % values.len()].clone())
+                                .with_partition(0)
+                        })
+                        .collect()
+                })
+                .collect();
+            for (name, to_frame_only) in [
+                ("send_many_prebuilt_flush", false),
+                ("send_many_prebuilt_to_frame", true),
+            ] {
+                // `to_frame_only`: the CPU time inside the send_many calls alone
+                // (record -> batch -> sealed frame with its CRC; the burst fits
+                // the producer's buffer, so no call waits), not the sender task's
+                // request framing and socket writes during the flush.
+                group.bench_function(
+                    BenchmarkId::new(name, format!("{value_bytes}B-{compression}")),
+                    |b| {
+                        b.iter_custom(|iterations| {
+                            rt.block_on(async {
+                                let mut spent = Duration::ZERO;
+                                let mut started = thread_cpu();
+                                for _ in 0..iterations {
+                                    for records in &prebuilt {
+                                        producer.send_many_detached(records).await.expect("sent");
+                                    }
+                                    if to_frame_only {
+                                        spent += thread_cpu() - started;
+                                    }
+                                    producer.flush().await.expect("flushed");
+                                    if to_frame_only {
+                                        started = thread_cpu();
+                                    }
+                                }
+                                if !to_frame_only {
+                                    spent = thread_cpu() - started;
+                                }
+                                spent
+                            })
+                        })
+                    },
+                );
+            }
+        }
         rt.block_on(producer.close()).expect("closed");
     }
     group.finish();

@@ -120,6 +120,11 @@ pub struct Workload {
     /// What values hold: random bytes or compressible text.
     #[arg(long, value_enum, default_value_t = Values::Random)]
     pub values: Values,
+    /// Producers hand records to the client this many at a time
+    /// (`Producer::send_many`) instead of one `send` per record; 1 = one at a
+    /// time. Closed loop only (not with --rate).
+    #[arg(long, default_value_t = 1)]
+    pub send_many: usize,
 }
 
 fn as_name<S: serde::Serializer>(codec: &Compression, serializer: S) -> Result<S::Ok, S::Error> {
@@ -581,6 +586,9 @@ async fn producer_task(
     stop: Arc<AtomicBool>,
     stamp_values: bool,
 ) -> Result<(), String> {
+    if workload.send_many > 1 && workload.rate.is_some() {
+        return Err("--send-many is for a closed loop: it cannot go with --rate".into());
+    }
     let producer = Producer::new(client, workload.producer_config()?);
     // Bounded: if the collector falls behind (the load generator's core is busy),
     // the producer waits instead of queueing deliveries whose latency would then
@@ -598,6 +606,21 @@ async fn producer_task(
             }
         }
     });
+    // The same for calls of many records: one message per call.
+    let (many_tx, mut many_rx) =
+        mpsc::channel::<(Instant, Vec<sluice_client::DeliveryFuture>)>(COLLECTOR_QUEUE_MAX);
+    let many_recorder = recorder.clone();
+    let many_collector = tokio::spawn(async move {
+        while let Some((due, deliveries)) = many_rx.recv().await {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(_) if !stamp_values => many_recorder.record(value_bytes, due.elapsed()),
+                    Ok(_) => {}
+                    Err(error) => many_recorder.error(error.to_string()),
+                }
+            }
+        }
+    });
     let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
     let mut values = ValuePool::new(workload.values, workload.message_bytes, index as u64 + 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + index as u64);
@@ -607,7 +630,33 @@ async fn producer_task(
         .map(|r| (r / workload.producers.max(1) as f64).max(1e-3));
     let started = Instant::now();
     let mut sent: u64 = 0;
+    let mut many: Vec<ProducerRecord> = Vec::with_capacity(workload.send_many);
     while !stop.load(Ordering::Relaxed) {
+        if workload.send_many > 1 {
+            // Closed loop, a call per `send_many` records: their latency counts
+            // from the call.
+            many.clear();
+            while many.len() < workload.send_many {
+                let topic = topics[(sent as usize + many.len()) % topics.len()].clone();
+                let record = ProducerRecord::new(topic, stamped(values.next(), stamp_values));
+                many.push(keyed(record, &workload, index, &mut rng, zipf.as_ref()));
+            }
+            let due = Instant::now();
+            match producer.send_many(&many).await {
+                Ok(deliveries) => {
+                    if many_tx.send((due, deliveries)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    recorder.error(error.to_string());
+                    break;
+                }
+            }
+            sent += many.len() as u64;
+            tokio::task::yield_now().await;
+            continue;
+        }
         // Open loop: the record is due at its slot whether or not we are late.
         let due = match per_producer_rate {
             Some(rate) => {
@@ -620,22 +669,8 @@ async fn producer_task(
             None => Instant::now(),
         };
         let topic = topics[(sent as usize) % topics.len()].clone();
-        let mut record = ProducerRecord::new(topic, stamped(values.next(), stamp_values));
-        match workload.keys {
-            Keys::None => record = record.with_partition(index as u32 % workload.partitions.max(1)),
-            Keys::Uniform => {
-                record = record.with_key(format!(
-                    "key-{}",
-                    rng.gen_range(0..workload.key_space.max(1))
-                ))
-            }
-            Keys::Zipfian => {
-                record = record.with_key(format!(
-                    "key-{}",
-                    zipf.as_ref().map(|z| z.sample(&mut rng)).unwrap_or(0)
-                ))
-            }
-        }
+        let record = ProducerRecord::new(topic, stamped(values.next(), stamp_values));
+        let record = keyed(record, &workload, index, &mut rng, zipf.as_ref());
         match producer.send(record).await {
             Ok(delivery) => {
                 if tx.send((due, delivery)).await.is_err() {
@@ -654,8 +689,30 @@ async fn producer_task(
     }
     let _ = producer.flush().await;
     drop(tx);
+    drop(many_tx);
     let _ = collector.await;
+    let _ = many_collector.await;
     producer.close().await.map_err(|e| e.to_string())
+}
+
+/// The record with its key (or partition) as the workload says.
+fn keyed(
+    record: ProducerRecord,
+    workload: &Workload,
+    index: usize,
+    rng: &mut rand::rngs::StdRng,
+    zipf: Option<&Zipf>,
+) -> ProducerRecord {
+    match workload.keys {
+        Keys::None => record.with_partition(index as u32 % workload.partitions.max(1)),
+        Keys::Uniform => record.with_key(format!(
+            "key-{}",
+            rng.gen_range(0..workload.key_space.max(1))
+        )),
+        Keys::Zipfian => {
+            record.with_key(format!("key-{}", zipf.map(|z| z.sample(rng)).unwrap_or(0)))
+        }
+    }
 }
 
 /// The value, with the send time (µs since the epoch) in its first 8 bytes for e2e.

@@ -21,6 +21,11 @@ pub type Header = (String, Option<Bytes>);
 /// Bytes of a batch with no records.
 pub const HEADER_BYTES: usize = batch::HEADER_BYTES;
 
+/// What a record can take beyond its body without the deltas: the timestamp
+/// delta, the offset delta and the record's length, each at its longest.
+const RECORD_BYTES_SLACK: usize =
+    varint::VARLONG_BYTES_MAX + varint::VARINT_BYTES_MAX + varint::VARINT_BYTES_MAX;
+
 /// The idempotence fields of a batch header: who produced it and the sequence
 /// number of its first record in its partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +46,93 @@ pub fn next_sequence(base_sequence: i32, record_count: u32) -> i32 {
     next as i32
 }
 
+/// Batch buffers to build in again. A producer keeps one: a fresh buffer of a
+/// few hundred KiB per batch costs more in page faults (the allocator hands
+/// large blocks back to the kernel, and every page is zeroed again when it
+/// returns) than encoding its records. A frame finished from a builder that has
+/// a pool gives its buffer back when the frame's last reference is dropped
+/// (after it is written and, with acks, answered).
+#[derive(Clone, Debug)]
+pub struct BufferPool {
+    inner: std::sync::Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    buffers: std::sync::Mutex<Vec<BytesMut>>,
+    keep: usize,
+}
+
+impl BufferPool {
+    /// A pool that keeps at most `keep` buffers.
+    pub fn new(keep: usize) -> BufferPool {
+        BufferPool {
+            inner: std::sync::Arc::new(PoolInner {
+                buffers: std::sync::Mutex::new(Vec::new()),
+                keep,
+            }),
+        }
+    }
+
+    /// A buffer of at least `capacity` bytes, empty: a kept one if there is one
+    /// large enough.
+    pub fn take(&self, capacity: usize) -> BytesMut {
+        let kept = self
+            .inner
+            .buffers
+            .lock()
+            .ok()
+            .and_then(|mut buffers| buffers.pop());
+        match kept {
+            Some(mut buf) if buf.capacity() >= capacity => {
+                buf.clear();
+                buf
+            }
+            _ => BytesMut::with_capacity(capacity),
+        }
+    }
+
+    /// Buffers kept now.
+    pub fn kept(&self) -> usize {
+        self.inner.buffers.lock().map_or(0, |buffers| buffers.len())
+    }
+
+    fn put(&self, buf: BytesMut) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        if let Ok(mut buffers) = self.inner.buffers.lock() {
+            if buffers.len() < self.inner.keep {
+                buffers.push(buf);
+            }
+        }
+    }
+}
+
+/// A finished frame's buffer, given back to its pool when the frame's last
+/// reference goes.
+struct Pooled {
+    buf: BytesMut,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
 /// Builds one record batch frame in a single buffer.
 #[derive(Debug)]
 pub struct BatchBuilder {
     buf: BytesMut,
+    pool: Option<BufferPool>,
     compression: Compression,
     record_count: u32,
     first_timestamp_ms: i64,
@@ -55,10 +143,23 @@ impl BatchBuilder {
     /// A builder whose buffer can hold `capacity_bytes` (header included) before
     /// it must grow.
     pub fn with_capacity(capacity_bytes: usize) -> BatchBuilder {
-        let mut buf = BytesMut::with_capacity(capacity_bytes.max(HEADER_BYTES));
+        BatchBuilder::in_buffer(BytesMut::with_capacity(capacity_bytes.max(HEADER_BYTES)))
+    }
+
+    /// A builder that takes its buffer from `pool` (at least `capacity_bytes`)
+    /// and whose frame gives it back there.
+    pub fn pooled(pool: &BufferPool, capacity_bytes: usize) -> BatchBuilder {
+        let mut builder = BatchBuilder::in_buffer(pool.take(capacity_bytes.max(HEADER_BYTES)));
+        builder.pool = Some(pool.clone());
+        builder
+    }
+
+    fn in_buffer(mut buf: BytesMut) -> BatchBuilder {
+        buf.clear();
         buf.put_bytes(0, HEADER_BYTES);
         BatchBuilder {
             buf,
+            pool: None,
             compression: Compression::None,
             record_count: 0,
             first_timestamp_ms: 0,
@@ -91,10 +192,7 @@ impl BatchBuilder {
     /// An upper bound of the bytes a record adds to a batch (exact except for the
     /// timestamp and offset deltas, which are assumed maximal).
     pub fn record_bytes_max(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
-        let body = body_bytes_without_deltas(key, value, headers)
-            + varint::VARLONG_BYTES_MAX
-            + varint::VARINT_BYTES_MAX;
-        body + varint::VARINT_BYTES_MAX
+        body_bytes_without_deltas(key, value, headers) + RECORD_BYTES_SLACK
     }
 
     /// Appends one record and returns its index in the batch (its offset delta).
@@ -104,6 +202,20 @@ impl BatchBuilder {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: &[Header],
+    ) -> Result<u32> {
+        let record_bytes_max = body_bytes_without_deltas(key, value, headers) + RECORD_BYTES_SLACK;
+        self.append_sized(timestamp_ms, key, value, headers, record_bytes_max)
+    }
+
+    /// [`BatchBuilder::append`] of a record whose
+    /// [`BatchBuilder::record_bytes_max`] the caller has computed already.
+    pub(crate) fn append_sized(
+        &mut self,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header],
+        record_bytes_max: usize,
     ) -> Result<u32> {
         if self.record_count >= batch::RECORDS_MAX {
             return Err(Error::InvalidArgument(format!(
@@ -116,7 +228,11 @@ impl BatchBuilder {
         }
         let timestamp_delta = timestamp_ms.wrapping_sub(self.first_timestamp_ms);
         let offset_delta = i64::from(self.record_count);
-        let body = body_bytes_without_deltas(key, value, headers)
+        debug_assert_eq!(
+            record_bytes_max,
+            body_bytes_without_deltas(key, value, headers) + RECORD_BYTES_SLACK
+        );
+        let body = record_bytes_max - RECORD_BYTES_SLACK
             + varint::encoded_len(timestamp_delta)
             + varint::encoded_len(offset_delta);
         let total = self.buf.len() + varint::encoded_len(body as i64) + body;
@@ -202,7 +318,17 @@ impl BatchBuilder {
         write_u32(header, batch::BASE_SEQUENCE_OFFSET, base_sequence as u32);
         let crc = crc32fast::hash(&buf[batch::PAYLOAD_CRC_START..]);
         write_u32(buf, batch::PAYLOAD_CRC_OFFSET, crc);
-        Ok(frame.freeze())
+        Ok(match (frame, self.pool.take()) {
+            (FrameBuf::Plain(buf), Some(pool)) => Bytes::from_owner(Pooled { buf, pool }),
+            (frame, pool) => {
+                // Compressed: the records went to a new buffer, and the
+                // builder's own can be used again at once.
+                if let Some(pool) = pool {
+                    pool.put(std::mem::take(&mut self.buf));
+                }
+                frame.freeze()
+            }
+        })
     }
 
     /// The frame buffer (header not yet filled in), its codec and the
@@ -805,6 +931,56 @@ mod tests {
         let error = records.next().unwrap().unwrap_err();
         assert!(matches!(error, Error::InvalidBatch(_)), "{error}");
         assert!(records.next().is_none());
+    }
+
+    #[test]
+    fn a_pooled_frame_gives_its_buffer_back_when_its_last_reference_goes() {
+        let pool = BufferPool::new(2);
+        let mut builder = BatchBuilder::pooled(&pool, 4096);
+        builder.append(1, None, Some(b"value"), &[]).unwrap();
+        let frame = builder.finish().unwrap();
+        let copy = frame.clone();
+        assert_eq!(pool.kept(), 0);
+        drop(frame);
+        assert_eq!(pool.kept(), 0, "a reference is still out");
+        let batch = Batch::verify(stamp(&copy, 7)).unwrap();
+        assert_eq!(batch.records().count(), 1);
+        drop(copy);
+        assert_eq!(pool.kept(), 1);
+        // The next builder builds in it, from empty.
+        let mut builder = BatchBuilder::pooled(&pool, 4096);
+        assert_eq!(pool.kept(), 0);
+        assert_eq!(builder.bytes(), HEADER_BYTES);
+        builder.append(2, None, Some(b"other"), &[]).unwrap();
+        let frame = builder.finish().unwrap();
+        let batch = Batch::verify(stamp(&frame, 0)).unwrap();
+        let values: Vec<_> = batch.records().map(|r| r.unwrap().value).collect();
+        assert_eq!(values, vec![Some(Bytes::from_static(b"other"))]);
+        // A compressed frame lives in its own buffer: the builder's goes back
+        // at once.
+        drop(frame);
+        let mut builder = BatchBuilder::pooled(&pool, 4096);
+        builder.set_compression(Compression::Lz4);
+        for _ in 0..50 {
+            builder.append(3, None, Some(&[b'a'; 100]), &[]).unwrap();
+        }
+        let kept = pool.kept();
+        let frame = builder.finish().unwrap();
+        assert_eq!(
+            BatchHeader::parse(&frame).unwrap().compression(),
+            Compression::Lz4
+        );
+        assert_eq!(pool.kept(), kept + 1);
+        // It keeps no more than it was told.
+        let frames: Vec<Bytes> = (0..4)
+            .map(|_| {
+                let mut builder = BatchBuilder::pooled(&pool, 4096);
+                builder.append(4, None, Some(b"x"), &[]).unwrap();
+                builder.finish().unwrap()
+            })
+            .collect();
+        drop(frames);
+        assert_eq!(pool.kept(), 2);
     }
 
     #[test]

@@ -37,6 +37,8 @@ type Reply = oneshot::Sender<Result<Response>>;
 struct Outgoing {
     head: Bytes,
     payload: Vec<Bytes>,
+    /// Told once the frame is written to the socket (requests with no response).
+    written: Option<oneshot::Sender<Result<()>>>,
 }
 
 #[derive(Default)]
@@ -222,14 +224,20 @@ impl Connection {
         }
     }
 
-    /// Sends a request that gets no response (produce with acks=0). Returns once
-    /// the frame is queued for the socket.
-    pub(crate) fn send_oneway(&self, body: &RequestBody, payload: Vec<Bytes>) -> Result<()> {
+    /// Sends a request that gets no response (produce with acks=0). Resolves once
+    /// the frame is written to the socket: until then its payload is still held
+    /// (so a producer's buffer bounds what waits for a slow socket).
+    pub(crate) async fn send_oneway(&self, body: &RequestBody, payload: Vec<Bytes>) -> Result<()> {
         if !self.is_alive() {
             return Err(self.closed_error());
         }
         let correlation_id = self.next_correlation_id.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(correlation_id, body, payload)
+        let (written, written_rx) = oneshot::channel();
+        self.enqueue_with(correlation_id, body, payload, Some(written))?;
+        match written_rx.await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(self.closed_error()),
+        }
     }
 
     fn register(&self, correlation_id: u32, reply: Reply) -> Result<()> {
@@ -245,6 +253,16 @@ impl Connection {
     }
 
     fn enqueue(&self, correlation_id: u32, body: &RequestBody, payload: Vec<Bytes>) -> Result<()> {
+        self.enqueue_with(correlation_id, body, payload, None)
+    }
+
+    fn enqueue_with(
+        &self,
+        correlation_id: u32,
+        body: &RequestBody,
+        payload: Vec<Bytes>,
+        written: Option<oneshot::Sender<Result<()>>>,
+    ) -> Result<()> {
         let payload_bytes = payload.iter().map(Bytes::len).sum();
         let mut head = BytesMut::with_capacity(256);
         let mut fbb = FlatBufferBuilder::with_capacity(256);
@@ -259,6 +277,7 @@ impl Connection {
         let outgoing = Outgoing {
             head: head.freeze(),
             payload,
+            written,
         };
         self.outgoing
             .send(outgoing)
@@ -393,8 +412,12 @@ async fn write_loop(
         };
         let mut next = Some(first);
         let mut result = Ok(());
-        while let Some(message) = next.take() {
+        // Whom to tell once what is coalesced in `buffer` is written too.
+        let mut told_after_write = Vec::new();
+        while let Some(mut message) = next.take() {
+            let written = message.written.take();
             result = write_message(&mut socket, &mut buffer, message).await;
+            told_after_write.extend(written);
             if result.is_err() || buffer.len() >= WRITE_COALESCE_BYTES_MAX {
                 break;
             }
@@ -403,6 +426,16 @@ async fn write_loop(
         if result.is_ok() && !buffer.is_empty() {
             result = socket.write_all(&buffer).await;
             buffer.clear();
+        }
+        for written in told_after_write {
+            let outcome = match &result {
+                Ok(()) => Ok(()),
+                Err(error) => Err(Error::ConnectionClosed {
+                    addr: addr.clone(),
+                    reason: format!("write failed: {error}"),
+                }),
+            };
+            let _ = written.send(outcome);
         }
         if let Err(error) = result {
             close(&pending, &addr, format!("write failed: {error}"));
@@ -492,5 +525,74 @@ fn close(pending: &Mutex<Pending>, addr: &str, reason: String) {
             addr: addr.to_owned(),
             reason: reason.clone(),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// acks=0: a send resolves once its frame is written, not when it is
+    /// queued, so what waits for a peer that does not read stays bounded by the
+    /// producer's buffer (it used to pile up in the connection's queue).
+    #[test]
+    fn a_oneway_send_resolves_only_once_its_frame_is_written() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let stream = TcpStream::connect(&addr).await.unwrap();
+            let (mut peer, _) = listener.accept().await.unwrap();
+            let (read_half, write_half) = stream.into_split();
+            let info = HandshakeInfo {
+                version: PROTOCOL_VERSION_MAX,
+                node_id: 1,
+                shard: 0,
+                shard_count: 1,
+                frame_bytes_max: u32::MAX,
+                broker_software: None,
+            };
+            let connection = Connection::start(
+                &addr,
+                "test",
+                info,
+                read_half,
+                write_half,
+                FrameDecoder::default(),
+            );
+            let body = RequestBody::Produce {
+                acks: 0,
+                timeout_ms: 1000,
+                topics: Vec::new(),
+            };
+            // Far more than the socket buffers hold while the peer reads nothing.
+            let payload = vec![Bytes::from(vec![7u8; 32 << 20])];
+            let send = connection.send_oneway(&body, payload);
+            tokio::pin!(send);
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut send).await;
+            assert!(
+                early.is_err(),
+                "resolved before the frame was written: {early:?}"
+            );
+            let drain = tokio::spawn(async move {
+                let mut sink = vec![0u8; 1 << 20];
+                let mut total = 0usize;
+                while total < 32 << 20 {
+                    match peer.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                }
+                total
+            });
+            tokio::time::timeout(Duration::from_secs(20), &mut send)
+                .await
+                .expect("resolves once the peer reads")
+                .expect("written");
+            assert!(drain.await.unwrap() >= 32 << 20);
+        });
     }
 }

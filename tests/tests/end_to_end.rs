@@ -336,3 +336,106 @@ fn keyless_records_from_the_cli_spread_evenly_over_partitions() {
         }
     }
 }
+
+#[test]
+fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first() {
+    let broker = Broker::start("client-send-many", &["--shards", "2"]);
+    runtime().block_on(async {
+        let client = client(&broker).await;
+        client.create_topic("keyed", 3, vec![]).await.unwrap();
+        client.create_topic("plain", 1, vec![]).await.unwrap();
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                acks: Acks::All,
+                // Small batches and buffer: one call spans many batches and
+                // several buffer reservations.
+                batch_bytes: 4 << 10,
+                buffer_bytes: 64 << 10,
+                ..ProducerConfig::default()
+            },
+        );
+        // Topics interleaved in runs (neither known to the producer yet), keys,
+        // an explicit partition, a record with its own timestamp.
+        let mut records = Vec::new();
+        for i in 0..3000u32 {
+            let topic = if (i / 250) % 2 == 0 { "keyed" } else { "plain" };
+            let mut record = ProducerRecord::new(topic, Bytes::from(format!("v{i}")));
+            if topic == "keyed" {
+                record = record.with_key(Bytes::from(format!("k{}", i % 7)));
+            }
+            if i == 17 {
+                record = record.with_timestamp(1_234_567);
+            }
+            records.push(record);
+        }
+        let expected: Vec<(String, Option<Bytes>, Bytes)> = records
+            .iter()
+            .map(|r| (r.topic.to_string(), r.key.clone(), r.value.clone().unwrap()))
+            .collect();
+        let deliveries = producer.send_many(&records).await.unwrap();
+        assert_eq!(deliveries.len(), 3000);
+        let mut stored: HashMap<(String, u32, u64), usize> = HashMap::new();
+        let mut last_offset: HashMap<(String, u32), u64> = HashMap::new();
+        for (i, delivery) in deliveries.into_iter().enumerate() {
+            let metadata = delivery.await.unwrap();
+            let offset = metadata.offset.unwrap();
+            let partition_key = (metadata.topic.to_string(), metadata.partition);
+            assert_eq!(metadata.topic.as_ref(), expected[i].0);
+            if i == 17 {
+                assert_eq!(metadata.timestamp_ms, 1_234_567);
+            }
+            // Within a partition, offsets follow the order of the call.
+            if let Some(previous) = last_offset.insert(partition_key.clone(), offset) {
+                assert!(offset > previous, "record {i} stored before an earlier one");
+            }
+            stored.insert((partition_key.0, partition_key.1, offset), i);
+        }
+        // One record too large: the call fails and queues none of them.
+        let too_large = vec![
+            ProducerRecord::new("plain", Bytes::from_static(b"before")),
+            ProducerRecord::new("plain", Bytes::from(vec![0u8; 128 << 10])),
+        ];
+        let error = producer.send_many(&too_large).await.unwrap_err();
+        assert!(
+            matches!(error, sluice_client::Error::RecordTooLarge { .. }),
+            "{error}"
+        );
+        // The detached form, then a flush.
+        let tail: Vec<ProducerRecord> = (0..500)
+            .map(|i| ProducerRecord::new("plain", Bytes::from(format!("tail{i}"))))
+            .collect();
+        producer.send_many_detached(&tail).await.unwrap();
+        producer.flush().await.unwrap();
+        producer.close().await.unwrap();
+
+        // Read back: each delivery's position holds its record; "before" was
+        // never stored; the tail follows in order.
+        let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+        consumer.assign("keyed", &[]).await.unwrap();
+        consumer.assign("plain", &[]).await.unwrap();
+        let mut seen = 0;
+        let mut tail = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen < 3500 && Instant::now() < deadline {
+            let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            seen += 1;
+            let value = record.value.clone().unwrap();
+            assert_ne!(value.as_ref(), b"before", "a refused call queued a record");
+            if value.starts_with(b"tail") {
+                tail.push(value);
+                continue;
+            }
+            let i = stored[&(record.topic.to_string(), record.partition, record.offset)];
+            assert_eq!(record.key, expected[i].1);
+            assert_eq!(value, expected[i].2);
+        }
+        assert_eq!(seen, 3500);
+        let in_order: Vec<Bytes> = (0..500).map(|i| Bytes::from(format!("tail{i}"))).collect();
+        assert_eq!(tail, in_order);
+    });
+}
