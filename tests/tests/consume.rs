@@ -286,15 +286,17 @@ fn a_consumer_reads_ahead_in_pieces_and_gets_every_record_once_in_order() {
             "some pieces came back short and were read again: {stats:?}"
         );
 
-        // One fetch at a time reads the same.
-        let single = ConsumerConfig {
-            fetches_in_flight: 1,
-            ..pipelined.clone()
-        };
-        let (got, stats) = consume_all(&client, "ahead", sent.len(), single).await;
-        assert!(got == want);
-        assert_eq!(stats.pieces, 0, "{stats:?}");
-        assert_eq!(stats.in_flight_max, 1, "{stats:?}");
+        // One fetch at a time reads the same; 0 counts as 1.
+        for fetches_in_flight in [1, 0] {
+            let single = ConsumerConfig {
+                fetches_in_flight,
+                ..pipelined.clone()
+            };
+            let (got, stats) = consume_all(&client, "ahead", sent.len(), single).await;
+            assert!(got == want, "fetches_in_flight {fetches_in_flight}");
+            assert_eq!(stats.pieces, 0, "{stats:?}");
+            assert_eq!(stats.in_flight_max, 1, "{stats:?}");
+        }
 
         // A seek while pieces are in flight: nothing of the old position comes
         // back after it.
