@@ -30,8 +30,9 @@ impl Shard {
                 metrics.produced_bytes.fetch_add(bytes as u64, Relaxed);
                 metrics.produced_records.fetch_add(records, Relaxed);
             }
-            Err(_) => {
+            Err(error) => {
                 metrics.produce_partition_errors.fetch_add(1, Relaxed);
+                tracing::debug!(%log, code = ?error.code, message = %error.message, "produce refused");
             }
         }
         result
