@@ -156,6 +156,7 @@ impl Outbound for PeerTransport {
         let mut pending = link.pending.borrow_mut();
         if pending.payload.len() >= PEER_QUEUE_BYTES_MAX {
             link.dropped.set(link.dropped.get() + 1);
+            tracing::debug!(%to, dropped = link.dropped.get(), "peer queue full: a Raft message is dropped");
             return;
         }
         let offset = pending.payload.len();
