@@ -577,6 +577,9 @@ impl Zipf {
     }
 }
 
+/// Records per `send_many` call at most (`--send-many`).
+const SEND_MANY_MAX: usize = 1_000_000;
+
 async fn producer_task(
     client: Client,
     topics: Vec<String>,
@@ -588,6 +591,9 @@ async fn producer_task(
 ) -> Result<(), String> {
     if workload.send_many > 1 && workload.rate.is_some() {
         return Err("--send-many is for a closed loop: it cannot go with --rate".into());
+    }
+    if workload.send_many > SEND_MANY_MAX {
+        return Err(format!("--send-many is at most {SEND_MANY_MAX}"));
     }
     let producer = Producer::new(client, workload.producer_config()?);
     // Bounded: if the collector falls behind (the load generator's core is busy),
