@@ -123,6 +123,11 @@ fn bench_producer(c: &mut Criterion) {
             .map(|seed| text_value(value_bytes, seed))
             .collect();
         let topic: std::sync::Arc<str> = topic.into();
+        // Record `n` of a burst.
+        let record = |n: u64| {
+            ProducerRecord::new(topic.clone(), values[n as usize % values.len()].clone())
+                .with_partition(0)
+        };
         group.throughput(Throughput::Elements(BURST));
         group.bench_function(
             BenchmarkId::new("send_flush", format!("{value_bytes}B-{compression}")),
@@ -131,13 +136,8 @@ fn bench_producer(c: &mut Criterion) {
                     rt.block_on(async {
                         let started = thread_cpu();
                         for _ in 0..iterations {
-                            for i in 0..BURST {
-                                let record = ProducerRecord::new(
-                                    topic.clone(),
-                                    values[i as usize % values.len()].clone(),
-                                )
-                                .with_partition(0);
-                                producer.send_detached(record).await.expect("sent");
+                            for n in 0..BURST {
+                                producer.send_detached(record(n)).await.expect("sent");
                             }
                             producer.flush().await.expect("flushed");
                         }
@@ -159,14 +159,9 @@ fn bench_producer(c: &mut Criterion) {
                             for _ in 0..iterations {
                                 for call in 0..BURST / SEND_MANY {
                                     records.clear();
-                                    records.extend((0..SEND_MANY).map(|i| {
-                                        let i = (call * SEND_MANY + i) as usize;
-                                        ProducerRecord::new(
-                                            topic.clone(),
-                                            values[i % values.len()].clone(),
-                                        )
-                                        .with_partition(0)
-                                    }));
+                                    records.extend(
+                                        (0..SEND_MANY).map(|i| record(call * SEND_MANY + i)),
+                                    );
                                     producer.send_many_detached(&records).await.expect("sent");
                                 }
                                 producer.flush().await.expect("flushed");
@@ -182,11 +177,7 @@ fn bench_producer(c: &mut Criterion) {
             let prebuilt: Vec<Vec<ProducerRecord>> = (0..BURST / SEND_MANY)
                 .map(|call| {
                     (0..SEND_MANY)
-                        .map(|i| {
-                            let i = (call * SEND_MANY + i) as usize;
-                            ProducerRecord::new(topic.clone(), values[i % values.len()].clone())
-                                .with_partition(0)
-                        })
+                        .map(|i| record(call * SEND_MANY + i))
                         .collect()
                 })
                 .collect();

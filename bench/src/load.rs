@@ -596,37 +596,10 @@ async fn producer_task(
         return Err(format!("--send-many is at most {SEND_MANY_MAX}"));
     }
     let producer = Producer::new(client, workload.producer_config()?);
-    // Bounded: if the collector falls behind (the load generator's core is busy),
-    // the producer waits instead of queueing deliveries whose latency would then
-    // include the backlog.
-    let (tx, mut rx) =
-        mpsc::channel::<(Instant, sluice_client::DeliveryFuture)>(COLLECTOR_QUEUE_MAX);
-    let collector_recorder = recorder.clone();
+    // One record per message, or one call's records (`--send-many`).
     let value_bytes = workload.message_bytes;
-    let collector = tokio::spawn(async move {
-        while let Some((due, delivery)) = rx.recv().await {
-            match delivery.await {
-                Ok(_) if !stamp_values => collector_recorder.record(value_bytes, due.elapsed()),
-                Ok(_) => {}
-                Err(error) => collector_recorder.error(error.to_string()),
-            }
-        }
-    });
-    // The same for calls of many records: one message per call.
-    let (many_tx, mut many_rx) =
-        mpsc::channel::<(Instant, Vec<sluice_client::DeliveryFuture>)>(COLLECTOR_QUEUE_MAX);
-    let many_recorder = recorder.clone();
-    let many_collector = tokio::spawn(async move {
-        while let Some((due, deliveries)) = many_rx.recv().await {
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(_) if !stamp_values => many_recorder.record(value_bytes, due.elapsed()),
-                    Ok(_) => {}
-                    Err(error) => many_recorder.error(error.to_string()),
-                }
-            }
-        }
-    });
+    let (tx, collector) = spawn_collector(recorder.clone(), value_bytes, stamp_values);
+    let (many_tx, many_collector) = spawn_collector(recorder.clone(), value_bytes, stamp_values);
     let topics: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
     let mut values = ValuePool::new(workload.values, workload.message_bytes, index as u64 + 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + index as u64);
@@ -679,7 +652,7 @@ async fn producer_task(
         let record = keyed(record, &workload, index, &mut rng, zipf.as_ref());
         match producer.send(record).await {
             Ok(delivery) => {
-                if tx.send((due, delivery)).await.is_err() {
+                if tx.send((due, std::iter::once(delivery))).await.is_err() {
                     break;
                 }
             }
@@ -699,6 +672,34 @@ async fn producer_task(
     let _ = collector.await;
     let _ = many_collector.await;
     producer.close().await.map_err(|e| e.to_string())
+}
+
+/// A task that awaits each delivery sent to it and records its latency from
+/// when it was due. Bounded: if the collector falls behind (the load
+/// generator's core is busy), the producer waits instead of queueing deliveries
+/// whose latency would then include the backlog.
+fn spawn_collector<D>(
+    recorder: Arc<Recorder>,
+    value_bytes: usize,
+    stamp_values: bool,
+) -> (mpsc::Sender<(Instant, D)>, tokio::task::JoinHandle<()>)
+where
+    D: IntoIterator<Item = sluice_client::DeliveryFuture> + Send + 'static,
+    D::IntoIter: Send,
+{
+    let (tx, mut rx) = mpsc::channel::<(Instant, D)>(COLLECTOR_QUEUE_MAX);
+    let collector = tokio::spawn(async move {
+        while let Some((due, deliveries)) = rx.recv().await {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(_) if !stamp_values => recorder.record(value_bytes, due.elapsed()),
+                    Ok(_) => {}
+                    Err(error) => recorder.error(error.to_string()),
+                }
+            }
+        }
+    });
+    (tx, collector)
 }
 
 /// The record with its key (or partition) as the workload says.

@@ -325,16 +325,7 @@ impl Replica {
     /// Voters whose log reaches the commit index (the leader's view; 0 elsewhere):
     /// fewer than all voters means the partition is under-replicated.
     pub fn in_sync(&self) -> u16 {
-        if !self.is_leader() {
-            return 0;
-        }
-        let commit = self.node.raft.raft_log.committed;
-        self.node
-            .raft
-            .prs()
-            .iter()
-            .filter(|(_, pr)| pr.matched >= commit)
-            .count() as u16
+        self.in_sync_mask().count_ones() as u16
     }
 
     /// Which voters reach the commit index (the leader's view; 0 elsewhere): bit
@@ -349,7 +340,7 @@ impl Replica {
         let prs = self.node.raft.prs();
         voters
             .iter()
-            .take(8)
+            .take(8) // a group has at most 5 voters
             .enumerate()
             .filter(|(_, id)| {
                 prs.get(u64::from(id.0))
