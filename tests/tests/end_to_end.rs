@@ -401,6 +401,19 @@ fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first()
             matches!(error, sluice_client::Error::RecordTooLarge { .. }),
             "{error}"
         );
+        // No records: nothing to do.
+        assert!(producer.send_many(&[]).await.unwrap().is_empty());
+        // A record for a partition the topic does not have: the call fails there,
+        // and the record before it is still queued and delivered.
+        let unknown = vec![
+            ProducerRecord::new("plain", Bytes::from_static(b"kept")),
+            ProducerRecord::new("plain", Bytes::from_static(b"nowhere")).with_partition(u32::MAX),
+        ];
+        let error = producer.send_many(&unknown).await.unwrap_err();
+        assert!(
+            matches!(error, sluice_client::Error::UnknownPartition { .. }),
+            "{error}"
+        );
         // The detached form, then a flush.
         let tail: Vec<ProducerRecord> = (0..500)
             .map(|i| ProducerRecord::new("plain", Bytes::from(format!("tail{i}"))))
@@ -417,7 +430,7 @@ fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first()
         let mut seen = 0;
         let mut tail = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while seen < 3500 && Instant::now() < deadline {
+        while seen < 3501 && Instant::now() < deadline {
             let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
                 .await
                 .unwrap()
@@ -426,6 +439,10 @@ fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first()
             seen += 1;
             let value = record.value.clone().unwrap();
             assert_ne!(value.as_ref(), b"before", "a refused call queued a record");
+            assert_ne!(value.as_ref(), b"nowhere");
+            if value.as_ref() == b"kept" {
+                continue;
+            }
             if value.starts_with(b"tail") {
                 tail.push(value);
                 continue;
@@ -434,7 +451,7 @@ fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first()
             assert_eq!(record.key, expected[i].1);
             assert_eq!(value, expected[i].2);
         }
-        assert_eq!(seen, 3500);
+        assert_eq!(seen, 3501, "the 3,000, the one kept and the 500 detached");
         let in_order: Vec<Bytes> = (0..500).map(|i| Bytes::from(format!("tail{i}"))).collect();
         assert_eq!(tail, in_order);
     });
