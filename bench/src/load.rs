@@ -226,6 +226,46 @@ pub struct Stage {
     pub mean_us: f64,
 }
 
+/// Produce requests in the measured window: their latency from being handed to
+/// the connection until answered (a batch's acknowledgement latency, without
+/// the time its records waited for it to fill), and how long sealed batches
+/// waited for a request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Requests {
+    pub count: u64,
+    pub failed: u64,
+    /// Request latency, microseconds (within 1/16 of the value).
+    pub latency_us: Percentiles,
+    /// Sealed → sent, per batch, microseconds.
+    pub queue_p50_us: u64,
+    pub queue_p99_us: u64,
+}
+
+impl Requests {
+    fn from_stats(stats: &sluice_client::ProducerStats) -> Option<Requests> {
+        let latency = &stats.request_latency;
+        if latency.count() == 0 {
+            return None;
+        }
+        let us = |d: Duration| d.as_micros() as u64;
+        Some(Requests {
+            count: latency.count(),
+            failed: stats.requests_failed,
+            latency_us: Percentiles {
+                p50: us(latency.quantile(0.5)),
+                p90: us(latency.quantile(0.9)),
+                p99: us(latency.quantile(0.99)),
+                p999: us(latency.quantile(0.999)),
+                p9999: us(latency.quantile(0.9999)),
+                max: us(latency.max()),
+                mean: latency.mean().as_micros() as f64,
+            },
+            queue_p50_us: us(stats.queue_time.quantile(0.5)),
+            queue_p99_us: us(stats.queue_time.quantile(0.99)),
+        })
+    }
+}
+
 /// One measured case (the stable JSON schema; see BENCHMARKS.md).
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
@@ -258,6 +298,9 @@ pub struct Case {
     /// Embedded broker: mean time of a produce request's stages during the
     /// measured window (see `sluice_produce_stage_seconds`).
     pub broker_stages: Option<Vec<Stage>>,
+    /// Produce requests during the measured window, as the producers saw them
+    /// (none for consume runs).
+    pub requests: Option<Requests>,
     #[serde(skip)]
     pub histogram: Option<hdrhistogram::Histogram<u64>>,
 }
@@ -344,6 +387,7 @@ pub async fn run_case(
     }
     let cpu_before = CpuSplit::now();
     let stages_before = embedded.then(crate::embedded::stage_totals).flatten();
+    let requests_before = recorder.producer_stats();
     let started = Instant::now();
     let label = format!("{name} ({regime})");
     let intervals = progress(
@@ -357,6 +401,7 @@ pub async fn run_case(
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     recorder.stop_measuring();
+    let requests = Requests::from_stats(&recorder.producer_stats().since(&requests_before));
     let cpu = CpuSplit::now().since(cpu_before);
     let stages = stages_before.and_then(|before| {
         let after = crate::embedded::stage_totals()?;
@@ -449,6 +494,7 @@ pub async fn run_case(
         },
         per_second: intervals,
         broker_stages: stages.filter(|stages| stages.iter().any(|s| s.count > 0)),
+        requests,
         histogram: Some(histogram),
     })
 }
@@ -595,7 +641,8 @@ async fn producer_task(
     if workload.send_many > SEND_MANY_MAX {
         return Err(format!("--send-many is at most {SEND_MANY_MAX}"));
     }
-    let producer = Producer::new(client, workload.producer_config()?);
+    let producer = Arc::new(Producer::new(client, workload.producer_config()?));
+    recorder.add_producer(producer.clone());
     // One record per message, or one call's records (`--send-many`).
     let value_bytes = workload.message_bytes;
     let (tx, collector) = spawn_collector(recorder.clone(), value_bytes, stamp_values);

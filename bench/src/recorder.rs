@@ -1,11 +1,12 @@
 //! Shared counters and latency histograms, with per-second intervals for the
 //! progress line, the interval log and the chart.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use sluice_client::{Producer, ProducerStats};
 
 /// Latency bounds recorded (1 µs .. 10 min), 3 significant digits.
 fn histogram() -> Histogram<u64> {
@@ -46,6 +47,8 @@ struct Inner {
 /// Records completions (a record acknowledged or consumed) with their latency.
 pub struct Recorder {
     inner: Mutex<Inner>,
+    /// The run's producers, for their request statistics.
+    producers: Mutex<Vec<Arc<Producer>>>,
 }
 
 impl Default for Recorder {
@@ -62,6 +65,7 @@ impl Default for Recorder {
                 first_error: None,
                 measuring: false,
             }),
+            producers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -88,6 +92,27 @@ impl Recorder {
     /// Stops counting.
     pub fn stop_measuring(&self) {
         self.lock().measuring = false;
+    }
+
+    /// Adds a producer whose request statistics count in [`Recorder::producer_stats`].
+    pub fn add_producer(&self, producer: Arc<Producer>) {
+        self.producers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(producer);
+    }
+
+    /// The request statistics of every producer added so far, merged.
+    pub fn producer_stats(&self) -> ProducerStats {
+        let producers = self
+            .producers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut total = ProducerStats::default();
+        for producer in producers.iter() {
+            total.merge(&producer.stats());
+        }
+        total
     }
 
     /// One record done, `latency` after it was due.

@@ -119,6 +119,22 @@ pub fn print_summary(case: &Case) {
             .collect();
         println!("    broker produce stages, mean us: {}", line.join(", "));
     }
+    if let Some(requests) = &case.requests {
+        let l = &requests.latency_us;
+        println!(
+            "    produce requests: {} ({} failed), latency us p50 {} p90 {} p99 {} p99.9 {} max {} mean {:.0}; sealed batch waited p50 {} p99 {} us",
+            requests.count,
+            requests.failed,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            l.mean,
+            requests.queue_p50_us,
+            requests.queue_p99_us
+        );
+    }
 }
 
 /// Writes every case's per-second histograms as an HdrHistogram interval log.

@@ -46,6 +46,7 @@ mod connection;
 mod consumer;
 mod group;
 mod groups;
+mod latency;
 mod producer;
 
 pub use batch::Compression;
@@ -55,9 +56,10 @@ pub use dlq::{process_with_retry, Processed, RetryPolicy};
 pub use error::{Code, Error, Result};
 pub use group::{AutoOffsetReset, GroupConsumer, GroupConsumerBuilder, RebalanceHook};
 pub use groups::{ProducerIdentity, TopicPartition};
+pub use latency::LatencySnapshot;
 pub use partitioner::NullKeyPolicy;
 pub use producer::{
-    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata,
     IDEMPOTENT_BATCHES_IN_FLIGHT_MAX,
 };
 pub use request::{OffsetQuery, TopicPartitions};

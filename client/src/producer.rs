@@ -46,7 +46,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::hash::BuildHasherDefault;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,6 +62,7 @@ use crate::batch::{
 use crate::client::{partition_error, unexpected, Client, Target, TopicRoute};
 use crate::error::{Code, Error, Result};
 use crate::groups::ProducerIdentity;
+use crate::latency::{LatencyHistogram, LatencySnapshot};
 use crate::partitioner::{partition_for_key, NullKeyPolicy};
 use crate::request::{ProducePartitionRange, ProduceTopicRanges, RequestBody};
 use crate::response::ResponseBody;
@@ -469,6 +470,47 @@ struct Shared {
     /// Batch buffers to build in again (as many as the buffer can fill).
     pool: BufferPool,
     closing: AtomicBool,
+    stats: Stats,
+}
+
+/// What the producer's requests did (see [`ProducerStats`]).
+#[derive(Debug, Default)]
+struct Stats {
+    request_latency: LatencyHistogram,
+    queue_time: LatencyHistogram,
+    requests_failed: AtomicU64,
+}
+
+/// What a producer's requests did since it was created ([`Producer::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    /// From a produce request being handed to its connection until its answer
+    /// (acks=0: until it is written to the socket), failed ones included; one
+    /// value per request, whatever the batches in it.
+    pub request_latency: LatencySnapshot,
+    /// From a batch being sealed until the request carrying it was sent
+    /// (per batch, retries counted again from the seal).
+    pub queue_time: LatencySnapshot,
+    /// Produce requests that failed as a whole (connection, timeout).
+    pub requests_failed: u64,
+}
+
+impl ProducerStats {
+    /// Adds `other`'s (another producer's) to these.
+    pub fn merge(&mut self, other: &ProducerStats) {
+        self.request_latency.merge(&other.request_latency);
+        self.queue_time.merge(&other.queue_time);
+        self.requests_failed += other.requests_failed;
+    }
+
+    /// What happened since `earlier` (a snapshot of the same producer).
+    pub fn since(&self, earlier: &ProducerStats) -> ProducerStats {
+        ProducerStats {
+            request_latency: self.request_latency.since(&earlier.request_latency),
+            queue_time: self.queue_time.since(&earlier.queue_time),
+            requests_failed: self.requests_failed.saturating_sub(earlier.requests_failed),
+        }
+    }
 }
 
 impl Shared {
@@ -524,6 +566,7 @@ impl Producer {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
+            stats: Stats::default(),
         });
         let sender = tokio::spawn(run_sender(shared.clone()));
         Producer {
@@ -535,6 +578,17 @@ impl Producer {
     /// The configuration in use.
     pub fn config(&self) -> &ProducerConfig {
         &self.shared.config
+    }
+
+    /// Request latency and batch queueing time since the producer was created
+    /// (Kafka's `request-latency` and `record-queue-time` metrics).
+    pub fn stats(&self) -> ProducerStats {
+        let stats = &self.shared.stats;
+        ProducerStats {
+            request_latency: stats.request_latency.snapshot(),
+            queue_time: stats.queue_time.snapshot(),
+            requests_failed: stats.requests_failed.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a record. Waits only while the buffer is full (backpressure) or the
@@ -1293,6 +1347,15 @@ async fn dispatch(shared: Arc<Shared>, draft: Draft) {
         "sending a produce request"
     );
     let (body, payload) = build_produce(&shared, &draft);
+    let started = Instant::now();
+    for group in &draft.groups {
+        for batch in &group.batches {
+            shared
+                .stats
+                .queue_time
+                .record(started.saturating_duration_since(batch.sealed));
+        }
+    }
     let client = &shared.client;
     let timeout = client.config().request_timeout + Duration::from_secs(5);
     let outcome = match shared.config.acks {
@@ -1305,6 +1368,10 @@ async fn dispatch(shared: Arc<Shared>, draft: Draft) {
             .await
             .map(Some),
     };
+    shared.stats.request_latency.record(started.elapsed());
+    if outcome.is_err() {
+        shared.stats.requests_failed.fetch_add(1, Ordering::Relaxed);
+    }
     complete(&shared, draft.groups, outcome);
 }
 

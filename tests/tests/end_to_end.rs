@@ -338,6 +338,82 @@ fn keyless_records_from_the_cli_spread_evenly_over_partitions() {
 }
 
 #[test]
+fn producer_stats_count_requests_batches_and_failed_requests() {
+    let mut broker = Broker::start("client-producer-stats", &["--shards", "1"]);
+    runtime().block_on(async {
+        let client = Client::connect(ClientConfig {
+            request_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(500),
+            ..ClientConfig::new([broker.brokers()])
+        })
+        .await
+        .unwrap();
+        client.create_topic("stats", 1, vec![]).await.unwrap();
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                acks: Acks::Leader,
+                batch_bytes: 4 << 10,
+                max_in_flight: 1,
+                delivery_timeout: Duration::from_secs(2),
+                ..ProducerConfig::default()
+            },
+        );
+        let empty = producer.stats();
+        assert_eq!(empty.request_latency.count(), 0);
+        assert_eq!(empty.request_latency.quantile(0.99), Duration::ZERO);
+        let records: Vec<ProducerRecord> = (0..2000)
+            .map(|i| ProducerRecord::new("stats", Bytes::from(format!("value-{i:06}"))))
+            .collect();
+        let started = Instant::now();
+        for delivery in producer.send_many(&records).await.unwrap() {
+            delivery.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let stats = producer.stats();
+        // 2,000 records of ~20 B in 4 KiB batches: several batches, each counted
+        // once, carried by at least one request; nothing failed.
+        let batches = stats.queue_time.count();
+        assert!(batches >= 8, "{batches} batches");
+        let requests = stats.request_latency.count();
+        assert!(
+            (1..=batches).contains(&requests),
+            "{requests} requests for {batches} batches"
+        );
+        assert_eq!(stats.requests_failed, 0);
+        let latency = &stats.request_latency;
+        assert!(latency.quantile(0.5) <= latency.quantile(0.99));
+        assert!(latency.quantile(0.99) <= latency.max());
+        assert!(latency.max() > Duration::ZERO && latency.max() <= elapsed);
+        assert!(latency.mean() <= latency.max());
+
+        // With the broker gone, requests fail and are counted; the window since
+        // the first snapshot holds only them.
+        broker.kill9();
+        let delivery = producer
+            .send(ProducerRecord::new("stats", Bytes::from_static(b"lost")))
+            .await
+            .unwrap();
+        assert!(delivery.await.is_err());
+        let after = producer.stats();
+        let window = after.since(&stats);
+        assert!(window.requests_failed >= 1, "{window:?}");
+        assert_eq!(window.requests_failed, after.requests_failed);
+        assert_eq!(
+            window.request_latency.count(),
+            after.request_latency.count() - stats.request_latency.count()
+        );
+        let mut merged = stats.clone();
+        merged.merge(&window);
+        assert_eq!(
+            merged.request_latency.count(),
+            after.request_latency.count()
+        );
+        assert_eq!(merged.requests_failed, after.requests_failed);
+    });
+}
+
+#[test]
 fn send_many_queues_records_in_order_across_topics_and_checks_every_size_first() {
     let broker = Broker::start("client-send-many", &["--shards", "2"]);
     runtime().block_on(async {
