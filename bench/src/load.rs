@@ -239,6 +239,9 @@ pub struct Requests {
     /// Sealed → sent, per batch, microseconds.
     pub queue_p50_us: u64,
     pub queue_p99_us: u64,
+    /// Batches sent again after a retriable error, and the latest such error.
+    pub batches_retried: u64,
+    pub last_retry_error: Option<String>,
 }
 
 impl Requests {
@@ -262,6 +265,8 @@ impl Requests {
             },
             queue_p50_us: us(stats.queue_time.quantile(0.5)),
             queue_p99_us: us(stats.queue_time.quantile(0.99)),
+            batches_retried: stats.batches_retried,
+            last_retry_error: stats.last_retry_error.clone(),
         })
     }
 }

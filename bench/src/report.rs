@@ -134,6 +134,13 @@ pub fn print_summary(case: &Case) {
             requests.queue_p50_us,
             requests.queue_p99_us
         );
+        if requests.batches_retried > 0 {
+            println!(
+                "    batches retried: {} (latest error: {})",
+                requests.batches_retried,
+                requests.last_retry_error.as_deref().unwrap_or("")
+            );
+        }
     }
 }
 

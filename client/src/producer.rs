@@ -479,6 +479,8 @@ struct Stats {
     request_latency: LatencyHistogram,
     queue_time: LatencyHistogram,
     requests_failed: AtomicU64,
+    batches_retried: AtomicU64,
+    last_retry_error: Mutex<Option<String>>,
 }
 
 /// What a producer's requests did since it was created ([`Producer::stats`]).
@@ -493,6 +495,11 @@ pub struct ProducerStats {
     pub queue_time: LatencySnapshot,
     /// Produce requests that failed as a whole (connection, timeout).
     pub requests_failed: u64,
+    /// Batches sent again after a retriable error (of their request or their
+    /// partition), each retry counted.
+    pub batches_retried: u64,
+    /// The error of the latest retry, if any.
+    pub last_retry_error: Option<String>,
 }
 
 impl ProducerStats {
@@ -501,6 +508,10 @@ impl ProducerStats {
         self.request_latency.merge(&other.request_latency);
         self.queue_time.merge(&other.queue_time);
         self.requests_failed += other.requests_failed;
+        self.batches_retried += other.batches_retried;
+        if other.last_retry_error.is_some() {
+            self.last_retry_error.clone_from(&other.last_retry_error);
+        }
     }
 
     /// What happened since `earlier` (a snapshot of the same producer).
@@ -509,6 +520,8 @@ impl ProducerStats {
             request_latency: self.request_latency.since(&earlier.request_latency),
             queue_time: self.queue_time.since(&earlier.queue_time),
             requests_failed: self.requests_failed.saturating_sub(earlier.requests_failed),
+            batches_retried: self.batches_retried.saturating_sub(earlier.batches_retried),
+            last_retry_error: self.last_retry_error.clone(),
         }
     }
 }
@@ -588,6 +601,12 @@ impl Producer {
             request_latency: stats.request_latency.snapshot(),
             queue_time: stats.queue_time.snapshot(),
             requests_failed: stats.requests_failed.load(Ordering::Relaxed),
+            batches_retried: stats.batches_retried.load(Ordering::Relaxed),
+            last_retry_error: stats
+                .last_retry_error
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
         }
     }
 
@@ -1498,6 +1517,12 @@ fn settle(
                     batch.attempts += 1;
                     batch.retry_at = Some(now + backoff(&shared.config, batch.attempts));
                     tracing::debug!(%error, attempts = batch.attempts, "retrying produce batch");
+                    shared.stats.batches_retried.fetch_add(1, Ordering::Relaxed);
+                    *shared
+                        .stats
+                        .last_retry_error
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_string());
                     queue.requeue(batch);
                     continue;
                 }

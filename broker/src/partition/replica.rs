@@ -281,18 +281,15 @@ impl Replica {
         self.node.raft.state == StateRole::Leader
     }
 
-    /// True when this replica leads and has committed an entry of its own term, so
+    /// True when this replica leads and has applied an entry of its own term, so
     /// its high watermark includes everything any earlier leader acknowledged.
+    /// From then on it serves for the rest of its term, whether or not it has
+    /// applied its latest commits yet: those are entries of its own term, and
+    /// refusing produce until they are applied would stall a busy leader
+    /// (acks=1 runs far ahead of the commit index, which then advances in jumps).
     pub fn is_serving_leader(&self) -> bool {
-        self.is_leader()
-            && self
-                .node
-                .raft
-                .raft_log
-                .term(self.node.raft.raft_log.committed)
-                .ok()
-                == Some(self.node.raft.term)
-            && self.node.raft.raft_log.applied >= self.node.raft.raft_log.committed
+        let log = &self.node.raft.raft_log;
+        self.is_leader() && log.term(log.applied).ok() == Some(self.node.raft.term)
     }
 
     /// The leader as far as this replica knows.

@@ -197,7 +197,9 @@ fn simulate(seed: u64, steps: u64) {
     // (due step, from, to, message)
     let mut network: Vec<(u64, u32, u32, Message)> = Vec::new();
     let mut isolated: Option<u32> = None;
-    let mut waiting: Vec<(AckSlot, Vec<Bytes>)> = Vec::new();
+    let mut waiting: Vec<(AckSlot, Vec<Bytes>, u64)> = Vec::new();
+    // (term of the leader that acknowledged, end offset acknowledged)
+    let mut acked_ends: Vec<(u64, u64)> = Vec::new();
     let mut acked: Vec<(Acked, Vec<Bytes>)> = Vec::new();
     let mut serial = 0u64;
     let healing_from = steps * 3 / 4;
@@ -251,7 +253,7 @@ fn simulate(seed: u64, steps: u64) {
                     .collect();
                 let sent = batches.iter().map(|(b, _)| b.clone()).collect();
                 if let Ok(done) = replica.propose(&batches, AckMode::Quorum) {
-                    waiting.push((done, sent));
+                    waiting.push((done, sent, replica.term()));
                 }
             }
         }
@@ -338,12 +340,29 @@ fn simulate(seed: u64, steps: u64) {
                 node.disk.end_offset()
             );
             node.high_watermark = high_watermark;
+            // A leader that serves produce and fetch has everything earlier
+            // leaders acknowledged below its high watermark.
+            if replica.is_serving_leader() {
+                let term = replica.term();
+                let earlier = acked_ends
+                    .iter()
+                    .filter(|(acked_term, _)| *acked_term < term)
+                    .map(|(_, end)| *end)
+                    .max()
+                    .unwrap_or(0);
+                assert!(
+                    high_watermark >= earlier,
+                    "seed {seed}: node {} serves as leader of term {term} with high watermark {high_watermark} below {earlier}, acknowledged in an earlier term",
+                    node.id
+                );
+            }
         }
-        waiting.retain(|(done, sent)| {
+        waiting.retain(|(done, sent, term)| {
             if !done.is_complete() {
                 return true;
             }
             if let Some(Ok(ack)) = done.take() {
+                acked_ends.push((*term, ack.end_offset));
                 acked.push((ack, sent.clone()));
             }
             false
